@@ -1,0 +1,36 @@
+"""IETF RateLimit header fields (draft-ietf-httpapi-ratelimit-headers) and Retry-After.
+
+Structured-field lists of items: ``RateLimit-Policy: "login-ip";q=10;w=300`` and
+``RateLimit: "login-ip";r=3;t=120``. A rule with several windows is named ``rule-0``,
+``rule-1``... in window order, as Warehouse does. No partition key is sent: it would carry
+the subject, and these headers never carry an IP or its hash.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .wire import Decision
+
+__all__ = ["rate_limit_headers"]
+
+
+def rate_limit_headers(decision: Decision) -> dict[str, str]:
+    """Headers for one decision: the policies, their state, and Retry-After when denied."""
+    headers: dict[str, str] = {}
+    if decision.limits:
+        windows_per_rule = Counter(item.rule for item in decision.limits)
+        seen: Counter[str] = Counter()
+        policies, states = [], []
+        for item in decision.limits:
+            name = item.rule
+            if windows_per_rule[name] > 1:
+                name = f"{item.rule}-{seen[item.rule]}"
+                seen[item.rule] += 1
+            policies.append(f'"{name}";q={item.limit};w={item.window}')
+            states.append(f'"{name}";r={item.remaining};t={item.reset}')
+        headers["RateLimit-Policy"] = ", ".join(policies)
+        headers["RateLimit"] = ", ".join(states)
+    if not decision.allowed and not decision.shadow:
+        headers["Retry-After"] = str(max(decision.retry_after, 1))
+    return headers

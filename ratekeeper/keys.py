@@ -1,0 +1,106 @@
+"""Identity and Redis keys: the only module that sees a raw IP or formats a key.
+
+A subject (an IP, a user, a project, or a combination a rule keys on) becomes a keyed hash:
+HMAC-SHA256 with the secret salt over length-prefixed ``field=value`` parts, truncated to
+128 bits and written as 22 base64url characters. IPs are normalised first (IPv4-mapped IPv6
+is IPv4, IPv6 is grouped to its /64 by default), so every textual form of one client and
+every address of one /64 give one subject. The hash is the Redis Cluster hash tag of every
+key of that subject, so all of a subject's keys live in one slot.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Iterable
+
+from .config import IPGrouping, Rule
+from .errors import BadRequest
+
+__all__ = ["Keyspace", "SubjectParts"]
+
+# (field, normalised value bytes) pairs, in the order of a rule's key
+SubjectParts = Iterable[tuple[str, bytes]]
+
+DIGEST_BYTES = 16  # 128 bits kept of the HMAC-SHA256
+
+
+class Keyspace:
+    """Turns subjects into salted hashes and hashes into Redis key names."""
+
+    __slots__ = ("_grouping", "_rule_tags", "_salt", "prefix")
+
+    def __init__(self, salt: bytes, *, prefix: str = "rk",
+                 grouping: IPGrouping | None = None) -> None:
+        if not salt:
+            raise ValueError("the IP salt must not be empty")
+        self._salt = salt
+        self.prefix = prefix
+        self._grouping = grouping or IPGrouping()
+        self._rule_tags: dict[tuple[str, str], str] = {}
+
+    # -- identity --------------------------------------------------------------------------
+
+    def ip_value(self, text: str) -> bytes:
+        """Normalise an IP literal to the bytes that identify its client group.
+
+        This is the only function that holds a raw IP; what it returns is the masked network,
+        which is hashed before it goes anywhere. Errors never repeat the input.
+        """
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise BadRequest("ip is not a valid IPv4 or IPv6 address") from None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if isinstance(address, ipaddress.IPv4Address):
+            bits, prefix, tag = 32, self._grouping.ipv4_prefix, b"4"
+        else:
+            bits, prefix, tag = 128, self._grouping.ipv6_prefix, b"6"
+        network = (int(address) >> (bits - prefix)) << (bits - prefix)
+        return tag + bytes([prefix]) + network.to_bytes(bits // 8, "big")
+
+    @staticmethod
+    def ip_hash_value(text: str) -> bytes:
+        """An already-hashed IP (e.g. the CDN's): re-keyed so a dump can't be joined with it."""
+        return b"h" + text.encode("utf-8", "surrogatepass")
+
+    @staticmethod
+    def text_value(text: str) -> bytes:
+        """Any other subject value (user, project, ...)."""
+        return text.encode("utf-8", "surrogatepass")
+
+    def subject(self, parts: SubjectParts) -> str:
+        """The keyed hash of a subject: 22 base64url characters (128 bits)."""
+        message = bytearray()
+        for field, value in parts:
+            message += b"%s\x00%d\x00" % (field.encode(), len(value))
+            message += value
+        digest = hmac.digest(self._salt, bytes(message), hashlib.sha256)[:DIGEST_BYTES]
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+    # -- key names -------------------------------------------------------------------------
+
+    def rule_tag(self, rule: Rule) -> str:
+        """A short stable tag for a rule; a new algorithm gets a new tag (the key type differs)."""
+        cache_key = (rule.name, rule.algorithm)
+        tag = self._rule_tags.get(cache_key)
+        if tag is None:
+            raw = hashlib.blake2s(f"{rule.name}\x00{rule.algorithm}".encode(), digest_size=5)
+            tag = base64.b32encode(raw.digest()).decode("ascii").lower()
+            self._rule_tags[cache_key] = tag
+        return tag
+
+    def counter_key(self, subject: str, rule: Rule) -> str:
+        """Where a rule keeps its hits for one subject (a LIST for the log, a STRING counter)."""
+        return f"{self.prefix}:{{{subject}}}:{self.rule_tag(rule)}"
+
+    def penalty_key(self, subject: str, rule: Rule) -> str:
+        """Present while a subject sits in a rule's penalty box."""
+        return f"{self.prefix}:{{{subject}}}:{self.rule_tag(rule)}:p"
+
+    def ban_key(self, subject: str) -> str:
+        """Present while a subject is banned; its TTL is the ban's remaining time."""
+        return f"{self.prefix}:{{{subject}}}:b"

@@ -1,0 +1,133 @@
+"""The HTTP wire: the aiohttp application, its routes and its error translation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .config import Config
+from .errors import BadRequest
+from .flags import FlagBoard
+from .headers import rate_limit_headers
+from .keys import Keyspace
+from .limiter import Limiter
+from .service import Checker
+from .settings import Settings
+from .store import Store, open_store
+from .wire import BatchResponse, ErrorBody
+
+__all__ = ["RUNTIME", "Runtime", "build_checker", "create_app"]
+
+log = logging.getLogger("ratekeeper.server")
+
+MAX_BODY = 64 * 1024
+JSON = "application/json"
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(slots=True)
+class Runtime:
+    """The live state of one process; ``checker`` is swapped whole on a config reload."""
+
+    settings: Settings
+    store: Store
+    limiter: Limiter
+    flags: FlagBoard
+    checker: Checker
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+def build_checker(config: Config, settings: Settings, limiter: Limiter,
+                  flags: FlagBoard) -> Checker:
+    """A Checker for ``config`` sharing this process's store and flag state."""
+    keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip)
+    return Checker(config, keyspace, limiter, flags)
+
+
+def json_response(body: Any, *, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response encoded by msgspec."""
+    return web.Response(body=_encode(body), status=status, content_type=JSON, headers=headers)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    """A 4xx with ``{"error": message}``."""
+    return json_response(ErrorBody(error=message), status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Client errors become JSON ``{"error": ...}``; nothing a client sends becomes a 5xx."""
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return error_response(400, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"the request body is larger than {MAX_BODY // 1024} KiB")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason)
+
+
+async def check(request: web.Request) -> web.Response:
+    """POST /v1/check: decide one request."""
+    checker = request.app[RUNTIME].checker
+    body = await request.read()
+    decision = await checker.check(checker.decode(body))
+    return json_response(decision, headers=rate_limit_headers(decision))
+
+
+async def check_batch(request: web.Request) -> web.Response:
+    """POST /v1/check/batch: decide several requests, answered in order."""
+    checker = request.app[RUNTIME].checker
+    body = await request.read()
+    results = await checker.check_many(checker.decode_batch(body))
+    return json_response(BatchResponse(results=results))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process answers."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: Redis answers and the scripts are loaded."""
+    runtime = request.app[RUNTIME]
+    ready = await runtime.limiter.ready()
+    body = {"status": "ready" if ready else "unavailable", "store": runtime.store.kind}
+    return json_response(body, status=200 if ready else 503)
+
+
+def create_app(settings: Settings, config: Config, *, store: Store | None = None,
+               clock: Callable[[], int] | None = None) -> web.Application:
+    """Build the application; connections open on startup and close on cleanup."""
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        own_store = store is None
+        live = open_store(settings) if store is None else store
+        limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock)
+        flags = FlagBoard(config.flags)
+        app[RUNTIME] = Runtime(settings=settings, store=live, limiter=limiter, flags=flags,
+                               checker=build_checker(config, settings, limiter, flags))
+        yield
+        if own_store:
+            await live.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/check", check)
+    app.router.add_post("/v1/check/batch", check_batch)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

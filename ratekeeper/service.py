@@ -1,0 +1,200 @@
+"""The decision: may this client do this action now?
+
+Order: the action's kill switches (local state, no Redis), then bans and penalty boxes and
+every window of every rule in one script call, all or nothing. When Redis cannot be asked,
+the rules' fail modes decide here, and only here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .config import Action, Config, Rule
+from .errors import BadRequest, StoreUnavailable
+from .flags import FlagBoard
+from .keys import Keyspace
+from .limiter import Limiter, Outcome, Status
+from .wire import Decision, LimitState, batch_request_type, check_request_type
+
+__all__ = ["Checker"]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionPlan:
+    """What a check of one action needs, prepared once per config."""
+
+    action: Action
+    required: tuple[tuple[str, str], ...]  # (subject field, the rule that needs it)
+    rule_args: tuple[str | int, ...]  # check.lua ARGV per rule, as configured
+    shadow_args: tuple[str | int, ...]  # the same with every rule in shadow mode
+    fail_closed: bool
+
+
+def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
+    args: list[str | int] = [
+        "l" if rule.algorithm == "sliding-log" else "c",
+        "1" if shadow else "0",
+        0 if shadow else rule.penalty * 1000,
+        len(rule.windows),
+    ]
+    for window in rule.windows:
+        args += [window.limit, window.seconds * 1000]
+    return args
+
+
+def _plan(action: Action) -> ActionPlan:
+    required: dict[str, str] = {}
+    normal: list[str | int] = []
+    shadow: list[str | int] = []
+    for rule in action.rules:
+        for field in rule.key:
+            required.setdefault(field, rule.name)
+        normal += _rule_args(rule, shadow=rule.shadow)
+        shadow += _rule_args(rule, shadow=True)
+    return ActionPlan(
+        action=action,
+        required=tuple(required.items()),
+        rule_args=tuple(normal),
+        shadow_args=tuple(shadow),
+        fail_closed=any(r.fail == "closed" and not r.shadow for r in action.rules),
+    )
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def _seconds(ms: int) -> int:
+    return max(0, math.ceil(ms / 1000))
+
+
+class Checker:
+    """Decides checks for one config; a reload builds a new Checker and swaps it in."""
+
+    def __init__(self, config: Config, keyspace: Keyspace, limiter: Limiter,
+                 flags: FlagBoard) -> None:
+        self.config = config
+        self.keyspace = keyspace
+        self.limiter = limiter
+        self.flags = flags
+        self.request_type = check_request_type(config.subjects)
+        self.decoder = msgspec.json.Decoder(self.request_type)
+        self.batch_decoder = msgspec.json.Decoder(batch_request_type(self.request_type))
+        self.subject_fields = tuple(sorted(config.subjects - {"ip"}))
+        self.plans = {name: _plan(action) for name, action in config.actions.items()}
+        self.shadow_all = False  # the global shadow switch, set by the flag sync
+
+    def decode(self, body: bytes) -> Any:
+        """Decode one check request; raise BadRequest with msgspec's sentence."""
+        return _decode(self.decoder, body)
+
+    def decode_batch(self, body: bytes) -> list[Any]:
+        """Decode a batch request; raise BadRequest with msgspec's sentence."""
+        return list(_decode(self.batch_decoder, body).checks)
+
+    def subjects(self, request: Any) -> dict[str, bytes]:
+        """The normalised value of every subject the request carries."""
+        if request.ip is not None and request.ip_hash is not None:
+            raise BadRequest("send either ip or ip_hash, not both")
+        values: dict[str, bytes] = {}
+        if request.ip is not None:
+            values["ip"] = self.keyspace.ip_value(request.ip)
+        elif request.ip_hash is not None:
+            values["ip"] = self.keyspace.ip_hash_value(request.ip_hash)
+        for field in self.subject_fields:
+            value = getattr(request, field)
+            if value is not None:
+                values[field] = self.keyspace.text_value(value)
+        return values
+
+    def prepare(self, request: Any) -> tuple[ActionPlan, dict[str, bytes]]:
+        """Validate a decoded request against the config; raise BadRequest."""
+        plan = self.plans.get(request.action)
+        if plan is None:
+            raise BadRequest(f"unknown action '{request.action}'")
+        values = self.subjects(request)
+        for field, rule_name in plan.required:
+            if field not in values:
+                what = "ip or ip_hash" if field == "ip" else f"'{field}'"
+                raise BadRequest(
+                    f"action '{plan.action.name}' needs {what} (rule '{rule_name}')"
+                )
+        return plan, values
+
+    async def check(self, request: Any) -> Decision:
+        """Decide one decoded request."""
+        plan, values = self.prepare(request)
+        return await self.decide(plan, values, request.cost)
+
+    async def check_many(self, requests: Sequence[Any]) -> list[Decision]:
+        """Decide a batch; every request is validated before any is decided."""
+        prepared = [self.prepare(r) for r in requests]
+        return [await self.decide(plan, values, r.cost)
+                for (plan, values), r in zip(prepared, requests, strict=True)]
+
+    async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
+        """Flags, then bans, penalty boxes and limits in one script call."""
+        action = plan.action
+        blocking = self.flags.blocking(action.flags, time.time())
+        if blocking is not None:
+            return Decision(allowed=False, reason="disabled", action=action.name,
+                            flag=blocking.name, message=self.flags.message_for(blocking))
+        keyspace = self.keyspace
+        ban_keys = [keyspace.ban_key(keyspace.subject(((f, v),))) for f, v in values.items()]
+        keys = list(ban_keys)
+        for rule in action.rules:
+            subject = keyspace.subject((f, values[f]) for f in rule.key)
+            keys.append(keyspace.counter_key(subject, rule))
+            if rule.penalty and not (rule.shadow or self.shadow_all):
+                keys.append(keyspace.penalty_key(subject, rule))
+        if not keys:
+            return Decision(allowed=True, reason=None, action=action.name)
+        rule_args = plan.shadow_args if self.shadow_all else plan.rule_args
+        try:
+            outcome = await self.limiter.check(keys, cost, len(ban_keys), len(action.rules),
+                                               rule_args)
+        except StoreUnavailable:
+            return self.degraded(plan)
+        return self.decision(plan, outcome)
+
+    def decision(self, plan: ActionPlan, outcome: Outcome) -> Decision:
+        """Turn the script's answer into the API's Decision."""
+        action = plan.action
+        if outcome.status in (Status.BANNED, Status.PENALTY):
+            wait = outcome.wait_ms
+            return Decision(allowed=False, reason="banned", action=action.name,
+                            retry_after=_seconds(wait) if wait > 0 else 0)
+        limits = []
+        states = iter(outcome.windows)
+        for rule in action.rules:
+            for window in rule.windows:
+                state = next(states)
+                limits.append(LimitState(rule=rule.name, limit=window.limit,
+                                         window=window.seconds,
+                                         remaining=max(0, state.remaining),
+                                         reset=_seconds(state.reset_ms)))
+        if outcome.status is Status.LIMITED:
+            return Decision(allowed=False, reason="rate_limited", action=action.name,
+                            retry_after=max(1, _seconds(outcome.wait_ms)), limits=limits)
+        if outcome.shadowed:
+            return Decision(allowed=True, reason="rate_limited", action=action.name,
+                            shadow=True, limits=limits)
+        return Decision(allowed=True, reason=None, action=action.name, limits=limits)
+
+    def degraded(self, plan: ActionPlan) -> Decision:
+        """Redis could not be asked: fail closed if any enforced rule says so, else open."""
+        if plan.fail_closed and not self.shadow_all:
+            return Decision(allowed=False, reason="rate_limited", action=plan.action.name,
+                            retry_after=1, degraded=True)
+        return Decision(allowed=True, reason=None, action=plan.action.name, degraded=True)

@@ -1,0 +1,134 @@
+"""Process settings, read once from the environment into one typed object."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import SettingsError
+
+__all__ = ["AdminToken", "Settings"]
+
+MIN_SALT_LENGTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    """One entry of RATEKEEPER_ADMIN_TOKENS: the name the audit trail records, and the secret."""
+
+    name: str
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the process reads from its environment."""
+
+    # RATEKEEPER_REDIS_URL: redis://, rediss://, redis+cluster://, redis+sentinel://, memory://
+    redis_url: str = "memory://"
+    # RATEKEEPER_IP_SALT: secret key of the keyed IP hash; never logged or stored.
+    ip_salt: bytes = field(default=b"", repr=False)
+    # True when no salt was given and an ephemeral one was made (memory:// only).
+    ephemeral_salt: bool = False
+    # RATEKEEPER_ADMIN_TOKENS: name:token pairs for the admin API.
+    admin_tokens: tuple[AdminToken, ...] = ()
+    # RATEKEEPER_CONFIG: the rules file when --config is not given.
+    config_path: str | None = None
+    # RATEKEEPER_TRUSTED_PROXIES: peers whose X-Forwarded-For / X-Real-IP we believe.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    # RATEKEEPER_KEY_PREFIX: first segment of every Redis key (tests use one per test).
+    key_prefix: str = "rk"
+    # RATEKEEPER_REDIS_TIMEOUT_MS: deadline of one Redis call.
+    redis_timeout_ms: int = 50
+
+    @property
+    def is_memory(self) -> bool:
+        """True for the embedded in-process store."""
+        return self.redis_url.startswith("memory://")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``); errors name the variable."""
+        env = os.environ if environ is None else environ
+        redis_url = env.get("RATEKEEPER_REDIS_URL", "").strip() or "memory://"
+        known = ("memory://", "redis://", "rediss://", "redis+cluster://", "redis+sentinel://",
+                 "unix://")
+        if not redis_url.startswith(known):
+            raise SettingsError(
+                "RATEKEEPER_REDIS_URL must start with one of " + ", ".join(known)
+            )
+        salt_text = env.get("RATEKEEPER_IP_SALT", "")
+        ephemeral = False
+        if salt_text:
+            if len(salt_text.encode()) < MIN_SALT_LENGTH:
+                raise SettingsError(
+                    f"RATEKEEPER_IP_SALT must be at least {MIN_SALT_LENGTH} bytes long"
+                )
+            salt = salt_text.encode()
+        elif redis_url.startswith("memory://"):
+            salt, ephemeral = secrets.token_bytes(32), True
+        else:
+            raise SettingsError(
+                "RATEKEEPER_IP_SALT is required with a real Redis (RATEKEEPER_REDIS_URL is set)"
+            )
+        return cls(
+            redis_url=redis_url,
+            ip_salt=salt,
+            ephemeral_salt=ephemeral,
+            admin_tokens=_parse_tokens(env.get("RATEKEEPER_ADMIN_TOKENS", "")),
+            config_path=env.get("RATEKEEPER_CONFIG") or None,
+            trusted_proxies=_parse_proxies(env.get("RATEKEEPER_TRUSTED_PROXIES")),
+            key_prefix=_parse_prefix(env.get("RATEKEEPER_KEY_PREFIX", "rk")),
+            redis_timeout_ms=_parse_int(env, "RATEKEEPER_REDIS_TIMEOUT_MS", 50, low=1),
+        )
+
+
+def _parse_tokens(text: str) -> tuple[AdminToken, ...]:
+    tokens: list[AdminToken] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, token = item.partition(":")
+        if not sep or not name or not token:
+            raise SettingsError("RATEKEEPER_ADMIN_TOKENS must be name:token[,name:token...]")
+        tokens.append(AdminToken(name=name, token=token))
+    return tuple(tokens)
+
+
+def _parse_proxies(
+    text: str | None,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if text is None:
+        return Settings.trusted_proxies
+    nets = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise SettingsError(
+                "RATEKEEPER_TRUSTED_PROXIES must be a comma-separated list of CIDRs"
+            ) from None
+    return tuple(nets)
+
+
+def _parse_prefix(text: str) -> str:
+    if not text or not all(c.isalnum() or c in "-_." for c in text) or len(text) > 32:
+        raise SettingsError("RATEKEEPER_KEY_PREFIX must be 1-32 letters, digits, '-', '_' or '.'")
+    return text
+
+
+def _parse_int(env: Mapping[str, str], name: str, default: int, *, low: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer") from None
+    if value < low:
+        raise SettingsError(f"{name} must be at least {low}")
+    return value

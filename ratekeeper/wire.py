@@ -1,0 +1,94 @@
+"""Request and response types of the HTTP API, decoded and encoded by msgspec.
+
+The check request type is generated from the config, because its subject fields (user,
+project, ...) are the ones the rules key on; anything else is an unknown field and a 400.
+The same types generate the OpenAPI document, so the spec cannot drift from the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_COST",
+    "CheckRequestType",
+    "Decision",
+    "ErrorBody",
+    "LimitState",
+    "batch_request_type",
+    "check_request_type",
+]
+
+MAX_COST = 1_000_000
+MAX_BATCH = 1000
+FIXED_FIELDS = ("action", "ip", "ip_hash", "cost")
+
+ActionName = Annotated[str, Meta(min_length=1, max_length=128)]
+SubjectValue = Annotated[str, Meta(min_length=1, max_length=1024)]
+IPText = Annotated[str, Meta(min_length=1, max_length=64)]
+Cost = Annotated[int, Meta(ge=0, le=MAX_COST)]
+
+# Generated per config; every instance has .action .ip .ip_hash .cost and one attribute per
+# subject field.
+CheckRequestType = type[msgspec.Struct]
+
+
+def check_request_type(subjects: Iterable[str]) -> CheckRequestType:
+    """The ``POST /v1/check`` body type for a config whose rules key on ``subjects``."""
+    fields: list[tuple[str, Any, Any]] = [
+        ("action", ActionName, msgspec.NODEFAULT),
+        ("ip", IPText | None, None),
+        ("ip_hash", SubjectValue | None, None),
+        ("cost", Cost, 1),
+    ]
+    fields += [(name, SubjectValue | None, None)
+               for name in sorted(set(subjects)) if name not in FIXED_FIELDS]
+    return msgspec.defstruct("CheckRequest", fields, forbid_unknown_fields=True,
+                             kw_only=True)
+
+
+def batch_request_type(check_type: CheckRequestType) -> type[msgspec.Struct]:
+    """The ``POST /v1/check/batch`` body type."""
+    checks = Annotated[list[check_type], Meta(min_length=1, max_length=MAX_BATCH)]  # type: ignore[valid-type]
+    return msgspec.defstruct("BatchRequest", [("checks", checks)], forbid_unknown_fields=True)
+
+
+class LimitState(msgspec.Struct, frozen=True):
+    """One window of one rule, as the check answer reports it."""
+
+    rule: str
+    limit: int
+    window: int
+    remaining: int
+    reset: int
+
+
+class Decision(msgspec.Struct, frozen=True):
+    """The answer to one check."""
+
+    allowed: bool
+    reason: str | None
+    action: str
+    retry_after: int = 0
+    flag: str | None = None
+    message: str | None = None
+    degraded: bool = False
+    shadow: bool = False
+    limits: list[LimitState] = []
+
+
+class BatchResponse(msgspec.Struct, frozen=True):
+    """The answers to a batch, in the order of the checks."""
+
+    results: list[Decision]
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    """Every 4xx body: one sentence saying what is wrong."""
+
+    error: str

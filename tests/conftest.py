@@ -1,0 +1,156 @@
+"""Shared fixtures: a real redis-server per session, a unique key prefix per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from ratekeeper.config import Config, parse_config
+from ratekeeper.server import create_app
+from ratekeeper.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from redis_servers import RedisServer, free_port, start_redis  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "pypi.toml"
+SALT = b"test-salt-that-is-long-enough"
+
+
+class FakeClock:
+    """Milliseconds that only move when a test moves them."""
+
+    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
+        self.ms = start_ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += round(seconds * 1000)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the whole session, on a free loopback port."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A prefix no other test uses, so tests never see each other's keys."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of the session's redis-server."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """An injected clock for the Lua scripts (ARGV now_ms) instead of Redis TIME."""
+    return FakeClock()
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, key_prefix: str) -> Settings:
+    """Settings pointing at the session's Redis with this test's prefix."""
+    return Settings(redis_url=redis_server.url, ip_salt=SALT, key_prefix=key_prefix)
+
+
+def config_from(text: str) -> Config:
+    """A Config from TOML text."""
+    return parse_config(text, source="test.toml")
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Callable[..., Any], settings: Settings
+                ) -> Callable[..., Any]:
+    """Start the app for a config (TOML text or Config) and return a test client."""
+
+    async def factory(config: str | Config, *, clock: Callable[[], int] | None = None,
+                      app_settings: Settings | None = None) -> TestClient[Any, Any]:
+        cfg = config_from(config) if isinstance(config, str) else config
+        app: web.Application = create_app(app_settings or settings, cfg, clock=clock)
+        client: TestClient[Any, Any] = await aiohttp_client(app)
+        return client
+
+    return factory
+
+
+class ServerProcess:
+    """A `ratekeeper serve` subprocess on a free port."""
+
+    def __init__(self, config_path: Path, env: dict[str, str], workers: int = 1) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = config_path.parent / f"serve-{self.port}.log"
+        full_env = {**os.environ, **env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ratekeeper", "serve", "--config", str(config_path),
+             "--port", str(self.port), "--workers", str(workers)],
+            env=full_env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+        )
+        self.wait_ready(workers)
+
+    def wait_ready(self, workers: int) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as resp:
+                    if resp.status == 200:
+                        # give the other workers a moment to bind their SO_REUSEPORT socket
+                        time.sleep(0.5 if workers > 1 else 0)
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start: {self.log.read_text()}")
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.log.read_text()
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Start `ratekeeper serve` subprocesses; all are stopped after the test."""
+    started: list[ServerProcess] = []
+
+    def factory(config_text: str, env: dict[str, str], workers: int = 1) -> ServerProcess:
+        path = tmp_path / f"config-{len(started)}.toml"
+        path.write_text(config_text)
+        server = ServerProcess(path, env, workers)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
