@@ -13,6 +13,7 @@ from .errors import SettingsError
 __all__ = ["AdminToken", "Settings"]
 
 MIN_SALT_LENGTH = 16
+DEFAULT_TRUSTED_PROXIES = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +39,8 @@ class Settings:
     # RATEKEEPER_CONFIG: the rules file when --config is not given.
     config_path: str | None = None
     # RATEKEEPER_TRUSTED_PROXIES: peers whose X-Forwarded-For / X-Real-IP we believe.
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"),
-        ipaddress.ip_network("::1/128"),
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default_factory=lambda: DEFAULT_TRUSTED_PROXIES
     )
     # RATEKEEPER_KEY_PREFIX: first segment of every Redis key (tests use one per test).
     key_prefix: str = "rk"
@@ -103,7 +103,7 @@ def _parse_proxies(
     text: str | None,
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     if text is None:
-        return Settings.trusted_proxies
+        return DEFAULT_TRUSTED_PROXIES
     nets = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         try:

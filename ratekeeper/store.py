@@ -60,7 +60,7 @@ def open_store(settings: Settings) -> Store:
         if not service:
             raise SettingsError("RATEKEEPER_REDIS_URL: redis+sentinel:// needs /service_name")
         hosts = [_host_port(item, 26379) for item in parts.netloc.rpartition("@")[2].split(",")]
-        sentinel = Sentinel(
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts,
             socket_timeout=max(timeout, 0.5),
             sentinel_kwargs={"socket_timeout": max(timeout, 0.5)},
@@ -69,9 +69,9 @@ def open_store(settings: Settings) -> Store:
         return Store(redis=sentinel.master_for(service), kind="sentinel")
     from redis.asyncio import Redis
 
-    client = Redis.from_url(url, socket_timeout=max(timeout, 0.5),
+    single = Redis.from_url(url, socket_timeout=max(timeout, 0.5),
                             socket_connect_timeout=max(timeout, 0.5))
-    return Store(redis=client, kind="redis")
+    return Store(redis=single, kind="redis")
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:

@@ -22,7 +22,7 @@ from ratekeeper.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from redis_servers import RedisServer, free_port, start_redis  # noqa: E402
+from redis_servers import RedisServer, free_port, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "pypi.toml"

@@ -8,11 +8,11 @@ from typing import Any
 import limits.storage.memory
 import pytest
 import redis.asyncio as aioredis
+from conftest import SALT, FakeClock, config_from
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from conftest import SALT, FakeClock, config_from
 from ratekeeper.flags import FlagBoard
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter
