@@ -71,13 +71,24 @@ class Limiter:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         return parse_outcome(raw)
 
+    async def refund(self, keys: Sequence[str], cost: int, at_ms: int,
+                     rule_args: Sequence[str | int]) -> list[int]:
+        """Run refund.lua: give back ``cost`` hits taken at ``at_ms``; hits given back per rule."""
+        args: list[str | int] = [cost, at_ms, len(keys), *rule_args]
+        try:
+            async with asyncio.timeout(self.timeout):
+                raw = await self.scripts.refund(keys=list(keys), args=args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        return [int(v) for v in raw]
+
     async def ready(self) -> bool:
         """True when Redis answers and the scripts are loaded (loading them if flushed)."""
         try:
             async with asyncio.timeout(max(self.timeout, 0.5)):
                 loaded = await self.redis.script_exists(*self.scripts.shas)
                 if not all(loaded):
-                    for script in (self.scripts.check,):
+                    for script in self.scripts.all:
                         await self.redis.script_load(script.script)
                 return True
         except (RedisError, OSError, TimeoutError):

@@ -19,13 +19,20 @@ class Scripts:
     """Registered script objects; each reloads itself after NOSCRIPT (a flush or a failover)."""
 
     check: Any
+    refund: Any
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
         """Register every script on ``redis`` (a client, cluster client or fakeredis)."""
-        return cls(check=redis.register_script(read_script("check")))
+        return cls(check=redis.register_script(read_script("check")),
+                   refund=redis.register_script(read_script("refund")))
+
+    @property
+    def all(self) -> list[Any]:
+        """Every registered script."""
+        return [self.check, self.refund]
 
     @property
     def shas(self) -> list[str]:
         """The SHA1 of every script, for readiness checks."""
-        return [self.check.sha]
+        return [script.sha for script in self.all]

@@ -32,6 +32,7 @@ class ActionPlan:
     action: Action
     required: tuple[tuple[str, str], ...]  # (subject field, the rule that needs it)
     rule_args: tuple[str | int, ...]  # check.lua ARGV per rule, as configured
+    refund_args: tuple[str | int, ...]  # refund.lua ARGV per rule
     shadow_args: tuple[str | int, ...]  # the same with every rule in shadow mode
     fail_closed: bool
 
@@ -52,15 +53,19 @@ def _plan(action: Action) -> ActionPlan:
     required: dict[str, str] = {}
     normal: list[str | int] = []
     shadow: list[str | int] = []
+    refund: list[str | int] = []
     for rule in action.rules:
         for field in rule.key:
             required.setdefault(field, rule.name)
         normal += _rule_args(rule, shadow=rule.shadow)
         shadow += _rule_args(rule, shadow=True)
+        refund += ["l" if rule.algorithm == "sliding-log" else "c", len(rule.windows)]
+        refund += [window.seconds * 1000 for window in rule.windows]
     return ActionPlan(
         action=action,
         required=tuple(required.items()),
         rule_args=tuple(normal),
+        refund_args=tuple(refund),
         shadow_args=tuple(shadow),
         fail_closed=any(r.fail == "closed" and not r.shadow for r in action.rules),
     )

@@ -1,0 +1,42 @@
+"""refund.lua against a real redis-server: gives back exactly what check.lua took."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from conftest import SALT, FakeClock, config_from
+from ratekeeper.keys import Keyspace
+from ratekeeper.limiter import Limiter, Status
+
+RULES = """
+[rules.r]
+limit = "3 per minute, 5 per hour"
+key = ["ip"]
+algorithm = "{algorithm}"
+[actions.a]
+rules = ["r"]
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
+async def test_refund_gives_back_only_what_was_taken(redis: aioredis.Redis, key_prefix: str,
+                                                     clock: FakeClock, algorithm: str) -> None:
+    """A refund restores remaining; refunding at a time nothing was taken gives back nothing."""
+    from ratekeeper.service import _plan
+
+    config = config_from(RULES.format(algorithm=algorithm))
+    plan = _plan(config.actions["a"])
+    keyspace = Keyspace(SALT, prefix=key_prefix)
+    rule = config.rules["r"]
+    key = keyspace.counter_key(keyspace.subject([("ip", keyspace.ip_value("192.0.2.1"))]), rule)
+    limiter = Limiter(redis, timeout=2.0, clock=clock)
+
+    taken = await limiter.check([key], 2, 0, 1, plan.rule_args)
+    assert taken.status is Status.ALLOWED and taken.windows[0].remaining == 1
+    clock.advance(1)
+    assert await limiter.refund([key], 1, taken.now_ms - 5, plan.refund_args) == [0]
+    assert await limiter.refund([key], 2, taken.now_ms, plan.refund_args) == [2]
+    peek = await limiter.check([key], 0, 0, 1, plan.rule_args)
+    assert [w.remaining for w in peek.windows] == [3, 5]
+    assert 0 < await redis.pttl(key) <= 3_600_000 + 1000
