@@ -8,7 +8,6 @@ from typing import Any
 import limits.storage.memory
 import pytest
 import redis.asyncio as aioredis
-from conftest import SALT, FakeClock, config_from
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -17,6 +16,8 @@ from ratekeeper.flags import FlagBoard
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter
 from ratekeeper.service import Checker
+
+from conftest import SALT, FakeClock, config_from
 
 SLACK_MS = 1000
 
