@@ -66,6 +66,8 @@ async def test_walk_then_deny_then_recover(redis: aioredis.Redis, key_prefix: st
     denied = await ask(checker, action="a", ip="198.51.100.1")
     assert not denied.allowed and denied.reason == "rate_limited"
     assert 0 < denied.retry_after <= 120
+    # reset is when remaining next goes up, so for a denied single hit it equals the retry
+    assert denied.limits[0].reset == denied.retry_after
     clock.advance(denied.retry_after)
     assert (await ask(checker, action="a", ip="198.51.100.1")).allowed
 

@@ -23,8 +23,8 @@
 --   shadowed  1 when a shadow rule would have denied
 --   index     status 2: which ban key (1-based); status 3: which rule (1-based); else 0
 --   wait_ms   status 2/3: PTTL of that key (-1 = no expiry); status 0: the longest retry_ms
---   remaining hits left after this request; reset_ms: until every counted hit has left the
---             window; retry_ms: until this cost would pass (0 when it passes now)
+--   remaining hits left after this request; reset_ms: until remaining next goes up (0 when
+--             nothing is counted); retry_ms: until this cost would pass (0 when it passes now)
 --
 -- Never: writes when status ~= 1, except the penalty key of a non-shadow rule that denied a
 -- request with cost > 0; touches a key not passed in KEYS; leaves a written key without a
@@ -79,11 +79,13 @@ for r = 1, nr do
   end
 end
 
+-- Each algorithm answers, per window: `used` (hits counted now) and wait(target), the ms
+-- until used <= target if nothing more is taken. remaining = limit - used;
+-- retry = wait(limit - want); reset = wait(used - 1), the time until one more hit fits.
+
 local function eval_log(rule)
   local key = rule.key
   local len = redis.call('LLEN', key)
-  local head = 0
-  if len > 0 then head = tonumber(redis.call('LINDEX', key, 0)) end
   for _, win in ipairs(rule.windows) do
     local cutoff = now - win.ms  -- a hit is in the window while its time > cutoff
     -- the list is newest first: binary search for the first hit at or before cutoff
@@ -92,61 +94,57 @@ local function eval_log(rule)
       local mid = math.floor((lo + hi) / 2)
       if tonumber(redis.call('LINDEX', key, mid)) > cutoff then lo = mid + 1 else hi = mid end
     end
-    win.remaining = win.limit - lo
-    win.reset = 0
-    if lo > 0 then win.reset = head + win.ms - now end
-    win.retry = 0
-    if win.remaining < want then
-      if want > win.limit then
-        win.retry = win.ms
-      else
-        -- the hit at index limit-want must leave the window before this cost fits
-        win.retry = tonumber(redis.call('LINDEX', key, win.limit - want)) + win.ms - now
-      end
+    win.used = lo
+    win.oldest = now
+    if lo > 0 then win.oldest = tonumber(redis.call('LINDEX', key, lo - 1)) end
+    win.wait = function(target)
+      if win.used <= target then return 0 end
+      -- the hit at index `target` (newest first) is the last that must leave
+      return tonumber(redis.call('LINDEX', key, target)) + win.ms - now
     end
   end
+end
+
+local function counter_wait(win, target)
+  local W, e, cur, prev = win.ms, win.elapsed, win.cur, win.prev
+  if cur + math.ceil(prev * (W - e) / W) <= target then return 0 end
+  if cur > target then
+    -- not before the next bucket, where this bucket decays as the previous one
+    return (W - e) + math.max(0, math.ceil(W - target * W / cur))
+  end
+  return math.max(1, math.ceil(W - (target - cur) * W / prev) - e)
 end
 
 local function eval_counter(rule)
   local raw = redis.call('GET', rule.key)
   local state = {}
-  local ttl = 0
   if raw then
     for w, b, c, p in string.gmatch(raw, '(%d+):(%d+):(%d+):(%d+)') do
       state[w] = {tonumber(b), tonumber(c), tonumber(p)}
     end
-    ttl = redis.call('PTTL', rule.key)
   end
   for _, win in ipairs(rule.windows) do
     local W = win.ms
     local b = math.floor(now / W)
-    local e = now - b * W
     local cur, prev = 0, 0
     local s = state[win.ms_text]
     if s then
       if s[1] == b then cur, prev = s[2], s[3] elseif s[1] == b - 1 then prev = s[2] end
     end
-    win.bucket, win.cur, win.prev = b, cur, prev
-    -- the previous bucket is assumed spread evenly; the part of it still inside the window
-    local used = cur + math.ceil(prev * (W - e) / W)
-    win.remaining = math.max(0, win.limit - used)
-    win.reset = 0
-    if cur > 0 then win.reset = (b + 2) * W - now elseif prev > 0 then win.reset = (b + 1) * W - now end
-    if ttl > 0 and win.reset > ttl then win.reset = ttl end
-    win.retry = 0
-    if win.remaining < want then
-      if want > win.limit then
-        win.retry = W
-      elseif cur + want > win.limit then
-        -- wait for the next bucket, where this bucket's count decays as the previous one
-        local keep = win.limit - want
-        local e2 = math.max(0, math.ceil(W - keep * W / cur))
-        win.retry = (W - e) + e2
-      else
-        local keep = win.limit - want - cur
-        win.retry = math.max(1, math.ceil(W - keep * W / prev) - e)
-      end
-    end
+    win.bucket, win.elapsed, win.cur, win.prev = b, now - b * W, cur, prev
+    -- the previous bucket is assumed spread evenly: the part of it still inside the window
+    win.used = cur + math.ceil(prev * (W - win.elapsed) / W)
+    win.wait = function(target) return counter_wait(win, target) end
+  end
+end
+
+local function finish(win)
+  win.remaining = math.max(0, win.limit - win.used)
+  win.reset = 0
+  if win.used > 0 then win.reset = win.wait(win.used - 1) end
+  win.retry = 0
+  if win.remaining < want then
+    if want > win.limit then win.retry = win.ms else win.retry = win.wait(win.limit - want) end
   end
 end
 
@@ -156,6 +154,7 @@ for r = 1, nr do
   if rule.algo == 'l' then eval_log(rule) else eval_counter(rule) end
   rule.denies = false
   for _, win in ipairs(rule.windows) do
+    finish(win)
     if win.retry > 0 then rule.denies = true end
   end
   if rule.denies then
@@ -198,16 +197,18 @@ elseif cost > 0 then
         redis.call('LTRIM', rule.key, 0, rule.max_limit - 1)
         redis.call('PEXPIRE', rule.key, rule.max_ms + SLACK_MS)
         for _, win in ipairs(rule.windows) do
+          -- the oldest hit still counted leaves first (now, if the window was empty)
           win.remaining = win.remaining - cost
-          win.reset = win.ms
+          win.reset = win.oldest + win.ms - now
         end
       else
         local parts = {}
         for i, win in ipairs(rule.windows) do
           win.cur = win.cur + cost
+          win.used = win.used + cost
           parts[i] = win.ms_text .. ':' .. win.bucket .. ':' .. win.cur .. ':' .. win.prev
           win.remaining = win.remaining - cost
-          win.reset = math.min((win.bucket + 2) * win.ms - now, rule.max_ms + SLACK_MS)
+          win.reset = counter_wait(win, win.used - 1)
         end
         redis.call('SET', rule.key, table.concat(parts, '|'), 'PX', rule.max_ms + SLACK_MS)
       end
