@@ -14,6 +14,8 @@ __all__ = ["Store", "open_store"]
 
 log = logging.getLogger("ratekeeper.store")
 
+MAX_CONNECTIONS = 64  # per process
+
 
 @dataclass(slots=True)
 class Store:
@@ -67,11 +69,14 @@ def open_store(settings: Settings) -> Store:
             password=parts.password,
         )
         return Store(redis=sentinel.master_for(service), kind="sentinel")
-    from redis.asyncio import Redis
+    from redis.asyncio import BlockingConnectionPool, Redis
 
-    single = Redis.from_url(url, socket_timeout=max(timeout, 0.5),
-                            socket_connect_timeout=max(timeout, 0.5))
-    return Store(redis=single, kind="redis")
+    # A bounded pool that queues: a burst waits for a connection (within the call's
+    # deadline) instead of failing with MaxConnectionsError or opening hundreds of sockets.
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=max(timeout, 0.5),
+        socket_timeout=max(timeout, 0.5), socket_connect_timeout=max(timeout, 0.5))
+    return Store(redis=Redis(connection_pool=pool), kind="redis")
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:

@@ -104,10 +104,11 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = config_path.parent / f"serve-{self.port}.log"
         full_env = {**os.environ, **env}
+        self._log_file = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ratekeeper", "serve", "--config", str(config_path),
              "--port", str(self.port), "--workers", str(workers)],
-            env=full_env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+            env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT,
         )
         self.wait_ready(workers)
 
@@ -136,6 +137,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        self._log_file.close()
         return self.log.read_text()
 
 
