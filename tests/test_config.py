@@ -1,0 +1,155 @@
+"""The rules file: the example is valid, and every kind of mistake is named with file and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ratekeeper.config import Window, load_config, parse_config, parse_duration
+from ratekeeper.errors import ConfigError
+
+from conftest import EXAMPLE
+
+GOOD = """
+[rules.r]
+limit = "5 per 5 minutes, 20 per hour"
+key = ["ip"]
+[actions.a]
+rules = ["r"]
+flags = ["f"]
+[flags.f]
+description = "d"
+"""
+
+
+def test_example_config_mirrors_warehouse() -> None:
+    """examples/pypi.toml loads, with Warehouse's limits and flag names."""
+    config = load_config(EXAMPLE)
+    assert config.rules["login-ip"].windows == (Window(10, 300),)
+    assert config.rules["2fa-user"].windows == (Window(5, 300), Window(20, 3600),
+                                                Window(50, 86400))
+    assert config.rules["project-create-user"].windows == (Window(4, 86400),)
+    assert config.rules["login-global"].key == ()
+    assert set(config.flags) >= {"read-only", "disallow-new-user-registration",
+                                 "disallow-new-project-registration", "disallow-new-upload",
+                                 "disallow-deletion", "disallow-oidc"}
+    assert config.subjects == {"ip", "user", "project"}
+
+
+def test_two_windows_parse_and_sort() -> None:
+    """'5 per 5 minutes, 20 per hour' is two windows, shortest first."""
+    rule = parse_config(GOOD).rules["r"]
+    assert rule.windows == (Window(5, 300), Window(20, 3600))
+    assert rule.algorithm == "sliding-log" and rule.fail == "open" and not rule.shadow
+
+
+CASES = [
+    ("unknown top-level key", GOOD + "\n[extra]\n", "t.toml: extra: unknown key"),
+    ("unknown rule key", GOOD.replace('key = ["ip"]', 'key = ["ip"]\nlimt = "x"'),
+     "t.toml: rules.r.limt: unknown key"),
+    ("unparsable limit", GOOD.replace("5 per 5 minutes, 20 per hour", "lots"),
+     't.toml: rules.r.limit: cannot parse "lots"'),
+    ("zero limit", GOOD.replace("5 per 5 minutes, 20 per hour", "0 per minute"),
+     "t.toml: rules.r.limit: every limit must allow at least 1 hit"),
+    ("same window twice", GOOD.replace("5 per 5 minutes, 20 per hour",
+                                       "5 per minute; 7 per minute"),
+     "t.toml: rules.r.limit: two limits share the 60-second window"),
+    ("missing limit", GOOD.replace('limit = "5 per 5 minutes, 20 per hour"\n', ""),
+     "t.toml: rules.r.limit: is required"),
+    ("missing key", GOOD.replace('key = ["ip"]\n', ""), "t.toml: rules.r.key: is required"),
+    ("key not a list", GOOD.replace('key = ["ip"]', 'key = "ip"'),
+     "t.toml: rules.r.key: must be a list"),
+    ("reserved key field", GOOD.replace('key = ["ip"]', 'key = ["cost"]'),
+     't.toml: rules.r.key: "cost" is not a usable subject field name'),
+    ("bad algorithm", GOOD.replace('key = ["ip"]', 'key = ["ip"]\nalgorithm = "gcra"'),
+     't.toml: rules.r.algorithm: must be one of "sliding-log", "sliding-counter"'),
+    ("bad fail mode", GOOD.replace('key = ["ip"]', 'key = ["ip"]\nfail = "maybe"'),
+     "t.toml: rules.r.fail: must be one of"),
+    ("bad shadow", GOOD.replace('key = ["ip"]', 'key = ["ip"]\nshadow = "yes"'),
+     "t.toml: rules.r.shadow: must be true or false"),
+    ("bad penalty", GOOD.replace('key = ["ip"]', 'key = ["ip"]\npenalty = "a while"'),
+     "t.toml: rules.r.penalty: 'a while' is not a duration"),
+    ("undeclared rule", GOOD.replace('rules = ["r"]', 'rules = ["r", "nope"]'),
+     't.toml: actions.a.rules: "nope" is not a declared rule'),
+    ("undeclared flag", GOOD.replace('flags = ["f"]', 'flags = ["g"]'),
+     't.toml: actions.a.flags: "g" is not a declared flag'),
+    ("bad name", GOOD.replace("[rules.r]", '[rules."R r"]').replace('["r"]', '["R r"]'),
+     "t.toml: rules.R r: names use"),
+    ("no actions", '[rules.r]\nlimit = "1/second"\nkey = []\n',
+     "t.toml: actions: at least one action is required"),
+    ("route to unknown action",
+     GOOD + '\n[[routes]]\nmethod = "POST"\npath = "/x"\naction = "zz"\n',
+     't.toml: routes[0].action: "zz" is not a declared action'),
+    ("route bad method", GOOD + '\n[[routes]]\nmethod = "FETCH"\npath = "/x"\naction = "a"\n',
+     "t.toml: routes[0].method: must be an HTTP method"),
+    ("route bad path", GOOD + '\n[[routes]]\npath = "x"\naction = "a"\n',
+     "t.toml: routes[0].path: must be a path glob"),
+    ("ip prefix out of range", GOOD + "\n[ip]\nipv6_prefix = 200\n",
+     "t.toml: ip.ipv6_prefix: must be an integer from 16 to 128"),
+    ("invalid toml", "[rules.r\n", "t.toml: invalid TOML"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), CASES, ids=[c[0] for c in CASES])
+def test_every_mistake_names_file_and_key(name: str, text: str, message: str) -> None:
+    """Each mistake raises ConfigError whose text names the file and the key."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="t.toml")
+    assert any(line.startswith(message) for line in caught.value.errors), caught.value.errors
+
+
+def test_all_errors_are_reported_together() -> None:
+    """Several mistakes in one file are all listed."""
+    text = GOOD.replace('key = ["ip"]', 'key = ["ip"]\nfail = "x"\nshadow = 3')
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, source="t.toml")
+    assert len(caught.value.errors) == 2
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    (3600, 3600), ("90s", 90), ("2h", 7200), ("1 hour", 3600), ("30 minutes", 1800),
+    ("1d", 86400), ("2 weeks", 1209600)])
+def test_durations(text: object, seconds: int) -> None:
+    """Durations accept seconds and short or long unit names."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", [-1, True, "x", "5 fortnights", 1.5, ""])
+def test_bad_durations(text: object) -> None:
+    """Anything else is a ValueError with a hint."""
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ratekeeper", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_check_config_ok_exits_0() -> None:
+    """check-config on the example exits 0 and summarises it."""
+    out = run_cli("check-config", str(EXAMPLE))
+    assert out.returncode == 0
+    assert "ok" in out.stdout
+
+
+def test_check_config_errors_exit_1(tmp_path: Path) -> None:
+    """check-config lists every error with file and key, and exits 1."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD.replace('rules = ["r"]', 'rules = ["nope"]').replace(
+        'key = ["ip"]', 'key = ["ip"]\ncolour = 1'))
+    out = run_cli("check-config", str(bad))
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert f"{bad}: rules.r.colour: unknown key" in lines[0]
+    assert f'{bad}: actions.a.rules: "nope" is not a declared rule' in lines[1]
+
+
+def test_check_config_missing_file_exits_1(tmp_path: Path) -> None:
+    """A missing file is an error naming the file."""
+    out = run_cli("check-config", str(tmp_path / "none.toml"))
+    assert out.returncode == 1
+    assert "none.toml: cannot read the file" in out.stderr

@@ -1,0 +1,96 @@
+"""Identity: normalisation and keyed hashing of subjects, and key names."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from ratekeeper.config import IPGrouping, Rule, Window
+from ratekeeper.errors import BadRequest
+from ratekeeper.keys import Keyspace
+
+SALT = b"0123456789abcdef-salt"
+
+
+def ip_subject(keyspace: Keyspace, text: str) -> str:
+    return keyspace.subject([("ip", keyspace.ip_value(text))])
+
+
+@pytest.mark.parametrize("forms", [
+    ["192.0.2.1", "::ffff:192.0.2.1", "::ffff:c000:201", "0:0:0:0:0:ffff:c000:0201"],
+    ["2001:db8::1", "2001:0db8:0000:0000:0000:0000:0000:0001", "2001:DB8::1",
+     "2001:db8:0:0::1", "2001:db8::ffff:ffff:ffff:ffff", "2001:db8::1%eth0"],
+])
+def test_every_form_of_one_client_is_one_subject(forms: list[str]) -> None:
+    """Textual forms, IPv4-mapped IPv6 and addresses in one /64 hash alike."""
+    keyspace = Keyspace(SALT)
+    assert len({ip_subject(keyspace, f) for f in forms}) == 1
+
+
+def test_other_64s_and_other_addresses_differ() -> None:
+    """The next /64 and the next IPv4 address are other subjects."""
+    keyspace = Keyspace(SALT)
+    assert ip_subject(keyspace, "2001:db8:0:1::1") != ip_subject(keyspace, "2001:db8:0:2::1")
+    assert ip_subject(keyspace, "192.0.2.1") != ip_subject(keyspace, "192.0.2.2")
+
+
+def test_prefixes_are_configurable() -> None:
+    """A /48 grouping joins /64s; a /24 IPv4 grouping joins neighbours."""
+    keyspace = Keyspace(SALT, grouping=IPGrouping(ipv4_prefix=24, ipv6_prefix=48))
+    assert ip_subject(keyspace, "2001:db8:0:1::1") == ip_subject(keyspace, "2001:db8:0:2::1")
+    assert ip_subject(keyspace, "192.0.2.1") == ip_subject(keyspace, "192.0.2.200")
+    assert ip_subject(Keyspace(SALT), "192.0.2.1") != ip_subject(keyspace, "192.0.2.1")
+
+
+def test_salt_keys_the_hash_and_128_bits_are_kept() -> None:
+    """Another salt gives another hash; a hash is 22 base64url characters."""
+    one, two = Keyspace(SALT), Keyspace(SALT + b"x")
+    assert ip_subject(one, "192.0.2.1") != ip_subject(two, "192.0.2.1")
+    digest = ip_subject(one, "192.0.2.1")
+    assert len(digest) == 22
+    assert set(digest) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def test_ip_hash_and_user_are_domain_separated() -> None:
+    """An ip_hash, a user and an ip with the same text never share a bucket."""
+    keyspace = Keyspace(SALT)
+    text = "192.0.2.1"
+    subjects = {
+        ip_subject(keyspace, text),
+        keyspace.subject([("ip", keyspace.ip_hash_value(text))]),
+        keyspace.subject([("user", keyspace.text_value(text))]),
+    }
+    assert len(subjects) == 3
+    # parts are length-prefixed: ("ab", "c") and ("a", "bc") differ
+    assert keyspace.subject([("user", b"ab"), ("project", b"c")]) != keyspace.subject(
+        [("user", b"a"), ("project", b"bc")])
+
+
+@pytest.mark.parametrize("bad", ["192.0.2.300", "1.2.3", "example.org", "", " 192.0.2.1",
+                                 "192.0.2.1/24", "[::1]", "::1::2"])
+def test_bad_ips_are_bad_requests_that_do_not_echo(bad: str) -> None:
+    """Anything but an IP literal is a BadRequest whose message does not repeat it."""
+    with pytest.raises(BadRequest) as caught:
+        Keyspace(SALT).ip_value(bad)
+    assert bad.strip() == "" or bad.strip() not in str(caught.value)
+
+
+def test_keys_share_the_subject_hash_tag() -> None:
+    """Counter, penalty and ban keys of one subject share a cluster hash tag."""
+    keyspace = Keyspace(SALT, prefix="rk")
+    rule = Rule(name="login-ip", windows=(Window(10, 300),), key=("ip",))
+    subject = ip_subject(keyspace, "192.0.2.1")
+    keys = [keyspace.counter_key(subject, rule), keyspace.penalty_key(subject, rule),
+            keyspace.ban_key(subject)]
+    assert {k.split("{")[1].split("}")[0] for k in keys} == {subject}
+    assert all(k.startswith("rk:") for k in keys)
+    counter = Rule(name="login-ip", windows=(Window(10, 300),), key=("ip",),
+                   algorithm="sliding-counter")
+    assert keyspace.counter_key(subject, rule) != keyspace.counter_key(subject, counter)
+
+
+def test_network_bytes_never_hold_host_bits() -> None:
+    """What ip_value returns for IPv6 carries only the /64 network."""
+    value = Keyspace(SALT).ip_value("2001:db8:1:2:aaaa:bbbb:cccc:dddd")
+    assert value[2:] == ipaddress.IPv6Address("2001:db8:1:2::").packed
