@@ -180,6 +180,32 @@ async def test_script_flush_mid_traffic_recovers(redis: aioredis.Redis, key_pref
     assert remaining == [4, 3, 2, 1, 0]
 
 
+async def test_script_flush_during_concurrent_traffic(redis: aioredis.Redis,
+                                                      key_prefix: str) -> None:
+    """Flushes racing 300 concurrent checks: no error, no degraded answer, exact counts."""
+    import asyncio
+
+    checker = checker_for(ONE_RULE.format(limit="10 per minute", algorithm="sliding-log"),
+                          redis, key_prefix)
+    stop = asyncio.Event()
+
+    async def flusher() -> int:
+        flushes = 0
+        while not stop.is_set():
+            await redis.script_flush()
+            flushes += 1
+            await asyncio.sleep(0)
+        return flushes
+
+    flushing = asyncio.create_task(flusher())
+    decisions = await asyncio.gather(*(ask(checker, action="a", ip=f"192.0.2.{i % 30}")
+                                       for i in range(300)))
+    stop.set()
+    assert await flushing > 0
+    assert not any(d.degraded for d in decisions)
+    assert sum(d.allowed for d in decisions) == 30 * 10
+
+
 async def test_sliding_log_agrees_with_limits_moving_window(
         redis: aioredis.Redis, key_prefix: str, clock: FakeClock,
         monkeypatch: pytest.MonkeyPatch) -> None:
