@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from ratekeeper.config import Config, parse_config
 from ratekeeper.server import create_app
 from ratekeeper.settings import Settings
+from ratekeeper.store import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -58,10 +59,10 @@ def key_prefix() -> str:
 
 @pytest.fixture
 async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    """A client of the session's redis-server."""
-    client = aioredis.Redis.from_url(redis_server.url)
-    yield client
-    await client.aclose()
+    """A client of the session's redis-server, built the way the service builds its own."""
+    store = open_store(Settings(redis_url=redis_server.url, ip_salt=SALT))
+    yield store.redis
+    await store.close()
 
 
 @pytest.fixture
