@@ -76,7 +76,7 @@ def open_store(settings: Settings) -> Store:
     pool = BlockingConnectionPool.from_url(
         url, max_connections=MAX_CONNECTIONS, timeout=max(timeout, 0.5),
         socket_timeout=max(timeout, 0.5), socket_connect_timeout=max(timeout, 0.5))
-    return Store(redis=Redis(connection_pool=pool), kind="redis")
+    return Store(redis=Redis.from_pool(pool), kind="redis")  # the client owns and closes the pool
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:
