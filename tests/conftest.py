@@ -131,13 +131,7 @@ class ServerProcess:
         raise RuntimeError(f"server did not start: {self.log.read_text()}")
 
     def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process, timeout=20)
         self._log_file.close()
         return self.log.read_text()
 

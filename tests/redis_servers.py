@@ -12,7 +12,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RedisServer", "free_port", "redis_server_binary", "start_redis"]
+__all__ = ["RedisServer", "free_port", "redis_server_binary", "start_redis", "stop_process"]
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 5) -> None:
+    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 def redis_server_binary() -> str:
@@ -59,13 +70,7 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
 
     def restart(self) -> None:
         """Start a stopped server again on the same port and directory."""
