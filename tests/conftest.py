@@ -23,7 +23,7 @@ from ratekeeper.store import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from redis_servers import RedisServer, free_port, start_redis
+from redis_servers import RedisServer, free_port, start_redis, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "pypi.toml"
