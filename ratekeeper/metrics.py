@@ -1,0 +1,104 @@
+"""Prometheus metrics: what ratekeeper decides, how Redis answers, what the switches say.
+
+Labels are drawn only from the config (actions, rules, flags) and fixed vocabularies, never
+from a subject: no IP, hash or user name is ever a label value, so cardinality is bounded by
+the config. With several workers the values live in PROMETHEUS_MULTIPROC_DIR (set by the CLI
+before any worker starts, because prometheus_client picks its storage when first imported)
+and /metrics on any worker reports the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["OUTCOMES", "Metrics"]
+
+OUTCOMES = ("allowed", "rate_limited", "disabled", "banned", "shadow", "degraded")
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    """Every metric of one process; exposition merges all workers in multiprocess mode."""
+
+    def __init__(self) -> None:
+        # Imported here, not at module level: the multiprocess switch is read on first import.
+        import prometheus_client as prom
+
+        self._prom = prom
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self.registry = None if self.multiprocess_dir else prom.CollectorRegistry()
+        kwargs: dict[str, Any] = {"registry": self.registry}
+        self.decisions = prom.Counter(
+            "ratekeeper_decisions", "Decisions by action, deciding rule and outcome",
+            ["action", "rule", "outcome"], **kwargs)
+        self.redis_seconds = prom.Histogram(
+            "ratekeeper_redis_seconds", "Time of Redis script calls", ["op"],
+            buckets=LATENCY_BUCKETS, **kwargs)
+        self.redis_errors = prom.Counter(
+            "ratekeeper_redis_errors", "Redis calls that failed or timed out", ["op", "error"],
+            **kwargs)
+        self.breaker = prom.Gauge(
+            "ratekeeper_circuit_breaker_state",
+            "Redis circuit breaker: 0 closed, 1 half-open, 2 open (worst worker)",
+            multiprocess_mode="livemax", **kwargs)
+        self.flags = prom.Gauge(
+            "ratekeeper_flag_enabled", "Kill switch state as this process knows it (1 = on)",
+            ["flag"], multiprocess_mode="livemax", **kwargs)
+        self.cache_hits = prom.Counter(
+            "ratekeeper_local_cache_hits", "Decisions answered from the local cache", ["kind"],
+            **kwargs)
+        self.http = prom.Histogram(
+            "ratekeeper_http_seconds", "HTTP request time by route and status",
+            ["route", "status"], buckets=LATENCY_BUCKETS, **kwargs)
+
+    def decision(self, action: str, rule: str, outcome: str) -> None:
+        """Count one decision; ``rule`` is the rule that decided it, or ''."""
+        self.decisions.labels(action, rule, outcome).inc()
+
+    def redis_call(self, op: str, seconds: float) -> None:
+        """Observe one Redis call's time."""
+        self.redis_seconds.labels(op).observe(seconds)
+
+    def redis_error(self, op: str, error: str) -> None:
+        """Count a failed Redis call by the exception's class name."""
+        self.redis_errors.labels(op, error).inc()
+
+    def breaker_state(self, state: str) -> None:
+        """Record the circuit breaker's state (closed, half_open, open)."""
+        self.breaker.set(BREAKER_STATES[state])
+
+    def flag_state(self, name: str, enabled: bool) -> None:
+        """Record a kill switch's state."""
+        self.flags.labels(name).set(1 if enabled else 0)
+
+    def cache_hit(self, kind: str) -> None:
+        """Count a decision the local cache answered (``banned``, ``limited``...)."""
+        self.cache_hits.labels(kind).inc()
+
+    def http_request(self, route: str, status: int, seconds: float) -> None:
+        """Observe one HTTP request (route is the route pattern, never the raw path)."""
+        self.http.labels(route, str(status)).observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format of every metric (all workers' in multiprocess mode)."""
+        prom = self._prom
+        if self.multiprocess_dir:
+            from prometheus_client import multiprocess
+
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+                registry, path=self.multiprocess_dir)
+        else:
+            assert self.registry is not None
+            registry = self.registry
+        return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (call from the supervisor)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

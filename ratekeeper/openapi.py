@@ -1,0 +1,150 @@
+"""The OpenAPI 3.1 document, generated from the endpoint table the server registers.
+
+Each HTTP module declares its endpoints (method, path, handler, request and response types);
+``server.create_app`` adds routes from those declarations and ``build_spec`` documents the very
+same list with JSON Schemas that msgspec derives from the types the server decodes and encodes.
+A route cannot exist without a spec entry, and a field cannot change in one place only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+__all__ = ["BATCH_REQUEST", "CHECK_REQUEST", "Endpoint", "Param", "Reply", "build_spec"]
+
+CHECK_REQUEST = "<check request>"  # stands for the type generated from the config
+BATCH_REQUEST = "<batch request>"
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": "IETF RateLimit-Policy: the rules' quota policies",
+    "RateLimit": "IETF RateLimit: remaining quota and seconds until it goes up",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One documented response: its description, body type and headers."""
+
+    description: str
+    body: Any = None  # a msgspec type, or None for no body
+    media: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A query or path parameter."""
+
+    name: str
+    where: str  # "query" or "path"
+    schema: Mapping[str, Any]
+    required: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A route and everything the spec says about it."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    replies: Mapping[int, Reply]
+    request: Any = None  # a msgspec type, CHECK_REQUEST, BATCH_REQUEST or None
+    params: Sequence[Param] = ()
+    auth: bool = False
+
+
+def _request_type(request: Any, check_type: Any, batch_type: Any) -> Any:
+    if request == CHECK_REQUEST:
+        return check_type
+    if request == BATCH_REQUEST:
+        return batch_type
+    return request
+
+
+def build_spec(endpoints: Iterable[Endpoint], *, check_type: Any, batch_type: Any,
+               title: str = "ratekeeper", version: str = "0") -> dict[str, Any]:
+    """The OpenAPI 3.1 document for ``endpoints`` (types resolved for the current config)."""
+    endpoints = list(endpoints)
+    types: list[Any] = []
+    for endpoint in endpoints:
+        request = _request_type(endpoint.request, check_type, batch_type)
+        if request is not None:
+            types.append(request)
+        types += [reply.body for reply in endpoint.replies.values() if reply.body is not None]
+    unique = list(dict.fromkeys(types))
+    schemas, components = msgspec.json.schema_components(
+        unique, ref_template="#/components/schemas/{name}")
+    schema_of = dict(zip(unique, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        operation: dict[str, Any] = {
+            "summary": endpoint.summary,
+            "operationId": _operation_id(endpoint),
+            "tags": [endpoint.tag],
+            "responses": {str(status): _reply(reply, schema_of)
+                          for status, reply in sorted(endpoint.replies.items())},
+        }
+        params = [*endpoint.params, *_path_params(endpoint)]
+        if params:
+            operation["parameters"] = [_param(p) for p in params]
+        request = _request_type(endpoint.request, check_type, batch_type)
+        if request is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schema_of[request]}},
+            }
+        if endpoint.auth:
+            operation["security"] = [{"bearer": []}]
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version,
+                 "description": "Rate limiting and abuse control for package indexes."},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _operation_id(endpoint: Endpoint) -> str:
+    words = re.sub(r"[^a-zA-Z0-9]+", "_", endpoint.path).strip("_")
+    return f"{endpoint.method.lower()}_{words}"
+
+
+def _path_params(endpoint: Endpoint) -> list[Param]:
+    declared = {p.name for p in endpoint.params}
+    return [Param(name=name, where="path", schema={"type": "string"}, required=True)
+            for name in re.findall(r"{(\w+)}", endpoint.path) if name not in declared]
+
+
+def _param(param: Param) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": param.name, "in": param.where, "schema": dict(param.schema),
+                           "required": param.required or param.where == "path"}
+    if param.description:
+        out["description"] = param.description
+    return out
+
+
+def _reply(reply: Reply, schema_of: Mapping[Any, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": reply.description}
+    if reply.body is not None:
+        out["content"] = {reply.media: {"schema": schema_of[reply.body]}}
+    elif reply.media != "application/json":
+        out["content"] = {reply.media: {"schema": {"type": "string"}}}
+    if reply.headers:
+        out["headers"] = {name: {"description": text, "schema": {"type": "string"}}
+                          for name, text in reply.headers.items()}
+    return out
