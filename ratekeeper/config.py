@@ -25,6 +25,7 @@ __all__ = [
     "Route",
     "Rule",
     "Window",
+    "config_from_data",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -142,8 +143,13 @@ def parse_config(text: str, *, source: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
+    return config_from_data(data, source=source)
+
+
+def config_from_data(data: Mapping[str, Any], *, source: str = "<config>") -> Config:
+    """Validate an already-parsed document; raise ConfigError with every problem found."""
     parser = _Parser(source)
-    config = parser.parse(data)
+    config = parser.parse(dict(data))
     if parser.errors:
         raise ConfigError(parser.errors)
     return config
