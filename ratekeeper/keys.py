@@ -81,6 +81,10 @@ class Keyspace:
         digest = hmac.digest(self._salt, bytes(message), hashlib.sha256)[:DIGEST_BYTES]
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
+    def derived_secret(self, purpose: bytes) -> bytes:
+        """A secret for another use (e.g. signing refund tokens), derived from the salt."""
+        return hmac.digest(self._salt, b"ratekeeper derived secret\x00" + purpose, hashlib.sha256)
+
     # -- key names -------------------------------------------------------------------------
 
     def rule_tag(self, rule: Rule) -> str:
@@ -104,3 +108,8 @@ class Keyspace:
     def ban_key(self, subject: str) -> str:
         """Present while a subject is banned; its TTL is the ban's remaining time."""
         return f"{self.prefix}:{{{subject}}}:b"
+
+    def refund_key(self, subject: str, token_id: str) -> str:
+        """Present once a refund token was used; lives as long as the hits it gave back."""
+        return f"{self.prefix}:{{{subject}}}:r:{token_id}"
+

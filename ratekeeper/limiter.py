@@ -6,6 +6,7 @@ This is the one place where Redis errors become ``StoreUnavailable``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -81,6 +82,26 @@ class Limiter:
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         return [int(v) for v in raw]
+
+    async def claim(self, key: str, ttl_ms: int) -> bool:
+        """SET NX with a TTL: True for the first caller only (e.g. one refund per token)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return bool(await self.redis.set(key, b"1", nx=True, px=max(ttl_ms, 1)))
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    async def release(self, key: str) -> None:
+        """Undo a claim (best effort: a claim whose work failed may be retried)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.redis.delete(key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    def now_ms(self) -> int:
+        """This process's idea of now in ms: the test clock when one is injected."""
+        return self._clock() if self._clock is not None else time.time_ns() // 1_000_000
 
     async def ready(self) -> bool:
         """True when Redis answers and the scripts are loaded (loading them if flushed)."""

@@ -96,6 +96,13 @@ async def check_batch(request: web.Request) -> web.Response:
     return json_response(BatchResponse(results=results))
 
 
+async def refund(request: web.Request) -> web.Response:
+    """POST /v1/refund: give back the hits a check took (its answer's ``refund`` token), once."""
+    checker = request.app[RUNTIME].checker
+    body = await request.read()
+    return json_response(await checker.refund(checker.decode_refund(body)))
+
+
 async def healthz(request: web.Request) -> web.Response:
     """GET /healthz: the process answers."""
     return json_response({"status": "ok"})
@@ -128,6 +135,7 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/check", check)
     app.router.add_post("/v1/check/batch", check_batch)
+    app.router.add_post("/v1/refund", refund)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -7,6 +7,7 @@ the rules' fail modes decide here, and only here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -20,9 +21,19 @@ from .errors import BadRequest, StoreUnavailable
 from .flags import FlagBoard
 from .keys import Keyspace
 from .limiter import Limiter, Outcome, Status
-from .wire import Decision, LimitState, batch_request_type, check_request_type
+from .refunds import RefundSigner
+from .wire import (
+    Decision,
+    LimitState,
+    RefundRequest,
+    RefundResult,
+    batch_request_type,
+    check_request_type,
+)
 
 __all__ = ["Checker"]
+
+REFUND_SLACK_MS = 1000  # as check.lua's SLACK_MS: the marker outlives the hits it guards
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +110,8 @@ class Checker:
         self.subject_fields = tuple(sorted(config.subjects - {"ip"}))
         self.plans = {name: _plan(action) for name, action in config.actions.items()}
         self.shadow_all = False  # the global shadow switch, set by the flag sync
+        self.refunds = RefundSigner(keyspace.derived_secret(b"refund-token/v1"))
+        self.refund_decoder = msgspec.json.Decoder(RefundRequest)
 
     def decode(self, body: bytes) -> Any:
         """Decode one check request; raise BadRequest with msgspec's sentence."""
@@ -158,8 +171,10 @@ class Checker:
         keyspace = self.keyspace
         ban_keys = [keyspace.ban_key(keyspace.subject(((f, v),))) for f, v in values.items()]
         keys = list(ban_keys)
+        subjects = []
         for rule in action.rules:
             subject = keyspace.subject((f, values[f]) for f in rule.key)
+            subjects.append(subject)
             keys.append(keyspace.counter_key(subject, rule))
             if rule.penalty and not (rule.shadow or self.shadow_all):
                 keys.append(keyspace.penalty_key(subject, rule))
@@ -171,7 +186,11 @@ class Checker:
                                                rule_args)
         except StoreUnavailable:
             return self.degraded(plan)
-        return self.decision(plan, outcome)
+        decision = self.decision(plan, outcome)
+        if cost > 0 and subjects and outcome.status is Status.ALLOWED:
+            token = self.refunds.issue(action.name, subjects, cost, outcome.now_ms)
+            decision = msgspec.structs.replace(decision, refund=token)
+        return decision
 
     def decision(self, plan: ActionPlan, outcome: Outcome) -> Decision:
         """Turn the script's answer into the API's Decision."""
@@ -203,3 +222,40 @@ class Checker:
             return Decision(allowed=False, reason="rate_limited", action=plan.action.name,
                             retry_after=1, degraded=True)
         return Decision(allowed=True, reason=None, action=plan.action.name, degraded=True)
+
+    def decode_refund(self, body: bytes) -> str:
+        """The token of a ``POST /v1/refund`` body; raise BadRequest."""
+        request: RefundRequest = _decode(self.refund_decoder, body)
+        return request.token
+
+    async def refund(self, token: str) -> RefundResult:
+        """Give back what the check that issued ``token`` took, at most once per token.
+
+        A marker key (SET NX, living as long as the hits could) is claimed before refund.lua
+        runs, so two refunds of one token, even concurrent ones, give back once.
+        """
+        claim, token_id = self.refunds.open(token)
+        plan = self.plans.get(claim.action)
+        rules = plan.action.rules if plan is not None else ()
+        if plan is None or len(claim.subjects) != len(rules):
+            raise BadRequest("the refund token does not match an action of the current config")
+        longest_ms = max(w.seconds for rule in rules for w in rule.windows) * 1000
+        if self.limiter.now_ms() > claim.at_ms + longest_ms:
+            raise BadRequest("the refund token has expired: its hits have left every window")
+        keyspace = self.keyspace
+        keys = [keyspace.counter_key(subject, rule)
+                for subject, rule in zip(claim.subjects, rules, strict=True)]
+        marker = keyspace.refund_key(claim.subjects[0], token_id)
+        try:
+            if not await self.limiter.claim(marker, longest_ms + REFUND_SLACK_MS):
+                return RefundResult(refunded=False, reason="already_refunded")
+            try:
+                await self.limiter.refund(keys, claim.cost, claim.at_ms, plan.refund_args)
+            except StoreUnavailable:
+                # let a retry try again rather than leave the token spent with nothing given
+                with contextlib.suppress(StoreUnavailable):
+                    await self.limiter.release(marker)
+                raise
+        except StoreUnavailable:
+            return RefundResult(refunded=False, reason="unavailable", degraded=True)
+        return RefundResult(refunded=True)

@@ -20,6 +20,8 @@ __all__ = [
     "Decision",
     "ErrorBody",
     "LimitState",
+    "RefundRequest",
+    "RefundResult",
     "batch_request_type",
     "check_request_type",
 ]
@@ -80,12 +82,31 @@ class Decision(msgspec.Struct, frozen=True):
     degraded: bool = False
     shadow: bool = False
     limits: list[LimitState] = []
+    # Present only when hits were taken: hand it to POST /v1/refund to give them back.
+    refund: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class BatchResponse(msgspec.Struct, frozen=True):
     """The answers to a batch, in the order of the checks."""
 
     results: list[Decision]
+
+
+RefundToken = Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
+class RefundRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``POST /v1/refund`` body: the token a check answer carried."""
+
+    token: RefundToken
+
+
+class RefundResult(msgspec.Struct, frozen=True):
+    """The answer to a refund: given back, or why not (``already_refunded``, ``unavailable``)."""
+
+    refunded: bool
+    reason: str | None = None
+    degraded: bool = False
 
 
 class ErrorBody(msgspec.Struct, frozen=True):

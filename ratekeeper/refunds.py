@@ -1,0 +1,99 @@
+"""Refund tokens: what one check took, signed so that only this deployment can give it back.
+
+A token carries the action, the keyed hash of each of its rules' subjects (the 22-character
+hashes that already name Redis keys, never an IP or a user name), the cost, the millisecond the
+script took the hits at, and a random nonce. It is signed with HMAC-SHA256 under a key derived
+from the IP salt, so a forged or altered token is refused before anything is looked up. A
+refund re-derives the counter keys from those hashes and the action's rules in the live config;
+the signature (unique per token) names the marker that makes a second refund a no-op.
+
+Format: ``r1.<base64url payload>.<base64url signature>``, about 130 characters.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Sequence
+
+import msgspec
+
+from .errors import BadRequest
+
+__all__ = ["RefundClaim", "RefundSigner"]
+
+VERSION = "r1"
+SIGNATURE_BYTES = 16
+SUBJECT_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
+INVALID = "the refund token is not valid"
+
+
+class RefundClaim(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """What a token says was taken: a subject hash per rule, ``cost`` hits at ``at_ms``."""
+
+    action: str
+    subjects: list[str]
+    cost: int
+    at_ms: int
+    nonce: str
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(RefundClaim).decode
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class RefundSigner:
+    """Issues and opens refund tokens with a key derived from the deployment's salt."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the refund signing key must be at least 16 bytes")
+        self._key = key
+
+    def _sign(self, signed_part: bytes) -> bytes:
+        return hmac.digest(self._key, signed_part, hashlib.sha256)[:SIGNATURE_BYTES]
+
+    def issue(self, action: str, subjects: Sequence[str], cost: int, at_ms: int) -> str:
+        """A token for ``cost`` hits taken at ``at_ms`` from the given rule subjects."""
+        claim = RefundClaim(action=action, subjects=list(subjects), cost=cost, at_ms=at_ms,
+                            nonce=_b64(secrets.token_bytes(8)))
+        signed_part = f"{VERSION}.{_b64(_encode(claim))}"
+        return f"{signed_part}.{_b64(self._sign(signed_part.encode('ascii')))}"
+
+    def open(self, token: str) -> tuple[RefundClaim, str]:
+        """The claim and a unique id of a genuine token; BadRequest for anything else."""
+        version, _, rest = token.partition(".")
+        payload, _, signature = rest.partition(".")
+        if version != VERSION or not payload or not signature:
+            raise BadRequest(INVALID)
+        signed_part = f"{version}.{payload}"
+        try:
+            given = _unb64(signature)
+            expected = self._sign(signed_part.encode("ascii"))
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            raise BadRequest(INVALID) from None
+        if not hmac.compare_digest(given, expected):
+            raise BadRequest(INVALID)
+        try:
+            claim = _decode(_unb64(payload))
+        except (binascii.Error, ValueError, msgspec.DecodeError):
+            # signed by us yet unreadable: only a different release could have made it
+            raise BadRequest(INVALID) from None
+        if (claim.cost < 1 or claim.at_ms < 0 or not claim.subjects
+                or not all(SUBJECT_RE.match(s) for s in claim.subjects)):
+            raise BadRequest(INVALID)
+        return claim, _b64(expected)
