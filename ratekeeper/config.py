@@ -365,5 +365,14 @@ class _Parser:
             action = self.string(data, where, "action", "")
             if action not in actions:
                 self.error(f"{where}.action", f'"{action}" is not a declared action')
+            else:
+                # a reverse proxy knows the client's address and nothing else about it
+                for rule in actions[action].rules:
+                    extra = [f for f in rule.key if f != "ip"]
+                    if extra:
+                        self.error(f"{where}.action", f'"{action}" has rule "{rule.name}" keyed '
+                                   f'on "{extra[0]}", which a proxy cannot send; a routed '
+                                   'action may only use rules keyed on ["ip"] or []')
+                        break
             routes.append(Route(method=method, path=path, action=action))
         return tuple(routes)

@@ -136,6 +136,8 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     app.router.add_post("/v1/check", check)
     app.router.add_post("/v1/check/batch", check_batch)
     app.router.add_post("/v1/refund", refund)
+    from .proxy import add_routes as add_proxy_routes  # here: proxy.py imports RUNTIME from us
+    add_proxy_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

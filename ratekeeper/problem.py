@@ -1,0 +1,90 @@
+"""What a denied request gets back: RFC 9457 problem details and the RateLimit headers.
+
+Shared by ``/v1/authz`` and both middlewares, so a client sees one shape whoever stopped it.
+A rate limit is ``429`` with the IETF ``quota-exceeded`` problem type and ``Retry-After``; a kill
+switch or a ban is ``403`` with the switch's message. Allowed requests pass with the RateLimit
+headers only (no ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from .headers import rate_limit_headers
+from .wire import Decision
+
+__all__ = ["CONTENT_TYPE", "QUOTA_EXCEEDED", "Denial", "denial", "passing_headers"]
+
+CONTENT_TYPE = "application/problem+json"
+# draft-ietf-httpapi-ratelimit-headers, "Problem Types"
+QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+QUOTA_TITLE = "Request cannot be satisfied as assigned quota has been exceeded"
+BANNED_DETAIL = "This client is blocked for now."
+DISABLED_DETAIL = "This action is disabled for now."
+
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """The status, headers (Content-Type included), body and detail sentence of a refusal."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    detail: str
+
+
+def _policy_names(decision: Decision) -> list[str]:
+    # the names the RateLimit headers use: "rule", or "rule-0", "rule-1"... for several windows
+    windows = Counter(item.rule for item in decision.limits)
+    seen: Counter[str] = Counter()
+    names = []
+    for item in decision.limits:
+        if windows[item.rule] > 1:
+            names.append(f"{item.rule}-{seen[item.rule]}")
+            seen[item.rule] += 1
+        else:
+            names.append(item.rule)
+    return names
+
+
+def passing_headers(decision: Decision) -> dict[str, str]:
+    """The RateLimit headers to add to a response the request was allowed to get."""
+    headers = rate_limit_headers(decision)
+    headers.pop("Retry-After", None)
+    return headers
+
+
+def denial(decision: Decision) -> Denial | None:
+    """The refusal for a denied decision; None when it lets the request through."""
+    if decision.allowed:
+        return None
+    headers = rate_limit_headers(decision)
+    body: dict[str, Any]
+    if decision.reason == "disabled":
+        headers.pop("Retry-After", None)  # a kill switch has no known end
+        detail = decision.message or DISABLED_DETAIL
+        body = {"type": "about:blank", "title": "Forbidden", "status": 403, "detail": detail,
+                "flag": decision.flag}
+        status = 403
+    elif decision.reason == "banned":
+        if decision.retry_after <= 0:
+            headers.pop("Retry-After", None)
+        detail = BANNED_DETAIL
+        body = {"type": "about:blank", "title": "Forbidden", "status": 403, "detail": detail}
+        status = 403
+    else:
+        retry = max(decision.retry_after, 1)
+        detail = f"Too many requests: retry in {retry} second{'s' if retry != 1 else ''}."
+        violated = [name for name, item in zip(_policy_names(decision), decision.limits,
+                                               strict=True) if item.remaining == 0]
+        body = {"type": QUOTA_EXCEEDED, "title": QUOTA_TITLE, "status": 429, "detail": detail,
+                "violated-policies": violated}
+        status = 429
+    headers["Content-Type"] = CONTENT_TYPE
+    return Denial(status=status, headers=headers, body=_encode(body), detail=detail)

@@ -1,0 +1,118 @@
+"""``/v1/authz``: the check for reverse proxies (nginx ``auth_request``, Traefik ``forwardAuth``,
+Envoy ``ext_authz`` over HTTP).
+
+What each proxy sends, and what is read:
+
+- nginx ``auth_request`` makes a GET subrequest; the snippet in ``examples/nginx.conf`` sets
+  ``X-Original-Method``, ``X-Original-URI`` (``$request_uri``) and ``X-Real-IP``
+  (``$remote_addr``). nginx only understands 2xx, 401 and 403 from it, so the snippet turns our
+  429 into the client's 429 itself (``auth_request_set`` + ``error_page``).
+- Traefik ``forwardAuth`` makes a GET with ``X-Forwarded-Method``, ``X-Forwarded-Uri`` and
+  ``X-Forwarded-For``, and hands any non-2xx answer, headers and body, to the client.
+- Envoy's HTTP ``ext_authz`` sends the original method to ``path_prefix`` + the original path,
+  with only the headers ``allowed_headers`` lets through; it allows on ``200`` only and hands
+  anything else to the client. So it gets its own endpoint, ``/v1/authz/envoy<path>``
+  (``path_prefix: /v1/authz/envoy``), which answers 200 when allowed and reads the client from
+  ``X-Forwarded-For`` alone (Envoy never sets ``X-Real-IP``, so a client could).
+
+The client address is believed from those headers only when the peer is a trusted proxy
+(``RATEKEEPER_TRUSTED_PROXIES``). Each request costs 1. Routed actions may only have rules keyed
+on ``ip`` or ``[]`` (the config refuses others): a proxy knows nothing else about the client, and
+limits on users or projects belong in the app, through the client library. Answers: ``204``
+(``200`` for Envoy) when allowed or when no route matches, with the RateLimit headers; ``429``
+or ``403`` as problem+json otherwise, plus ``Ratekeeper-Detail`` (the detail sentence, escaped
+for a JSON string) so nginx can build the body. Never a 5xx.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from .config import Config
+from .errors import BadRequest
+from .forwarded import TrustedProxies
+from .problem import denial, passing_headers
+from .routes import RouteTable
+from .server import RUNTIME
+
+__all__ = ["ENVOY_PREFIX", "add_routes", "authz", "authz_envoy"]
+
+ENVOY_PREFIX = "/v1/authz/envoy"
+DETAIL_HEADER = "Ratekeeper-Detail"
+MISSING = ("send the original method and path: X-Original-Method and X-Original-URI (nginx), "
+           "or X-Forwarded-Method and X-Forwarded-Uri (Traefik)")
+
+
+@dataclass(slots=True)
+class _ProxyState:
+    """The route table of the live config (rebuilt when a reload swaps it) and the proxies."""
+
+    trusted: TrustedProxies | None = None
+    config: Config | None = None
+    table: RouteTable = field(default_factory=lambda: RouteTable(()))
+
+
+PROXY_STATE = web.AppKey("proxy_state", _ProxyState)
+
+
+def add_routes(app: web.Application) -> None:
+    """Serve ``GET /v1/authz`` and Envoy's ``/v1/authz/envoy/...`` on ``app``."""
+    app[PROXY_STATE] = _ProxyState()
+    app.router.add_get("/v1/authz", authz)
+    app.router.add_route("*", ENVOY_PREFIX + "{path:(/.*)?}", authz_envoy)
+
+
+async def authz(request: web.Request) -> web.Response:
+    """GET /v1/authz: may the request described by the forwarding headers go on?"""
+    headers = request.headers
+    method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method")
+    target = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
+    if not method or not target:
+        raise BadRequest(MISSING)
+    ip = _trusted(request).client_ip(request.remote, real_ip=headers.get("X-Real-IP"),
+                                     forwarded_for=_forwarded_for(request))
+    return await _decide(request, method, target, ip, allowed=204)
+
+
+async def authz_envoy(request: web.Request) -> web.Response:
+    """Any method on /v1/authz/envoy<path>: Envoy's ext_authz check of ``<method> <path>``."""
+    target = request.raw_path[len(ENVOY_PREFIX):] or "/"
+    ip = _trusted(request).client_ip(request.remote, forwarded_for=_forwarded_for(request))
+    return await _decide(request, request.method, target, ip, allowed=200)
+
+
+def _forwarded_for(request: web.Request) -> str | None:
+    values = request.headers.getall("X-Forwarded-For", [])
+    return ",".join(values) if values else None
+
+
+def _trusted(request: web.Request) -> TrustedProxies:
+    state = request.app[PROXY_STATE]
+    if state.trusted is None:
+        state.trusted = TrustedProxies(request.app[RUNTIME].settings.trusted_proxies)
+    return state.trusted
+
+
+def _table(request: web.Request, config: Config) -> RouteTable:
+    state = request.app[PROXY_STATE]
+    if state.config is not config:
+        state.table, state.config = RouteTable.from_config(config), config
+    return state.table
+
+
+async def _decide(request: web.Request, method: str, target: str, ip: str | None, *,
+                  allowed: int) -> web.Response:
+    checker = request.app[RUNTIME].checker
+    route = _table(request, checker.config).match(method, target)
+    if route is None:
+        return web.Response(status=allowed)
+    decision = await checker.check(checker.request_type(action=route.action, ip=ip))
+    refusal = denial(decision)
+    if refusal is None:
+        return web.Response(status=allowed, headers=passing_headers(decision))
+    headers = dict(refusal.headers)
+    headers[DETAIL_HEADER] = json.dumps(refusal.detail, ensure_ascii=True)[1:-1]
+    return web.Response(status=refusal.status, headers=headers, body=refusal.body)
