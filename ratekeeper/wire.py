@@ -16,6 +16,7 @@ from msgspec import Meta
 __all__ = [
     "MAX_BATCH",
     "MAX_COST",
+    "BatchResponse",
     "CheckRequestType",
     "Decision",
     "ErrorBody",
