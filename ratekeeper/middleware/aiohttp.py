@@ -1,0 +1,63 @@
+"""aiohttp middleware: an ``AsyncClient`` check before routed requests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+
+from aiohttp import web
+
+from ..client import AsyncClient, RequestRejected
+from ..forwarded import Network, TrustedProxies
+from ..problem import denial, passing_headers
+from ..routes import RouteTable
+from ..settings import DEFAULT_TRUSTED_PROXIES
+
+__all__ = ["ratekeeper_middleware"]
+
+log = logging.getLogger("ratekeeper.middleware")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def _add(headers: MutableMapping[str, str], extra: dict[str, str]) -> None:
+    for name, value in extra.items():
+        headers.setdefault(name, value)
+
+
+def ratekeeper_middleware(client: AsyncClient, routes: RouteTable, *,
+                          trusted_proxies: Iterable[Network | str] = DEFAULT_TRUSTED_PROXIES
+                          ) -> Middleware:
+    """A middleware for ``web.Application(middlewares=[...])``."""
+    trusted = TrustedProxies(trusted_proxies)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = routes.match(request.method, request.raw_path)
+        if route is None:
+            return await handler(request)
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        ip = trusted.client_ip(request.remote, real_ip=request.headers.get("X-Real-IP"),
+                               forwarded_for=",".join(forwarded) or None)
+        try:
+            decision = await client.check(route.action, ip=ip)
+        except RequestRejected as exc:
+            log.error("ratekeeper refused route %s %s -> %s: %s", route.method, route.path,
+                      route.action, exc)
+            return await handler(request)
+        refusal = denial(decision)
+        if refusal is not None:
+            return web.Response(status=refusal.status, headers=refusal.headers,
+                                body=refusal.body)
+        extra = passing_headers(decision)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            _add(exc.headers, extra)
+            raise
+        if not response.prepared:  # a streamed response has sent its headers already
+            _add(response.headers, extra)
+        return response
+
+    return middleware
