@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/pypi.toml
-APT_PACKAGES ?= redis-server
+APT_PACKAGES ?= redis-server nginx
 
 .PHONY: run test lint setup system-deps clean
 
