@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import ipaddress
 from collections.abc import AsyncIterator, Iterable
@@ -21,6 +22,7 @@ from ratekeeper.routes import RouteTable
 from ratekeeper.server import RUNTIME
 from ratekeeper.sync_client import SyncClient
 
+from conftest import EXAMPLE, FakeClock
 from redis_servers import free_port
 
 CONFIG = """
@@ -67,11 +69,18 @@ class Origin:
 def call_wsgi(app: Any, method: str, path: str, remote: str = "127.0.0.1",
               **headers: str) -> tuple[str, dict[str, str], bytes]:
     """Run one request through a WSGI callable as a server would."""
+    return call_wsgi_body(app, method, path, remote, b"", **headers)
+
+
+def call_wsgi_body(app: Any, method: str, path: str, remote: str, body: bytes,
+                   **headers: str) -> tuple[str, dict[str, str], bytes]:
+    """The same with a request body."""
     environ: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": path.split("?")[0],
                                "QUERY_STRING": path.partition("?")[2], "REMOTE_ADDR": remote,
-                               "wsgi.input": io.BytesIO(b"")}
+                               "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body))}
     for name, value in headers.items():
-        environ["HTTP_" + name.upper()] = value
+        key = name.upper()
+        environ[key if key == "CONTENT_TYPE" else "HTTP_" + key] = value
     setup_testing_defaults(environ)
     seen: dict[str, Any] = {}
 
@@ -79,8 +88,8 @@ def call_wsgi(app: Any, method: str, path: str, remote: str = "127.0.0.1",
                        exc_info: Any = None) -> None:
         seen["status"], seen["headers"] = status, dict(response_headers)
 
-    body = b"".join(app(environ, start_response))
-    return seen["status"], seen["headers"], body
+    answer = b"".join(app(environ, start_response))
+    return seen["status"], seen["headers"], answer
 
 
 @pytest.fixture
@@ -225,3 +234,74 @@ async def test_aiohttp_untrusted_peer_headers_ignored(aiohttp_client: Any, sidec
                                                    "X-Forwarded-For": "198.51.100.3"})
     assert (first.status, second.status) == (200, 429)
     await client.close()
+
+
+def load_example(name: str) -> Any:
+    """Import one of examples/*.py (they are scripts, not a package)."""
+    path = EXAMPLE.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_wsgi_example_warehouse_patterns(make_client: Any, clock: FakeClock) -> None:
+    """examples/wsgi_app.py: failed logins only count, failed creations are refunded, the
+    upload kill switch answers 403, and the middleware limits /search/ by route."""
+    sidecar = await make_client(EXAMPLE.read_text(), clock=clock)
+    example = load_example("wsgi_app")
+    client = SyncClient(url_of(sidecar), timeout=2.0)
+    app = example.make_app(client)
+
+    def post(path: str, user: str, form: str, ip: str = "192.0.2.10") -> str:
+        environ_headers = {"x_user": user, "content_type": "application/x-www-form-urlencoded"}
+        status, _, _ = call_wsgi_body(app, "POST", path, ip, form.encode(), **environ_headers)
+        return status
+
+    # 12 good logins cost nothing; 10 bad ones lock alice out, even with the right password
+    assert {await asyncio.to_thread(post, "/login", "bob", "password=secret")
+            for _ in range(12)} == {"200 OK"}
+    bad = [await asyncio.to_thread(post, "/login", "alice", "password=nope", "192.0.2.11")
+           for _ in range(10)]
+    assert set(bad) == {"401 Unauthorized"}
+    assert (await asyncio.to_thread(post, "/login", "alice", "password=secret",
+                                    "192.0.2.12")).startswith("429")
+    # project-create is 4 per day: a failed creation is refunded, so 4 real ones still fit
+    created = [await asyncio.to_thread(post, "/projects", "carol", f"name={name}", "192.0.2.13")
+               for name in ("broken-a", "p1", "broken-b", "p2", "p3", "p4", "p5")]
+    assert created == ["409 Conflict", "200 OK", "409 Conflict", "200 OK", "200 OK", "200 OK",
+                       "429 Too Many Requests"]
+    # the upload kill switch
+    assert await asyncio.to_thread(post, "/upload", "dan", "project=numpy") == "200 OK"
+    sidecar.app[RUNTIME].flags.replace([FlagState("disallow-new-upload", enabled=True)])
+    status, _, body = await asyncio.to_thread(
+        call_wsgi_body, app, "POST", "/upload", "192.0.2.14", b"project=numpy", x_user="dan")
+    assert status == "403 Forbidden" and b"New uploads are temporarily disabled" in body
+    # the [[routes]] of pypi.toml: GET /search/* is 5 per second per IP
+    searches = [(await asyncio.to_thread(call_wsgi, app, "GET", "/search/?q=x", "192.0.2.15"))[0]
+                for _ in range(6)]
+    assert searches == ["200 OK"] * 5 + ["429 Too Many Requests"]
+    client.close()
+
+
+async def test_aiohttp_example_warehouse_patterns(make_client: Any, aiohttp_client: Any,
+                                                  clock: FakeClock) -> None:
+    """examples/aiohttp_app.py: the same patterns through AsyncClient."""
+    sidecar = await make_client(EXAMPLE.read_text(), clock=clock)
+    example = load_example("aiohttp_app")
+    app = await aiohttp_client(example.make_app(url_of(sidecar), timeout=2.0))
+    for _ in range(10):
+        resp = await app.post("/login", data={"password": "x"}, headers={"X-User": "erin"})
+        assert resp.status == 401
+    resp = await app.post("/login", data={"password": "secret"}, headers={"X-User": "erin"})
+    assert resp.status == 429 and int(resp.headers["Retry-After"]) > 0
+    statuses = []
+    for name in ("broken", "q1", "q2", "q3", "q4", "q5"):
+        resp = await app.post("/projects", data={"name": name}, headers={"X-User": "frank"})
+        statuses.append(resp.status)
+    assert statuses == [409, 200, 200, 200, 200, 429]
+    sidecar.app[RUNTIME].flags.replace([FlagState("read-only", enabled=True)])
+    resp = await app.post("/upload/numpy", data=b"wheel", headers={"X-User": "frank"})
+    assert resp.status == 403
+    assert await resp.text() == "Read-only mode: Uploads are temporarily disabled."

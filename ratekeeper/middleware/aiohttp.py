@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable, MutableMapping
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from ..client import AsyncClient, RequestRejected
 from ..forwarded import Network, TrustedProxies
@@ -16,9 +17,6 @@ from ..settings import DEFAULT_TRUSTED_PROXIES
 __all__ = ["ratekeeper_middleware"]
 
 log = logging.getLogger("ratekeeper.middleware")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def _add(headers: MutableMapping[str, str], extra: dict[str, str]) -> None:
