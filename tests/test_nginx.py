@@ -211,3 +211,12 @@ def test_nginx_fails_open_when_ratekeeper_is_down(nginx: int, origin: Origin,
     assert (status, body) == (200, b"origin says hello")
     assert "ratelimit" not in headers and "retry-after" not in headers
     assert origin.seen == [("POST", "/legacy/", "127.0.0.6")]
+
+
+def test_readme_shows_the_tested_snippet() -> None:
+    """The README's nginx block is examples/nginx.conf without its header comment."""
+    lines = EXAMPLE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
+    assert block == "\n".join(lines[start:]).rstrip() + "\n"
