@@ -112,4 +112,3 @@ class Keyspace:
     def refund_key(self, subject: str, token_id: str) -> str:
         """Present once a refund token was used; lives as long as the hits it gave back."""
         return f"{self.prefix}:{{{subject}}}:r:{token_id}"
-
