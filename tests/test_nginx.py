@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from conftest import ROOT, SALT, ServerProcess
-from redis_servers import RedisServer, free_port
+from redis_servers import RedisServer, free_port, stop_process
 
 EXAMPLE = ROOT / "examples" / "nginx.conf"
 CONFIG = """
@@ -145,12 +145,7 @@ http {{
                 time.sleep(0.02)
         yield port
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process)
 
 
 def request(port: int, method: str, path: str, client: str,
