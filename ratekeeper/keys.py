@@ -6,6 +6,9 @@ HMAC-SHA256 with the secret salt over length-prefixed ``field=value`` parts, tru
 is IPv4, IPv6 is grouped to its /64 by default), so every textual form of one client and
 every address of one /64 give one subject. The hash is the Redis Cluster hash tag of every
 key of that subject, so all of a subject's keys live in one slot.
+
+During a salt rotation a Keyspace also knows the previous salt (``previous``): the same keys
+under the hashes of the old salt, which ``rotation`` still honours for a grace period.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .config import IPGrouping, Rule
 from .errors import BadRequest
@@ -30,16 +33,19 @@ DIGEST_BYTES = 16  # 128 bits kept of the HMAC-SHA256
 class Keyspace:
     """Turns subjects into salted hashes and hashes into Redis key names."""
 
-    __slots__ = ("_grouping", "_rule_tags", "_salt", "prefix")
+    __slots__ = ("_grouping", "_rule_tags", "_salt", "prefix", "previous")
 
-    def __init__(self, salt: bytes, *, prefix: str = "rk",
-                 grouping: IPGrouping | None = None) -> None:
+    def __init__(self, salt: bytes, *, prefix: str = "rk", grouping: IPGrouping | None = None,
+                 previous_salt: bytes | None = None) -> None:
         if not salt:
             raise ValueError("the IP salt must not be empty")
         self._salt = salt
         self.prefix = prefix
         self._grouping = grouping or IPGrouping()
         self._rule_tags: dict[tuple[str, str], str] = {}
+        # the same keyspace under the salt before the last rotation, while it is honoured
+        self.previous = (Keyspace(previous_salt, prefix=prefix, grouping=self._grouping)
+                         if previous_salt else None)
 
     # -- identity --------------------------------------------------------------------------
 
@@ -112,3 +118,12 @@ class Keyspace:
     def refund_key(self, subject: str, token_id: str) -> str:
         """Present once a refund token was used; lives as long as the hits it gave back."""
         return f"{self.prefix}:{{{subject}}}:r:{token_id}"
+
+    def subject_ban_keys(self, values: Mapping[str, bytes]) -> list[str]:
+        """The ban key of each single-field subject of a request."""
+        return [self.ban_key(self.subject(((field, value),))) for field, value in values.items()]
+
+    def rule_keys(self, rule: Rule, values: Mapping[str, bytes]) -> tuple[str, str]:
+        """A rule's state key and penalty key for the subjects of a request."""
+        subject = self.subject((field, values[field]) for field in rule.key)
+        return self.counter_key(subject, rule), self.penalty_key(subject, rule)

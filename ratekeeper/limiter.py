@@ -1,23 +1,41 @@
-"""Runs the check script and turns its answer (or Redis's failure) into typed results.
+"""Runs the scripts and turns their answers (or Redis's failure) into typed results.
 
-This is the one place where Redis errors become ``StoreUnavailable``.
+This is the one place where Redis errors become ``StoreUnavailable``. Every call has a
+deadline (``timeout``, covering getting a connection, connecting and the call itself) and
+goes through the circuit breaker, so a dead or stopped Redis costs at most one deadline per
+call until the circuit opens, then nothing. On Redis Cluster a check whose keys span several
+slots is split per slot (see ``slots``); on a single Redis it is always one call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
+from . import slots
+from .breaker import Breaker
 from .errors import StoreUnavailable
 from .scripts import Scripts
 
 __all__ = ["Limiter", "Outcome", "Status", "WindowState"]
+
+log = logging.getLogger("ratekeeper.limiter")
+
+T = TypeVar("T")
+# what a failing Redis raises: its own errors, socket errors, our deadline, and the cluster
+# client's errors that are not RedisErrors (no reachable node)
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+READY_TIMEOUT = 0.5  # seconds; readiness may wait longer than a check
+# Redis calls one process has in flight at most; more wait their turn within their deadline
+# (each call holds a connection, and redis-py's pools fail at once when they run out)
+MAX_IN_FLIGHT = 256
 
 
 class Status(IntEnum):
@@ -50,70 +68,204 @@ class Outcome:
     windows: tuple[WindowState, ...]
 
 
+def _is_cluster(redis: Any) -> bool:
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(redis, RedisCluster)
+
+
 class Limiter:
     """Decides requests with one script call each; Redis time unless a test clock is given."""
 
     def __init__(self, redis: Any, *, timeout: float,
-                 clock: Callable[[], int] | None = None) -> None:
+                 clock: Callable[[], int] | None = None, breaker: Breaker | None = None,
+                 sharded: bool | None = None) -> None:
         self.redis = redis
         self.scripts = Scripts.register(redis)
         self.timeout = timeout
+        self.breaker = breaker or Breaker()
+        # on a cluster, keys of different hash tags may live in different slots
+        self.sharded = _is_cluster(redis) if sharded is None else sharded
         self._clock = clock
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._topology = asyncio.Lock()
+        self._topology_known = not self.sharded
+
+    async def _call(self, make: Callable[[], Awaitable[T]], *, timeout: float | None = None,
+                    healthy: Callable[[T], bool] | None = None) -> T:
+        """Run ``make()`` under the breaker and the deadline; Redis failures become ours.
+
+        ``healthy`` tells the breaker whether a result that came back is a success.
+        """
+        if not self.breaker.allow():
+            raise StoreUnavailable("redis: circuit open")
+        try:
+            async with asyncio.timeout(self.timeout if timeout is None else timeout):
+                async with self._in_flight:
+                    if not self._topology_known:
+                        await self._learn_topology()
+                    result = await make()
+        except REDIS_FAILURES as exc:
+            self.breaker.failure()
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        except BaseException:
+            self.breaker.abandon()
+            raise
+        if healthy is None or healthy(result):
+            self.breaker.success()
+        else:
+            self.breaker.failure()
+        return result
+
+    async def _learn_topology(self) -> None:
+        # a cluster client that meets a burst of calls before it knows the slots sends most of
+        # them to the wrong node, and redis-py then resets connections other calls are using
+        async with self._topology:
+            if not self._topology_known:
+                await self.redis.initialize()
+                self._topology_known = True
 
     async def check(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
                     rule_args: Sequence[str | int]) -> Outcome:
         """Run check.lua over ``keys``; ``rule_args`` is the per-rule ARGV tail."""
         now = "" if self._clock is None else str(self._clock())
+        if self.sharded:
+            plan = slots.split(keys, n_bans, n_rules, rule_args)
+            if len(plan.groups) > 1:
+                return await self._check_slots(plan, now, cost)
         args: list[str | int] = [now, cost, n_bans, n_rules, *rule_args]
+        raw = await self._call(lambda: self.scripts.check(keys=list(keys), args=args))
+        return parse_outcome(raw)
+
+    async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:
+        """One check.lua call per slot, at once; refund the slots that took if any denied."""
+
+        def call(group: slots.SlotGroup) -> Any:
+            args = [now, cost, len(group.bans), len(group.rules), *plan.args(group)]
+            return self.scripts.check(keys=plan.keys(group), args=args)
+
+        async def ask_all() -> list[Any]:
+            results = await asyncio.gather(*(call(g) for g in plan.groups),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, REDIS_FAILURES):
+                    raise result
+            return results
+
+        results = await self._call(
+            ask_all, healthy=lambda rs: not any(isinstance(r, BaseException) for r in rs))
+        answers: list[slots.Answer | None] = [
+            None if isinstance(r, BaseException) else _answer(r) for r in results
+        ]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            # some slots answered and may have taken hits: give those back, then let the fail
+            # modes decide this request as if Redis had not answered at all
+            await self._refund_groups(plan, slots.taken(plan, answers, cost), cost)
+            raise StoreUnavailable(f"redis: {type(failed[0]).__name__}") from failed[0]
+        merged = slots.merge(plan, [a for a in answers if a is not None], cost)
+        if merged.refunds:
+            await self._refund_groups(plan, merged.refunds, cost)
+        return _outcome(merged.answer)
+
+    async def _refund_groups(self, plan: slots.SlotPlan,
+                             refunds: Sequence[tuple[slots.SlotGroup, tuple[int, ...], int]],
+                             cost: int) -> None:
+        """Give back what each slot took; failures are logged (the hits then expire)."""
+
+        def call(rules: tuple[int, ...], at_ms: int) -> Any:
+            keys = [plan.rules[r].keys[0] for r in rules]
+            args: list[str | int] = [cost, at_ms, len(rules)]
+            for r in rules:
+                args += plan.rules[r].refund_args
+            return self.scripts.refund(keys=keys, args=args)
+
+        if not refunds:
+            return
+        # not through the breaker: a refund is owed even while the circuit opens
         try:
             async with asyncio.timeout(self.timeout):
-                raw = await self.scripts.check(keys=list(keys), args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
-        return parse_outcome(raw)
+                results = await asyncio.gather(*(call(rules, at) for _, rules, at in refunds),
+                                               return_exceptions=True)
+        except TimeoutError:
+            results = [TimeoutError()]
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("could not give back hits after a cross-slot denial (%s); they "
+                            "expire with their window", type(result).__name__)
 
     async def refund(self, keys: Sequence[str], cost: int, at_ms: int,
                      rule_args: Sequence[str | int]) -> list[int]:
         """Run refund.lua: give back ``cost`` hits taken at ``at_ms``; hits given back per rule."""
         args: list[str | int] = [cost, at_ms, len(keys), *rule_args]
-        try:
-            async with asyncio.timeout(self.timeout):
-                raw = await self.scripts.refund(keys=list(keys), args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        raw = await self._call(lambda: self.scripts.refund(keys=list(keys), args=args))
         return [int(v) for v in raw]
 
     async def claim(self, key: str, ttl_ms: int) -> bool:
         """SET NX with a TTL: True for the first caller only (e.g. one refund per token)."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                return bool(await self.redis.set(key, b"1", nx=True, px=max(ttl_ms, 1)))
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        return bool(await self._call(
+            lambda: self.redis.set(key, b"1", nx=True, px=max(ttl_ms, 1))))
 
     async def release(self, key: str) -> None:
         """Undo a claim (best effort: a claim whose work failed may be retried)."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.redis.delete(key)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        await self._call(lambda: self.redis.delete(key))
 
     def now_ms(self) -> int:
         """This process's idea of now in ms: the test clock when one is injected."""
         return self._clock() if self._clock is not None else time.time_ns() // 1_000_000
 
+    async def carry_over(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Copy each (old, new) key to its new name, with its TTL, unless the new one exists."""
+
+        async def copy() -> None:
+            read = self.redis.pipeline(transaction=False)
+            for old, _ in pairs:
+                read.dump(old)
+                read.pttl(old)
+            found = await read.execute()
+            write = self.redis.pipeline(transaction=False)
+            writes = 0
+            for i, (_, new) in enumerate(pairs):
+                dumped, ttl = found[2 * i], int(found[2 * i + 1])
+                if dumped is not None and (ttl > 0 or ttl == -1):
+                    # no REPLACE: a key already written under the new name is newer; keep it
+                    write.restore(new, max(ttl, 0), dumped)
+                    writes += 1
+            if writes:
+                await write.execute(raise_on_error=False)
+
+        if pairs:
+            await self._call(copy)
+
     async def ready(self) -> bool:
         """True when Redis answers and the scripts are loaded (loading them if flushed)."""
+
+        async def load() -> None:
+            loaded = await self.redis.script_exists(*self.scripts.shas)
+            if not all(loaded):
+                for script in self.scripts.all:
+                    await self.redis.script_load(script.script)
+
         try:
-            async with asyncio.timeout(max(self.timeout, 0.5)):
-                loaded = await self.redis.script_exists(*self.scripts.shas)
-                if not all(loaded):
-                    for script in self.scripts.all:
-                        await self.redis.script_load(script.script)
-                return True
-        except (RedisError, OSError, TimeoutError):
+            await self._call(load, timeout=max(self.timeout, READY_TIMEOUT))
+        except StoreUnavailable:
             return False
+        return True
+
+
+def _answer(raw: Sequence[int]) -> slots.Answer:
+    outcome = parse_outcome(raw)
+    return slots.Answer(
+        status=int(outcome.status), now_ms=outcome.now_ms, shadowed=outcome.shadowed,
+        index=outcome.index, wait_ms=outcome.wait_ms,
+        windows=tuple((w.remaining, w.reset_ms, w.retry_ms) for w in outcome.windows),
+    )
+
+
+def _outcome(answer: slots.Answer) -> Outcome:
+    return Outcome(status=Status(answer.status), now_ms=answer.now_ms,
+                   shadowed=answer.shadowed, index=answer.index, wait_ms=answer.wait_ms,
+                   windows=tuple(WindowState(*w) for w in answer.windows))
 
 
 def parse_outcome(raw: Sequence[int]) -> Outcome:

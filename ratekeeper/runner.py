@@ -1,4 +1,22 @@
-"""The process model: one worker in-process, or N forked workers sharing the port."""
+"""The process model: one worker in-process, or a supervisor and N workers sharing one socket.
+
+Signals (to the single worker, or to the supervisor, which passes them on):
+
+    SIGTERM, SIGINT  drain, then exit: stop accepting, let in-flight requests finish, answer
+                     each open connection's next request with ``Connection: close``
+    SIGHUP           reload the config file, swapping the whole rule set at once; a bad file
+                     is logged and the last good rules stay (a supervisor checks the file
+                     first, then forwards SIGHUP to every worker, each of which reloads)
+    SIGUSR2          supervisor only: rolling restart, one worker at a time: start a fresh
+                     worker, wait until it serves, then drain and stop an old one
+
+Workers share one listening socket the supervisor made, rather than binding their own with
+SO_REUSEPORT: with SO_REUSEPORT each socket has its own accept queue, and connections waiting
+in the queue of a worker that stops are reset; with one shared queue a draining worker just
+stops taking from it and the others take what waits there, so a rolling restart under load
+fails no request. Workers are spawned, not forked, so a rolling restart also picks up an
+upgraded package.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +25,31 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from types import FrameType
 
 from aiohttp import web
 
-from .config import Config
-from .server import create_app
+from .config import Config, load_config
+from .errors import ConfigError
+from .server import create_app, reload_config
 from .settings import Settings
 
-__all__ = ["serve"]
+__all__ = ["run_worker", "serve"]
 
 log = logging.getLogger("ratekeeper.runner")
 
-SHUTDOWN_TIMEOUT = 10.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DRAIN_SECONDS = 3.0  # longest wait for open connections to take their "Connection: close"
+SHUTDOWN_TIMEOUT = 10.0  # then the longest wait for requests still in flight
+READY_TIMEOUT = 30.0  # a new worker must serve within this
+BACKLOG = 1024
 
 
 def _use_uvloop() -> None:
@@ -32,54 +61,235 @@ def _use_uvloop() -> None:
 
 
 def run_worker(settings: Settings, config: Config, host: str, port: int, *,
-               reuse_port: bool) -> None:
-    """Serve in this process until SIGTERM or SIGINT, then drain in-flight requests."""
+               sock: socket.socket | None = None, ready: Event | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; on ``sock`` when a supervisor made one."""
+    if sock is not None:  # a spawned worker: nothing of the parent's logging set-up survives
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     _use_uvloop()
+    asyncio.run(_serve(settings, config, host, port, sock, ready))
+
+
+async def _serve(settings: Settings, config: Config, host: str, port: int,
+                 sock: socket.socket | None, ready: Event | None) -> None:
     app = create_app(settings, config)
-    web.run_app(app, host=host, port=port, reuse_port=reuse_port, access_log=None,
-                print=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=True)
+    stopping = asyncio.Event()
+
+    @web.middleware
+    async def drain(request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        response = await handler(request)
+        if stopping.is_set():
+            # the client learns from the answer that this connection ends here, so it never
+            # sends another request into a connection we are about to close
+            response.force_close()
+        return response
+
+    app.middlewares.insert(0, drain)  # outermost: error answers are marked too
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, host, port, backlog=BACKLOG)
+    await site.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, app, config.source)
+    watchdog: asyncio.Future[None] | None = None
+    if sock is None:
+        loop.add_signal_handler(signal.SIGUSR2, log.warning,
+                                "a rolling restart needs --workers 2 or more; ignored")
+    else:
+        watchdog = asyncio.ensure_future(_orphan_watch(stopping))
+    if ready is not None:
+        ready.set()
+    log.info("worker pid %d serving", os.getpid())
+    await stopping.wait()
+    log.info("worker pid %d draining", os.getpid())
+    await site.stop()  # no new connections here; a shared queue's go to the other workers
+    server = runner.server
+    deadline = loop.time() + DRAIN_SECONDS
+    while server is not None and server.connections and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    await runner.cleanup()  # closes what is still idle, waits for what is in flight
+    if watchdog is not None:
+        watchdog.cancel()
+    log.info("worker pid %d stopped", os.getpid())
+
+
+async def _orphan_watch(stopping: asyncio.Event) -> None:
+    """Drain when the supervisor is gone (killed), rather than serve on unsupervised."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the supervisor is gone; draining")
+    stopping.set()
 
 
 def serve(settings: Settings, config: Config, host: str, port: int, workers: int) -> int:
     """Run ``workers`` processes on ``host:port``; returns the exit code."""
     log.info("serving %s on %s:%d with %d worker(s), store %s", config.source, host, port,
              workers, settings.redis_url.split("://")[0])
+    if settings.ip_salt_previous:
+        longest = max((w.seconds for r in config.rules.values() for w in r.windows), default=0)
+        log.info("honouring RATEKEEPER_IP_SALT_PREVIOUS; unset it once %d s (the longest "
+                 "window) and the longest running ban have passed since the rotation", longest)
     if workers == 1:
-        run_worker(settings, config, host, port, reuse_port=False)
+        run_worker(settings, config, host, port)
         return 0
-    return _supervise(settings, config, host, port, workers)
+    try:
+        sock = _listen(host, port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror)
+        return 1
+    try:
+        return Supervisor(settings, config, sock, workers).run()
+    finally:
+        sock.close()
 
 
-def _supervise(settings: Settings, config: Config, host: str, port: int, workers: int) -> int:
-    context = multiprocessing.get_context("fork")
-    stopping = False
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket every worker accepts from."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(BACKLOG)
+    return sock
 
-    def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=run_worker, args=(settings, config, host, port),
-                                  kwargs={"reuse_port": True}, daemon=False)
+
+@dataclass
+class _Worker:
+    process: BaseProcess
+    ready: Event
+    started: float
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid or 0
+
+
+class Supervisor:
+    """Keeps N workers serving one socket; reloads, rolling restarts and drains on signals."""
+
+    def __init__(self, settings: Settings, config: Config, sock: socket.socket,
+                 workers: int) -> None:
+        self.settings = settings
+        self.config = config
+        self.sock = sock
+        self.size = workers
+        self.context = multiprocessing.get_context("spawn")
+        self.signals: deque[int] = deque()
+        self.workers: list[_Worker] = []
+
+    def run(self) -> int:
+        """Supervise until SIGTERM or SIGINT; returns the exit code."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+            signal.signal(signum, self._on_signal)
+        self.workers = [self._start() for _ in range(self.size)]
+        if not all(self._await_ready(worker) for worker in self.workers):
+            log.error("a worker did not start; stopping")
+            self._stop_all()
+            return 1
+        log.info("supervisor pid %d: %d workers serving", os.getpid(), self.size)
+        while not self._handle_signals():
+            self._replace_dead()
+            time.sleep(0.05)
+        self._stop_all()
+        return 0
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)
+
+    def _stop_asked(self) -> bool:
+        return signal.SIGTERM in self.signals or signal.SIGINT in self.signals
+
+    def _handle_signals(self) -> bool:
+        """Act on the signals received; True when it is time to stop."""
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                return True
+            if signum == signal.SIGHUP:
+                self._reload()
+            elif signum == signal.SIGUSR2:
+                self._rolling_restart()
+        return False
+
+    def _start(self) -> _Worker:
+        ready = self.context.Event()
+        process = self.context.Process(
+            target=run_worker, name="ratekeeper-worker",
+            args=(self.settings, self.config, "", 0),
+            kwargs={"sock": self.sock, "ready": ready}, daemon=False)
         process.start()
-        return process
+        return _Worker(process, ready, time.monotonic())
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+    def _await_ready(self, worker: _Worker) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not worker.ready.wait(0.05):
+            if not worker.process.is_alive() or time.monotonic() > deadline:
+                return False
+        return True
 
-    children = [start() for _ in range(workers)]
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while not stopping:
-        time.sleep(0.2)
-        for index, child in enumerate(children):
-            if not child.is_alive() and not stopping:
-                log.warning("worker pid %s exited with %s; starting another", child.pid,
-                            child.exitcode)
-                children[index] = start()
-    for child in children:
-        if child.pid is not None and child.is_alive():
-            os.kill(child.pid, signal.SIGTERM)
-    deadline = time.monotonic() + SHUTDOWN_TIMEOUT + 2
-    for child in children:
-        child.join(max(0.0, deadline - time.monotonic()))
-        if child.is_alive():
-            child.kill()
-    return 0
+    def _stop(self, worker: _Worker) -> None:
+        """SIGTERM a worker and wait while it drains."""
+        if worker.process.is_alive():
+            os.kill(worker.pid, signal.SIGTERM)
+        worker.process.join(DRAIN_SECONDS + SHUTDOWN_TIMEOUT + 2)
+        if worker.process.is_alive():
+            log.warning("worker pid %d did not drain in time; killing it", worker.pid)
+            worker.process.kill()
+            worker.process.join(5)
+
+    def _stop_all(self) -> None:
+        for worker in self.workers:
+            if worker.process.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+        for worker in self.workers:
+            self._stop(worker)
+
+    def _replace_dead(self) -> None:
+        for index, worker in enumerate(self.workers):
+            if worker.process.is_alive():
+                continue
+            log.warning("worker pid %d exited with %s; starting another", worker.pid,
+                        worker.process.exitcode)
+            if time.monotonic() - worker.started < 1.0:
+                time.sleep(1.0)  # a worker that dies at once would otherwise spin
+            self.workers[index] = self._start()
+
+    def _reload(self) -> None:
+        try:
+            config = load_config(self.config.source)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error("reload: %s", line)
+            log.error("reload: %s is invalid; the workers keep the rules loaded before",
+                      self.config.source)
+            return
+        self.config = config  # what workers started from now on get
+        for worker in self.workers:
+            if worker.process.is_alive():
+                os.kill(worker.pid, signal.SIGHUP)
+        log.info("reload: %s passed on to %d workers", self.config.source, len(self.workers))
+
+    def _rolling_restart(self) -> None:
+        log.info("rolling restart of %d workers", len(self.workers))
+        for index, old in enumerate(list(self.workers)):
+            if self._stop_asked():
+                return
+            fresh = self._start()
+            if not self._await_ready(fresh):
+                log.error("rolling restart: a new worker did not start; keeping the others")
+                self._stop(fresh)
+                return
+            self.workers[index] = fresh
+            log.info("rolling restart: worker pid %d replaces pid %d", fresh.pid, old.pid)
+            self._stop(old)
+        log.info("rolling restart done")

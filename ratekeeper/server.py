@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .config import Config
-from .errors import BadRequest
+from .config import Config, load_config
+from .errors import BadRequest, ConfigError
 from .flags import FlagBoard
 from .headers import rate_limit_headers
 from .keys import Keyspace
@@ -21,7 +21,7 @@ from .settings import Settings
 from .store import Store, open_store
 from .wire import BatchResponse, ErrorBody
 
-__all__ = ["RUNTIME", "Runtime", "build_checker", "create_app"]
+__all__ = ["RUNTIME", "Runtime", "build_checker", "create_app", "reload_config"]
 
 log = logging.getLogger("ratekeeper.server")
 
@@ -47,8 +47,25 @@ RUNTIME = web.AppKey("runtime", Runtime)
 def build_checker(config: Config, settings: Settings, limiter: Limiter,
                   flags: FlagBoard) -> Checker:
     """A Checker for ``config`` sharing this process's store and flag state."""
-    keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip)
+    keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip,
+                        previous_salt=settings.ip_salt_previous or None)
     return Checker(config, keyspace, limiter, flags)
+
+
+def reload_config(app: web.Application, path: str) -> bool:
+    """Swap in the rules of ``path`` whole; when it is bad, log why and keep the current ones."""
+    runtime = app[RUNTIME]
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("reload: %s", line)
+        log.error("reload: %s is invalid; still serving the rules loaded before", path)
+        return False
+    runtime.checker = build_checker(config, runtime.settings, runtime.limiter, runtime.flags)
+    log.info("reload: now serving %s (%d rules, %d actions)", path, len(config.rules),
+             len(config.actions))
+    return True
 
 
 def json_response(body: Any, *, status: int = 200,
@@ -111,8 +128,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: Redis answers and the scripts are loaded."""
     runtime = request.app[RUNTIME]
-    ready = await runtime.limiter.ready()
-    body = {"status": "ready" if ready else "unavailable", "store": runtime.store.kind}
+    ready = await runtime.limiter.ready()  # 503 at once while the circuit is open
+    body = {"status": "ready" if ready else "unavailable", "store": runtime.store.kind,
+            "breaker": runtime.limiter.breaker.state}
     return json_response(body, status=200 if ready else 503)
 
 
@@ -128,6 +146,7 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         flags = FlagBoard(config.flags)
         app[RUNTIME] = Runtime(settings=settings, store=live, limiter=limiter, flags=flags,
                                checker=build_checker(config, settings, limiter, flags))
+        await limiter.ready()  # connect and load the scripts now; a Redis that is down is fine
         yield
         if own_store:
             await live.close()

@@ -22,6 +22,7 @@ from .flags import FlagBoard
 from .keys import Keyspace
 from .limiter import Limiter, Outcome, Status
 from .refunds import RefundSigner
+from .rotation import Rotation
 from .wire import (
     Decision,
     LimitState,
@@ -112,6 +113,8 @@ class Checker:
         self.shadow_all = False  # the global shadow switch, set by the flag sync
         self.refunds = RefundSigner(keyspace.derived_secret(b"refund-token/v1"))
         self.refund_decoder = msgspec.json.Decoder(RefundRequest)
+        # while a previous IP salt is honoured: its bans and counters (see rotation.py)
+        self.rotation = Rotation(keyspace) if keyspace.previous is not None else None
 
     def decode(self, body: bytes) -> Any:
         """Decode one check request; raise BadRequest with msgspec's sentence."""
@@ -170,6 +173,8 @@ class Checker:
                             flag=blocking.name, message=self.flags.message_for(blocking))
         keyspace = self.keyspace
         ban_keys = [keyspace.ban_key(keyspace.subject(((f, v),))) for f, v in values.items()]
+        if self.rotation is not None:
+            ban_keys += self.rotation.ban_keys(values)
         keys = list(ban_keys)
         subjects = []
         for rule in action.rules:
@@ -182,6 +187,8 @@ class Checker:
             return Decision(allowed=True, reason=None, action=action.name)
         rule_args = plan.shadow_args if self.shadow_all else plan.rule_args
         try:
+            if self.rotation is not None:
+                await self.rotation.carry_over(self.limiter, action.rules, values)
             outcome = await self.limiter.check(keys, cost, len(ban_keys), len(action.rules),
                                                rule_args)
         except StoreUnavailable:

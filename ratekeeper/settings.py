@@ -32,6 +32,9 @@ class Settings:
     redis_url: str = "memory://"
     # RATEKEEPER_IP_SALT: secret key of the keyed IP hash; never logged or stored.
     ip_salt: bytes = field(default=b"", repr=False)
+    # RATEKEEPER_IP_SALT_PREVIOUS: the salt before the last rotation, honoured while set (set
+    # it for the longest window or ban, then unset it); never logged or stored.
+    ip_salt_previous: bytes = field(default=b"", repr=False)
     # True when no salt was given and an ephemeral one was made (memory:// only).
     ephemeral_salt: bool = False
     # RATEKEEPER_ADMIN_TOKENS: name:token pairs for the admin API.
@@ -77,9 +80,23 @@ class Settings:
             raise SettingsError(
                 "RATEKEEPER_IP_SALT is required with a real Redis (RATEKEEPER_REDIS_URL is set)"
             )
+        previous = env.get("RATEKEEPER_IP_SALT_PREVIOUS", "").encode()
+        if previous:
+            if not salt_text:
+                raise SettingsError(
+                    "RATEKEEPER_IP_SALT_PREVIOUS needs RATEKEEPER_IP_SALT (the new salt)"
+                )
+            if len(previous) < MIN_SALT_LENGTH:
+                raise SettingsError(
+                    f"RATEKEEPER_IP_SALT_PREVIOUS must be at least {MIN_SALT_LENGTH} bytes long"
+                )
+            if previous == salt:
+                raise SettingsError("RATEKEEPER_IP_SALT_PREVIOUS must differ from "
+                                    "RATEKEEPER_IP_SALT")
         return cls(
             redis_url=redis_url,
             ip_salt=salt,
+            ip_salt_previous=previous,
             ephemeral_salt=ephemeral,
             admin_tokens=_parse_tokens(env.get("RATEKEEPER_ADMIN_TOKENS", "")),
             config_path=env.get("RATEKEEPER_CONFIG") or None,

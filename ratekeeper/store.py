@@ -1,4 +1,11 @@
-"""Where counts live: a Redis client built from RATEKEEPER_REDIS_URL."""
+"""Where counts live: a Redis client built from RATEKEEPER_REDIS_URL.
+
+The deadline of a call is the limiter's (``asyncio.timeout``, covering connect and call); the
+socket timeouts here are only a backstop, set later than the deadline so that a client-level
+retry (redis-py retries timeouts) can never replay a script we have stopped waiting for.
+A broken connection is retried once, at once: after a Redis restart every pooled connection
+is dead, and the first call on each would otherwise fail.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ __all__ = ["Store", "open_store"]
 
 log = logging.getLogger("ratekeeper.store")
 
-MAX_CONNECTIONS = 64  # per process
+MAX_CONNECTIONS = 64  # per process, to one Redis (a blocking pool: more calls queue)
 
 
 @dataclass(slots=True)
@@ -33,10 +40,27 @@ class Store:
         return bool(await self.redis.ping())
 
 
+BACKSTOP_SLACK = 1.0  # seconds the socket timeouts add to the deadline
+# The cluster's and Sentinel's pools cannot queue: redis-py fails a call at once
+# (MaxConnectionsError) past 100 connections (per node on a cluster), and the cluster client
+# then even resets the node's connections under the calls still using them. The limiter never
+# has more than limiter.MAX_IN_FLIGHT calls out, so pools this large are never exhausted.
+POOL_SIZE = 4096
+CLUSTER_MAX_CONNECTIONS = POOL_SIZE
+
+
+def _retry() -> Any:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
 def open_store(settings: Settings) -> Store:
     """Build the client for ``settings.redis_url``; connecting happens on first use."""
     url = settings.redis_url
-    timeout = settings.redis_timeout_ms / 1000
+    backstop = settings.redis_timeout_ms / 1000 + BACKSTOP_SLACK
     if url.startswith("memory://"):
         import fakeredis
 
@@ -50,8 +74,10 @@ def open_store(settings: Settings) -> Store:
             startup_nodes=[ClusterNode(h, p) for h, p in nodes],
             password=parts.password,
             username=parts.username or None,
-            socket_timeout=max(timeout, 0.5),
-            socket_connect_timeout=max(timeout, 0.5),
+            socket_timeout=backstop,
+            socket_connect_timeout=backstop,
+            retry=_cluster_retry(),
+            max_connections=CLUSTER_MAX_CONNECTIONS,
         )
         return Store(redis=client, kind="cluster")
     if url.startswith("redis+sentinel://"):
@@ -64,19 +90,30 @@ def open_store(settings: Settings) -> Store:
         hosts = [_host_port(item, 26379) for item in parts.netloc.rpartition("@")[2].split(",")]
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             hosts,
-            socket_timeout=max(timeout, 0.5),
-            sentinel_kwargs={"socket_timeout": max(timeout, 0.5)},
+            socket_timeout=backstop,
+            socket_connect_timeout=backstop,
+            sentinel_kwargs={"socket_timeout": backstop, "socket_connect_timeout": backstop},
             password=parts.password,
         )
-        return Store(redis=sentinel.master_for(service), kind="sentinel")
+        master = sentinel.master_for(service, retry=_retry(), max_connections=POOL_SIZE)
+        return Store(redis=master, kind="sentinel")
     from redis.asyncio import BlockingConnectionPool, Redis
 
     # A bounded pool that queues: a burst waits for a connection (within the call's
     # deadline) instead of failing with MaxConnectionsError or opening hundreds of sockets.
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=MAX_CONNECTIONS, timeout=max(timeout, 0.5),
-        socket_timeout=max(timeout, 0.5), socket_connect_timeout=max(timeout, 0.5))
+        url, max_connections=MAX_CONNECTIONS, timeout=backstop, socket_timeout=backstop,
+        socket_connect_timeout=backstop, retry=_retry())
     return Store(redis=Redis.from_pool(pool), kind="redis")  # the client owns and closes the pool
+
+
+def _cluster_retry() -> Any:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    # the cluster client retries to follow a changed topology (MOVED, a failed node); no
+    # backoff, the deadline bounds it anyway
+    return Retry(NoBackoff(), 2)
 
 
 def _host_port(item: str, default_port: int) -> tuple[str, int]:

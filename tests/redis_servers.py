@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -12,7 +14,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RedisServer", "free_port", "redis_server_binary", "start_redis", "stop_process"]
+__all__ = [
+    "ClusterServers",
+    "RedisServer",
+    "SentinelServers",
+    "free_port",
+    "redis_server_binary",
+    "start_cluster",
+    "start_redis",
+    "start_sentinel",
+    "stop_process",
+]
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 5) -> None:
@@ -78,6 +90,20 @@ class RedisServer:
         fresh = start_redis(port=self.port, directory=self.directory, extra=self.extra)
         self.process = fresh.process
 
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed on the way out."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its connections but answers nothing."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        os.kill(self.process.pid, signal.SIGCONT)
+
 
 def start_redis(*, port: int | None = None, directory: Path | None = None,
                 extra: Sequence[str] = ()) -> RedisServer:
@@ -112,3 +138,123 @@ def running_redis(**kwargs: object) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports."""
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+@dataclass
+class ClusterServers:
+    """A Redis Cluster of masters only, each a redis-server we started."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        """The redis+cluster:// URL naming every node."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
+
+
+def start_cluster(masters: int = 3) -> ClusterServers:
+    """Start ``masters`` cluster-enabled servers on free ports and join them into a cluster."""
+    ports = free_ports(2 * masters)  # a client port and a cluster bus port per node
+    nodes: list[RedisServer] = []
+    try:
+        for port, bus in zip(ports[:masters], ports[masters:], strict=True):
+            nodes.append(start_redis(port=port, extra=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(bus), "--cluster-node-timeout", "2000",
+            )))
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )
+        deadline = time.monotonic() + 15
+        while not all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok within 15 s")
+            time.sleep(0.05)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return ClusterServers(nodes)
+
+
+@dataclass
+class SentinelServers:
+    """A master, its replica and a sentinel watching them as ``service``."""
+
+    master: RedisServer
+    replica: RedisServer
+    sentinel: subprocess.Popen[bytes]
+    sentinel_port: int
+    service: str = "rk"
+
+    @property
+    def url(self) -> str:
+        """The redis+sentinel:// URL of the service."""
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}"
+
+    def master_port(self) -> int:
+        """The port the sentinel names as master right now."""
+        out = subprocess.run(
+            ["redis-cli", "-p", str(self.sentinel_port), "SENTINEL",
+             "get-master-addr-by-name", self.service],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        return int(out.stdout.split()[1])
+
+    def stop(self) -> None:
+        """Stop the sentinel, the replica and the master."""
+        stop_process(self.sentinel)
+        self.replica.stop()
+        self.master.stop()
+
+
+def start_sentinel(*, down_after_ms: int = 400) -> SentinelServers:
+    """Start a master, a replica of it and a sentinel (quorum 1) with a quick failover."""
+    # no 5 s pause before the first (diskless) sync to the replica
+    master = start_redis(extra=("--repl-diskless-sync-delay", "0"))
+    replica = start_redis(extra=("--replicaof", "127.0.0.1", str(master.port),
+                                 "--repl-diskless-sync-delay", "0"))
+    port = free_port()
+    config = master.directory / "sentinel.conf"  # the sentinel rewrites its config file
+    config.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {master.directory}\n"
+        f"sentinel monitor rk 127.0.0.1 {master.port} 1\n"
+        f"sentinel down-after-milliseconds rk {down_after_ms}\n"
+        "sentinel failover-timeout rk 2000\n"
+        "sentinel parallel-syncs rk 1\n"
+    )
+    sentinel = subprocess.Popen([redis_server_binary(), str(config), "--sentinel",
+                                 "--loglevel", "warning"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = SentinelServers(master, replica, sentinel, port)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if servers.master_port() == master.port and "master_link_status:up" in replica.cli(
+                    "INFO", "replication"):
+                known = subprocess.run(
+                    ["redis-cli", "-p", str(port), "SENTINEL", "replicas", "rk"],
+                    capture_output=True, text=True, timeout=10, check=True).stdout
+                if str(replica.port) in known:
+                    return servers
+        except (subprocess.CalledProcessError, IndexError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            servers.stop()
+            raise RuntimeError("the sentinel did not see the master and its replica in 15 s")
+        time.sleep(0.05)

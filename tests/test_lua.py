@@ -1,4 +1,5 @@
-"""check.lua against a real redis-server: windows, all-or-nothing, TTLs, NOSCRIPT recovery."""
+"""check.lua against a real redis-server and a real cluster: windows, all-or-nothing, TTLs,
+NOSCRIPT recovery. Every test runs once per topology in conftest.STORES."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any
 
 import limits.storage.memory
 import pytest
-import redis.asyncio as aioredis
 from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -22,7 +22,7 @@ from conftest import SALT, FakeClock, config_from
 SLACK_MS = 1000
 
 
-def checker_for(text: str, redis: aioredis.Redis, prefix: str,
+def checker_for(text: str, redis: Any, prefix: str,
                 clock: FakeClock | None = None) -> Checker:
     config = config_from(text)
     limiter = Limiter(redis, timeout=2.0, clock=clock)
@@ -51,10 +51,10 @@ rules = ["r"]
 
 
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
-async def test_walk_then_deny_then_recover(redis: aioredis.Redis, key_prefix: str,
+async def test_walk_then_deny_then_recover(store: Any, key_prefix: str,
                                            clock: FakeClock, algorithm: str) -> None:
     """Five per minute: remaining 4..0, then denied with a retry, then allowed after it."""
-    checker = checker_for(ONE_RULE.format(limit="5 per minute", algorithm=algorithm), redis,
+    checker = checker_for(ONE_RULE.format(limit="5 per minute", algorithm=algorithm), store,
                           key_prefix, clock)
     seen = []
     for _ in range(5):
@@ -72,11 +72,11 @@ async def test_walk_then_deny_then_recover(redis: aioredis.Redis, key_prefix: st
     assert (await ask(checker, action="a", ip="198.51.100.1")).allowed
 
 
-async def test_sliding_log_retry_after_is_exact(redis: aioredis.Redis, key_prefix: str,
+async def test_sliding_log_retry_after_is_exact(store: Any, key_prefix: str,
                                                 clock: FakeClock) -> None:
     """The log's retry_after is when the oldest hit leaves; one ms earlier is still denied."""
     checker = checker_for(ONE_RULE.format(limit="2 per 10 seconds", algorithm="sliding-log"),
-                          redis, key_prefix, clock)
+                          store, key_prefix, clock)
     await ask(checker, action="a", ip="192.0.2.1")
     clock.advance(3)
     await ask(checker, action="a", ip="192.0.2.1")
@@ -89,10 +89,10 @@ async def test_sliding_log_retry_after_is_exact(redis: aioredis.Redis, key_prefi
 
 
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
-async def test_peek_consumes_nothing(redis: aioredis.Redis, key_prefix: str, clock: FakeClock,
+async def test_peek_consumes_nothing(store: Any, key_prefix: str, clock: FakeClock,
                                      algorithm: str) -> None:
     """cost 0 reports whether one more hit would pass, and takes nothing."""
-    checker = checker_for(ONE_RULE.format(limit="2 per minute", algorithm=algorithm), redis,
+    checker = checker_for(ONE_RULE.format(limit="2 per minute", algorithm=algorithm), store,
                           key_prefix, clock)
     for _ in range(5):
         peek = await ask(checker, action="a", ip="192.0.2.9", cost=0)
@@ -103,12 +103,12 @@ async def test_peek_consumes_nothing(redis: aioredis.Redis, key_prefix: str, clo
 
 
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
-async def test_multi_window_rule_needs_every_window(redis: aioredis.Redis, key_prefix: str,
+async def test_multi_window_rule_needs_every_window(store: Any, key_prefix: str,
                                                     clock: FakeClock, algorithm: str) -> None:
     """'3 per 10 seconds, 5 per minute': the short window frees up, the long one still binds."""
     checker = checker_for(
         ONE_RULE.format(limit="3 per 10 seconds, 5 per minute", algorithm=algorithm),
-        redis, key_prefix, clock)
+        store, key_prefix, clock)
     for _ in range(3):
         assert (await ask(checker, action="a", ip="192.0.2.7")).allowed
     assert not (await ask(checker, action="a", ip="192.0.2.7")).allowed
@@ -135,10 +135,10 @@ rules = ["ip", "user"]
 
 
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
-async def test_denied_request_consumes_nothing(redis: aioredis.Redis, key_prefix: str,
+async def test_denied_request_consumes_nothing(store: Any, key_prefix: str,
                                                clock: FakeClock, algorithm: str) -> None:
     """After the user rule denies, the IP rule's remaining has not moved."""
-    checker = checker_for(ALL_OR_NOTHING.format(algorithm=algorithm), redis, key_prefix, clock)
+    checker = checker_for(ALL_OR_NOTHING.format(algorithm=algorithm), store, key_prefix, clock)
     for _ in range(2):
         assert (await ask(checker, action="a", ip="203.0.113.5", user="alice")).allowed
     before = await ask(checker, action="a", ip="203.0.113.5", user="bob", cost=0)
@@ -152,47 +152,46 @@ async def test_denied_request_consumes_nothing(redis: aioredis.Redis, key_prefix
 
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
 async def test_every_key_gets_a_ttl_of_its_window_plus_slack(
-        redis: aioredis.Redis, key_prefix: str, algorithm: str) -> None:
+        store: Any, key_prefix: str, algorithm: str) -> None:
     """Every key the script writes has a TTL, no longer than the longest window + slack."""
     checker = checker_for(ONE_RULE.format(limit="5 per 30 seconds, 9 per 2 minutes",
-                                          algorithm=algorithm), redis, key_prefix)
+                                          algorithm=algorithm), store, key_prefix)
     for i in range(20):
         await ask(checker, action="a", ip=f"192.0.2.{i}")
-    keys = [k async for k in redis.scan_iter(match=f"{key_prefix}:*")]
+    keys = [k async for k in store.scan_iter(match=f"{key_prefix}:*")]
     assert len(keys) == 20
     for key in keys:
-        ttl = await redis.pttl(key)
+        ttl = await store.pttl(key)
         assert 0 < ttl <= 120_000 + SLACK_MS
 
 
-async def test_script_flush_mid_traffic_recovers(redis: aioredis.Redis, key_prefix: str,
+async def test_script_flush_mid_traffic_recovers(store: Any, key_prefix: str,
                                                  clock: FakeClock) -> None:
     """A SCRIPT FLUSH between checks is recovered from without an error, counts intact."""
     checker = checker_for(ONE_RULE.format(limit="5 per minute", algorithm="sliding-log"),
-                          redis, key_prefix, clock)
+                          store, key_prefix, clock)
     remaining = []
     for i in range(5):
         if i in (2, 4):
-            await redis.script_flush()
+            await store.script_flush()
         decision = await ask(checker, action="a", ip="192.0.2.200")
         assert not decision.degraded
         remaining.append(decision.limits[0].remaining)
     assert remaining == [4, 3, 2, 1, 0]
 
 
-async def test_script_flush_during_concurrent_traffic(redis: aioredis.Redis,
-                                                      key_prefix: str) -> None:
+async def test_script_flush_during_concurrent_traffic(store: Any, key_prefix: str) -> None:
     """Flushes racing 300 concurrent checks: no error, no degraded answer, exact counts."""
     import asyncio
 
     checker = checker_for(ONE_RULE.format(limit="10 per minute", algorithm="sliding-log"),
-                          redis, key_prefix)
+                          store, key_prefix)
     stop = asyncio.Event()
 
     async def flusher() -> int:
         flushes = 0
         while not stop.is_set():
-            await redis.script_flush()
+            await store.script_flush()
             flushes += 1
             await asyncio.sleep(0)
         return flushes
@@ -207,7 +206,7 @@ async def test_script_flush_during_concurrent_traffic(redis: aioredis.Redis,
 
 
 async def test_sliding_log_agrees_with_limits_moving_window(
-        redis: aioredis.Redis, key_prefix: str, clock: FakeClock,
+        store: Any, key_prefix: str, clock: FakeClock,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """On random hit sequences the log decides exactly as limits' MovingWindowRateLimiter."""
 
@@ -222,7 +221,7 @@ async def test_sliding_log_agrees_with_limits_moving_window(
     # (windows are whole seconds), where limits and we differ on inclusivity by design
     for trial, (amount, seconds) in enumerate([(5, 2), (10, 5), (3, 1), (20, 3), (1, 2)]):
         text = ONE_RULE.format(limit=f"{amount} per {seconds} seconds", algorithm="sliding-log")
-        checker = checker_for(text, redis, f"{key_prefix}{trial}", clock)
+        checker = checker_for(text, store, f"{key_prefix}{trial}", clock)
         oracle = MovingWindowRateLimiter(MemoryStorage())
         item = RateLimitItemPerSecond(amount, seconds)
         for step in range(400):
@@ -233,12 +232,12 @@ async def test_sliding_log_agrees_with_limits_moving_window(
             assert got == expected, f"trial {trial} step {step} cost {cost}"
 
 
-async def test_sliding_counter_stays_within_its_bound(redis: aioredis.Redis, key_prefix: str,
+async def test_sliding_counter_stays_within_its_bound(store: Any, key_prefix: str,
                                                       clock: FakeClock) -> None:
     """The counter admits at most L per aligned bucket and under 2L in any rolling window."""
     limit, window_ms = 20, 10_000
     checker = checker_for(ONE_RULE.format(limit=f"{limit} per 10 seconds",
-                                          algorithm="sliding-counter"), redis, key_prefix, clock)
+                                          algorithm="sliding-counter"), store, key_prefix, clock)
     rng = random.Random(99)
     admitted: list[int] = []
     for _ in range(3000):

@@ -1,9 +1,11 @@
-"""refund.lua against a real redis-server: gives back exactly what check.lua took."""
+"""refund.lua against a real redis-server and a real cluster: gives back exactly what check.lua
+took. Every test runs once per topology in conftest.STORES."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-import redis.asyncio as aioredis
 
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter, Status
@@ -21,7 +23,7 @@ rules = ["r"]
 
 
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
-async def test_refund_gives_back_only_what_was_taken(redis: aioredis.Redis, key_prefix: str,
+async def test_refund_gives_back_only_what_was_taken(store: Any, key_prefix: str,
                                                      clock: FakeClock, algorithm: str) -> None:
     """A refund restores remaining; refunding at a time nothing was taken gives back nothing."""
     from ratekeeper.service import _plan
@@ -31,7 +33,7 @@ async def test_refund_gives_back_only_what_was_taken(redis: aioredis.Redis, key_
     keyspace = Keyspace(SALT, prefix=key_prefix)
     rule = config.rules["r"]
     key = keyspace.counter_key(keyspace.subject([("ip", keyspace.ip_value("192.0.2.1"))]), rule)
-    limiter = Limiter(redis, timeout=2.0, clock=clock)
+    limiter = Limiter(store, timeout=2.0, clock=clock)
 
     taken = await limiter.check([key], 2, 0, 1, plan.rule_args)
     assert taken.status is Status.ALLOWED and taken.windows[0].remaining == 1
@@ -44,4 +46,4 @@ async def test_refund_gives_back_only_what_was_taken(redis: aioredis.Redis, key_
     assert await limiter.refund([key], 2, taken.now_ms, plan.refund_args) == [2]
     peek = await limiter.check([key], 0, 0, 1, plan.rule_args)
     assert [w.remaining for w in peek.windows] == [2, 4]
-    assert 0 < await redis.pttl(key) <= 3_600_000 + 1000
+    assert 0 < await store.pttl(key) <= 3_600_000 + 1000

@@ -1,0 +1,152 @@
+"""Redis Cluster: checks whose keys span slots are decided per slot, and a denial anywhere gives
+back what the other slots took, so a denied request consumes nothing (on a real 3-master
+cluster the tests start)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from ratekeeper.flags import FlagBoard
+from ratekeeper.keys import Keyspace
+from ratekeeper.limiter import Limiter
+from ratekeeper.service import Checker
+from ratekeeper.settings import Settings
+from ratekeeper.store import open_store
+
+from conftest import SALT, FakeClock, config_from
+from redis_servers import ClusterServers
+
+TWO_SUBJECTS = """
+[rules.ip]
+limit = "{ip_limit} per minute"
+key = ["ip"]
+[rules.user]
+limit = "{user_limit} per minute"
+key = ["user"]
+[rules.global]
+limit = "1000 per minute"
+key = []
+algorithm = "sliding-counter"
+[actions.a]
+rules = ["ip", "user"]
+[actions.g]
+rules = ["global"]
+"""
+
+IP, USER = "203.0.113.9", "alice"
+
+
+def make_checker(client: Any, prefix: str, clock: FakeClock | None = None, *,
+                 ip_limit: int = 10, user_limit: int = 2) -> Checker:
+    config = config_from(TWO_SUBJECTS.format(ip_limit=ip_limit, user_limit=user_limit))
+    return Checker(config, Keyspace(SALT, prefix=prefix), Limiter(client, timeout=2.0,
+                   clock=clock), FlagBoard(config.flags))
+
+
+async def ask(checker: Checker, **fields: Any) -> Any:
+    return await checker.check(checker.decode(json.dumps(fields).encode()))
+
+
+def rule_key(checker: Checker, rule: str, field: str, value: str) -> str:
+    keyspace = checker.keyspace
+    raw = keyspace.ip_value(value) if field == "ip" else keyspace.text_value(value)
+    return keyspace.rule_keys(checker.config.rules[rule], {field: raw})[0]
+
+
+def ban_key(checker: Checker, field: str, value: str) -> str:
+    keyspace = checker.keyspace
+    raw = keyspace.ip_value(value) if field == "ip" else keyspace.text_value(value)
+    return keyspace.subject_ban_keys({field: raw})[0]
+
+
+async def test_store_url_builds_a_cluster_client_that_splits(redis_cluster: ClusterServers,
+                                                             redis: aioredis.Redis) -> None:
+    """redis+cluster:// gives a RedisCluster whose limiter splits by slot; one Redis never does."""
+    store = open_store(Settings(redis_url=redis_cluster.url, ip_salt=SALT))
+    try:
+        assert store.kind == "cluster" and isinstance(store.redis, RedisCluster)
+        limiter = Limiter(store.redis, timeout=2.0)
+        assert limiter.sharded and await limiter.ready()
+    finally:
+        await store.close()
+    assert not Limiter(redis, timeout=2.0).sharded
+
+
+async def test_ip_and_user_rules_live_in_different_slots(cluster_client: RedisCluster,
+                                                         key_prefix: str) -> None:
+    """The premise of the split: the IP rule and the user rule hash to different slots, and a
+    subject's ban key shares the slot of the rule keyed on that subject alone."""
+    checker = make_checker(cluster_client, key_prefix)
+    ip_key, user_key = rule_key(checker, "ip", "ip", IP), rule_key(checker, "user", "user", USER)
+    assert key_slot(ip_key.encode()) != key_slot(user_key.encode())
+    assert key_slot(ban_key(checker, "ip", IP).encode()) == key_slot(ip_key.encode())
+    assert key_slot(ban_key(checker, "user", USER).encode()) == key_slot(user_key.encode())
+
+
+async def test_denial_in_the_ip_slot_gives_back_the_user_slots_hit(
+        cluster_client: RedisCluster, key_prefix: str, clock: FakeClock) -> None:
+    """The IP rule denies: the user rule (other slot) took a hit and got it back."""
+    checker = make_checker(cluster_client, key_prefix, clock, ip_limit=2, user_limit=10)
+    for _ in range(2):
+        assert (await ask(checker, action="a", ip=IP, user=USER)).allowed
+    user_key = rule_key(checker, "user", "user", USER)
+    for _ in range(3):
+        denied = await ask(checker, action="a", ip=IP, user=USER)
+        assert not denied.allowed and denied.reason == "rate_limited"
+        # the answer reports the user rule as it stands: nothing of this request counted
+        assert [lim.remaining for lim in denied.limits] == [0, 8]
+    assert await cluster_client.llen(user_key) == 2
+
+
+async def test_a_ban_in_one_slot_leaves_the_other_slots_untouched(
+        cluster_client: RedisCluster, key_prefix: str, clock: FakeClock) -> None:
+    """A banned user is refused, and the IP rule in another slot keeps no hit of it."""
+    checker = make_checker(cluster_client, key_prefix, clock)
+    await cluster_client.set(ban_key(checker, "user", USER), "1", px=60_000)
+    decision = await ask(checker, action="a", ip=IP, user=USER)
+    assert not decision.allowed and decision.reason == "banned"
+    assert 0 < decision.retry_after <= 60
+    assert await cluster_client.exists(rule_key(checker, "ip", "ip", IP)) == 0
+    # the banned user's IP is not banned: another user from it passes and is counted once
+    assert (await ask(checker, action="a", ip=IP, user="bob")).allowed
+    assert await cluster_client.llen(rule_key(checker, "ip", "ip", IP)) == 1
+
+
+async def test_bans_are_checked_in_their_own_slot_for_a_global_rule(
+        cluster_client: RedisCluster, key_prefix: str, clock: FakeClock) -> None:
+    """A global rule's key shares no slot with the IP's ban key; the ban still holds and the
+    global counter is given back its hit."""
+    checker = make_checker(cluster_client, key_prefix, clock)
+    assert (await ask(checker, action="g", ip=IP)).limits[0].remaining == 999
+    await cluster_client.set(ban_key(checker, "ip", IP), "1", px=60_000)
+    assert (await ask(checker, action="g", ip=IP)).reason == "banned"
+    assert (await ask(checker, action="g", ip="198.51.100.1", cost=0)).limits[0].remaining == 999
+
+
+async def test_concurrent_cross_slot_checks_never_over_admit_and_leak_nothing(
+        cluster_client: RedisCluster, key_prefix: str) -> None:
+    """200 concurrent checks, the IP rule binding (limit 20): exactly 20 pass, and once every
+    refund has run the user rule in the other slot counts exactly those 20."""
+    checker = make_checker(cluster_client, key_prefix, ip_limit=20, user_limit=1000)
+    decisions = await asyncio.gather(*(ask(checker, action="a", ip=IP, user=USER)
+                                       for _ in range(200)))
+    assert not any(d.degraded for d in decisions)
+    assert sum(d.allowed for d in decisions) == 20
+    assert await cluster_client.llen(rule_key(checker, "user", "user", USER)) == 20
+    assert await cluster_client.llen(rule_key(checker, "ip", "ip", IP)) == 20
+
+
+async def test_concurrent_cross_slot_checks_user_rule_binding(
+        cluster_client: RedisCluster, key_prefix: str) -> None:
+    """The same with the user rule binding: exactly 20 pass and the IP rule counts those 20."""
+    checker = make_checker(cluster_client, key_prefix, ip_limit=1000, user_limit=20)
+    decisions = await asyncio.gather(*(ask(checker, action="a", ip=IP, user=USER)
+                                       for _ in range(200)))
+    assert sum(d.allowed for d in decisions) == 20
+    assert await cluster_client.llen(rule_key(checker, "ip", "ip", IP)) == 20

@@ -1,0 +1,72 @@
+"""Sentinel: with a real master, replica and sentinel, the master is killed; decisions go on
+(degraded while the sentinel fails over, then normal ones from the promoted replica)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ratekeeper.settings import Settings
+
+from conftest import SALT
+from redis_servers import SentinelServers, start_sentinel
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+[rules.r]
+limit = "100 per minute"
+key = ["ip"]
+[actions.a]
+rules = ["r"]
+"""
+
+
+@pytest.fixture
+def sentinel() -> Iterator[SentinelServers]:
+    """A master, a replica and a sentinel of this test alone."""
+    servers = start_sentinel()
+    yield servers
+    servers.stop()
+
+
+async def test_decisions_go_on_after_failover(make_client: Any, sentinel: SentinelServers,
+                                              key_prefix: str) -> None:
+    """Kill the master: every answer is still a 200 decision; once the sentinel has promoted
+    the replica, decisions are normal again and keep counting the replicated hits."""
+    settings = Settings(redis_url=sentinel.url, ip_salt=SALT, key_prefix=key_prefix,
+                        redis_timeout_ms=100)
+    client = await make_client(CONFIG, app_settings=settings)
+
+    async def ask() -> Any:
+        resp = await client.post("/v1/check", json={"action": "a", "ip": "192.0.2.1"})
+        assert resp.status == 200
+        return await resp.json()
+
+    for expected in (99, 98, 97):
+        body = await ask()
+        assert not body["degraded"] and body["limits"][0]["remaining"] == expected
+    old_master = sentinel.master.port
+    # the replica has the hits before the master dies (replication is asynchronous)
+    assert await asyncio.to_thread(sentinel.master.cli, "WAIT", "1", "2000") == "1"
+    sentinel.master.kill()
+
+    degraded = 0
+    started = time.monotonic()
+    while True:
+        body = await ask()
+        if not body["degraded"]:
+            break
+        degraded += 1
+        assert body["allowed"]  # fail open
+        assert time.monotonic() - started < 30, "no failover within 30 s"
+        await asyncio.sleep(0.05)
+    assert degraded > 0  # the failover was noticed, not skipped
+    assert sentinel.master_port() == sentinel.replica.port != old_master
+    assert body["limits"][0]["remaining"] == 96
+    assert (await ask())["limits"][0]["remaining"] == 95
+    assert (await client.get("/readyz")).status == 200
