@@ -138,19 +138,27 @@ class Limiter:
         return parse_outcome(raw)
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:
-        """One check.lua call per slot, at once; refund the slots that took if any denied."""
+        """One check.lua call per slot; refund the slots that took if any denied.
 
-        def call(group: slots.SlotGroup) -> Any:
-            args = [now, cost, len(group.bans), len(group.rules), *plan.args(group)]
+        The first slot reads Redis TIME and the others are given that time, so every hit of
+        the request is stamped alike and one (now_ms, cost) gives all of it back: refund.lua
+        removes log entries by their exact stamp, and slots live on nodes whose clocks differ.
+        """
+
+        def call(group: slots.SlotGroup, at: str) -> Any:
+            args = [at, cost, len(group.bans), len(group.rules), *plan.args(group)]
             return self.scripts.check(keys=plan.keys(group), args=args)
 
         async def ask_all() -> list[Any]:
-            results = await asyncio.gather(*(call(g) for g in plan.groups),
+            first, *rest = plan.groups
+            head: Any = await call(first, now)
+            at = str(parse_outcome(head).now_ms)
+            results = await asyncio.gather(*(call(g, at) for g in rest),
                                            return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, REDIS_FAILURES):
                     raise result
-            return results
+            return [head, *results]
 
         results = await self._call(
             ask_all, healthy=lambda rs: not any(isinstance(r, BaseException) for r in rs))
@@ -197,9 +205,21 @@ class Limiter:
     async def refund(self, keys: Sequence[str], cost: int, at_ms: int,
                      rule_args: Sequence[str | int]) -> list[int]:
         """Run refund.lua: give back ``cost`` hits taken at ``at_ms``; hits given back per rule."""
-        args: list[str | int] = [cost, at_ms, len(keys), *rule_args]
-        raw = await self._call(lambda: self.scripts.refund(keys=list(keys), args=args))
-        return [int(v) for v in raw]
+
+        def call(indexes: Sequence[int], args: Sequence[str | int]) -> Any:
+            return self.scripts.refund(keys=[keys[i] for i in indexes],
+                                       args=[cost, at_ms, len(indexes), *args])
+
+        if not self.sharded:
+            raw = await self._call(lambda: call(range(len(keys)), rule_args))
+            return [int(v) for v in raw]
+        groups = slots.split_refund(keys, rule_args)
+        answers = await self._call(lambda: asyncio.gather(*(call(i, a) for i, a in groups)))
+        given = [0] * len(keys)
+        for (indexes, _), raw in zip(groups, answers, strict=True):
+            for i, value in zip(indexes, raw, strict=True):
+                given[i] = int(value)
+        return given
 
     async def claim(self, key: str, ttl_ms: int) -> bool:
         """SET NX with a TTL: True for the first caller only (e.g. one refund per token)."""

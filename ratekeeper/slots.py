@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 
 from redis.crc import key_slot
 
-__all__ = ["Answer", "Merged", "RulePart", "SlotGroup", "SlotPlan", "merge", "split", "taken"]
+__all__ = [
+    "Answer",
+    "Merged",
+    "RulePart",
+    "SlotGroup",
+    "SlotPlan",
+    "merge",
+    "split",
+    "split_refund",
+    "taken",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +97,22 @@ def split(keys: Sequence[str], n_bans: int, n_rules: int,
         groups.setdefault(slot, SlotGroup(slot)).rules.append(r)
     return SlotPlan(ban_keys=tuple(keys[:n_bans]), rules=tuple(rules),
                     groups=tuple(groups.values()))
+
+
+def split_refund(keys: Sequence[str], rule_args: Sequence[str | int]
+                 ) -> list[tuple[list[int], list[str | int]]]:
+    """Group refund.lua's rules by slot: (indexes into ``keys``, their ARGV tail) per slot."""
+    groups: dict[int, tuple[list[int], list[str | int]]] = {}
+    a = 0
+    for i, key in enumerate(keys):
+        width = 2 + int(rule_args[a + 1])  # algorithm, nw, then nw window lengths
+        indexes, args = groups.setdefault(key_slot(key.encode()), ([], []))
+        indexes.append(i)
+        args += rule_args[a:a + width]
+        a += width
+    if a != len(rule_args):
+        raise ValueError("keys and rule arguments do not match refund.lua's layout")
+    return list(groups.values())
 
 
 @dataclass(frozen=True, slots=True)

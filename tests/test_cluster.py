@@ -150,3 +150,19 @@ async def test_concurrent_cross_slot_checks_user_rule_binding(
                                        for _ in range(200)))
     assert sum(d.allowed for d in decisions) == 20
     assert await cluster_client.llen(rule_key(checker, "ip", "ip", IP)) == 20
+
+
+async def test_refund_token_gives_back_every_slot(cluster_client: RedisCluster,
+                                                 key_prefix: str) -> None:
+    """With Redis TIME (no test clock) a check spanning two slots stamps one time in both, so
+    its refund token gives back the hit of the IP rule and of the user rule."""
+    checker = make_checker(cluster_client, key_prefix, ip_limit=5, user_limit=5)
+    await ask(checker, action="a", ip=IP, user=USER)
+    taken = await ask(checker, action="a", ip=IP, user=USER)
+    assert [lim.remaining for lim in taken.limits] == [3, 3] and taken.refund
+    ip_key, user_key = rule_key(checker, "ip", "ip", IP), rule_key(checker, "user", "user", USER)
+    assert await cluster_client.lindex(ip_key, 0) == await cluster_client.lindex(user_key, 0)
+    result = await checker.refund(taken.refund)
+    assert result.refunded
+    peek = await ask(checker, action="a", ip=IP, user=USER, cost=0)
+    assert [lim.remaining for lim in peek.limits] == [4, 4]

@@ -4,7 +4,9 @@
 -- KEYS[nb+1 ..]   per rule, in ARGV order: its state key, then its penalty key when the
 --                 rule has a penalty
 --
--- ARGV[1]  now_ms      '' = read Redis TIME (production always); an integer in ms for tests
+-- ARGV[1]  now_ms      '' = read Redis TIME (production); an integer in ms: a test clock, or
+--                       on a Cluster the TIME the request's first slot read (every slot of a
+--                       request stamps one now, so one now_ms refunds all of it)
 -- ARGV[2]  cost        hits to take, integer >= 0; 0 only looks ("would one more hit pass?")
 -- ARGV[3]  nb          number of ban keys
 -- ARGV[4]  nr          number of rules
