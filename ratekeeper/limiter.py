@@ -90,6 +90,7 @@ class Limiter:
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._topology = asyncio.Lock()
         self._topology_known = not self.sharded
+        self._logged_at = -1.0
 
     async def _call(self, make: Callable[[], Awaitable[T]], *, timeout: float | None = None,
                     healthy: Callable[[T], bool] | None = None) -> T:
@@ -107,6 +108,7 @@ class Limiter:
                     result = await make()
         except REDIS_FAILURES as exc:
             self.breaker.failure()
+            self._log_failure(exc)
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         except BaseException:
             self.breaker.abandon()
@@ -116,6 +118,14 @@ class Limiter:
         else:
             self.breaker.failure()
         return result
+
+    def _log_failure(self, exc: BaseException) -> None:
+        # at most one line a second: an outage fails every call
+        now = time.monotonic()
+        if now - self._logged_at >= 1.0:
+            self._logged_at = now
+            log.warning("redis call failed (%s: %s); the fail modes decide", type(exc).__name__,
+                        str(exc)[:200] or "deadline passed")
 
     async def _learn_topology(self) -> None:
         # a cluster client that meets a burst of calls before it knows the slots sends most of

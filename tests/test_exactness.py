@@ -62,8 +62,10 @@ async def user_remaining(server: ServerProcess) -> int:
         return int((await resp.json())["limits"][0]["remaining"])
 
 
-def assert_exact(decisions: list[Any]) -> None:
-    assert not any(d["degraded"] for d in decisions)
+def assert_exact(decisions: list[Any], servers: list[ServerProcess]) -> None:
+    failures = [line for server in servers for line in server.log.read_text().splitlines()
+                if "WARNING" in line or "ERROR" in line]
+    assert not any(d["degraded"] for d in decisions), failures
     assert sum(d["allowed"] for d in decisions) == LIMIT
     assert all(d["reason"] == "rate_limited" for d in decisions if not d["allowed"])
 
@@ -72,7 +74,7 @@ async def test_two_workers_one_redis(serve_process: Callable[..., ServerProcess]
                                      redis_server: RedisServer, key_prefix: str) -> None:
     """2 workers of one instance: exactly 50 of 400 pass; the user rule counts those 50."""
     server = serve_process(HOT, env_for(redis_server.url, key_prefix), workers=2)
-    assert_exact(await storm([server]))
+    assert_exact(await storm([server]), [server])
     assert await user_remaining(server) == 1000 - LIMIT
 
 
@@ -81,7 +83,7 @@ async def test_two_instances_one_redis(serve_process: Callable[..., ServerProces
     """2 instances on one Redis, requests alternating between them: exactly 50 pass."""
     env = env_for(redis_server.url, key_prefix)
     servers = [serve_process(HOT, env), serve_process(HOT, env)]
-    assert_exact(await storm(servers))
+    assert_exact(await storm(servers), servers)
     assert await user_remaining(servers[1]) == 1000 - LIMIT
 
 
@@ -90,5 +92,5 @@ async def test_cluster(serve_process: Callable[..., ServerProcess],
     """On the 3-master cluster, 2 workers: exactly 50 pass, and once the denied requests'
     refunds have run the user rule (another slot) counts exactly those 50."""
     server = serve_process(HOT, env_for(redis_cluster.url, key_prefix), workers=2)
-    assert_exact(await storm([server]))
+    assert_exact(await storm([server]), [server])
     assert await user_remaining(server) == 1000 - LIMIT
