@@ -91,6 +91,7 @@ class Limiter:
         self._topology = asyncio.Lock()
         self._topology_known = not self.sharded
         self._logged_at = -1.0
+        self._background: set[asyncio.Future[None]] = set()
 
     async def _call(self, make: Callable[[], Awaitable[T]], *, timeout: float | None = None,
                     healthy: Callable[[T], bool] | None = None) -> T:
@@ -159,35 +160,49 @@ class Limiter:
             args = [at, cost, len(group.bans), len(group.rules), *plan.args(group)]
             return self.scripts.check(keys=plan.keys(group), args=args)
 
-        async def ask_all() -> list[Any]:
-            first, *rest = plan.groups
-            head: Any = await call(first, now)
-            at = str(parse_outcome(head).now_ms)
-            results = await asyncio.gather(*(call(g, at) for g in rest),
-                                           return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result, REDIS_FAILURES):
-                    raise result
-            return [head, *results]
+        answered: dict[int, slots.Answer] = {}  # filled as the slots answer
 
-        results = await self._call(
-            ask_all, healthy=lambda rs: not any(isinstance(r, BaseException) for r in rs))
-        answers: list[slots.Answer | None] = [
-            None if isinstance(r, BaseException) else _answer(r) for r in results
-        ]
-        failed = [r for r in results if isinstance(r, BaseException)]
+        async def ask(index: int, at: str) -> None:
+            answered[index] = _answer(await call(plan.groups[index], at))
+
+        async def ask_all() -> list[BaseException]:
+            await ask(0, now)
+            at = str(answered[0].now_ms)
+            results = await asyncio.gather(*(ask(i, at) for i in range(1, len(plan.groups))),
+                                           return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            for exc in failed:
+                if not isinstance(exc, REDIS_FAILURES):
+                    raise exc
+            return failed
+
+        def owed() -> list[slots.Refund]:
+            return slots.taken(plan, [answered.get(i) for i in range(len(plan.groups))], cost)
+
+        try:
+            failed = await self._call(ask_all, healthy=lambda failed: not failed)
+        except StoreUnavailable:
+            # the deadline passed with some slots done: they may have taken hits
+            self._in_background(self._refund_groups(plan, owed(), cost))
+            raise
         if failed:
-            # some slots answered and may have taken hits: give those back, then let the fail
+            # some slots answered, others failed: give back what was taken, and let the fail
             # modes decide this request as if Redis had not answered at all
-            await self._refund_groups(plan, slots.taken(plan, answers, cost), cost)
+            self._in_background(self._refund_groups(plan, owed(), cost))
             raise StoreUnavailable(f"redis: {type(failed[0]).__name__}") from failed[0]
-        merged = slots.merge(plan, [a for a in answers if a is not None], cost)
+        merged = slots.merge(plan, [answered[i] for i in range(len(plan.groups))], cost)
         if merged.refunds:
+            # awaited: once the denial is answered, the request has consumed nothing
             await self._refund_groups(plan, merged.refunds, cost)
         return _outcome(merged.answer)
 
-    async def _refund_groups(self, plan: slots.SlotPlan,
-                             refunds: Sequence[tuple[slots.SlotGroup, tuple[int, ...], int]],
+    def _in_background(self, work: Awaitable[None]) -> None:
+        """Run a refund owed after a failure without making the degraded answer wait for it."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refund_groups(self, plan: slots.SlotPlan, refunds: Sequence[slots.Refund],
                              cost: int) -> None:
         """Give back what each slot took; failures are logged (the hits then expire)."""
 

@@ -18,6 +18,7 @@ from redis.crc import key_slot
 __all__ = [
     "Answer",
     "Merged",
+    "Refund",
     "RulePart",
     "SlotGroup",
     "SlotPlan",

@@ -165,7 +165,7 @@ class ClusterServers:
             node.stop()
 
 
-def start_cluster(masters: int = 3) -> ClusterServers:
+def start_cluster(masters: int = 3, extra: Sequence[str] = ()) -> ClusterServers:
     """Start ``masters`` cluster-enabled servers on free ports and join them into a cluster."""
     ports = free_ports(2 * masters)  # a client port and a cluster bus port per node
     nodes: list[RedisServer] = []
@@ -173,7 +173,7 @@ def start_cluster(masters: int = 3) -> ClusterServers:
         for port, bus in zip(ports[:masters], ports[masters:], strict=True):
             nodes.append(start_redis(port=port, extra=(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-port", str(bus), "--cluster-node-timeout", "2000",
+                "--cluster-port", str(bus), "--cluster-node-timeout", "2000", *extra,
             )))
         subprocess.run(
             ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),

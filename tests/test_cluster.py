@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -20,7 +22,7 @@ from ratekeeper.settings import Settings
 from ratekeeper.store import open_store
 
 from conftest import SALT, FakeClock, config_from
-from redis_servers import ClusterServers
+from redis_servers import ClusterServers, start_cluster
 
 TWO_SUBJECTS = """
 [rules.ip]
@@ -166,3 +168,49 @@ async def test_refund_token_gives_back_every_slot(cluster_client: RedisCluster,
     assert result.refunded
     peek = await ask(checker, action="a", ip=IP, user=USER, cost=0)
     assert [lim.remaining for lim in peek.limits] == [4, 4]
+
+
+
+@pytest.fixture
+async def own_cluster() -> AsyncIterator[tuple[ClusterServers, RedisCluster]]:
+    """A 3-master cluster of this test alone (it pauses and kills nodes), and a client; the
+    nodes left go on serving their slots when one dies, as a rate limiter's cluster should."""
+    cluster = start_cluster(3, extra=("--cluster-require-full-coverage", "no"))
+    client = RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    await client.initialize()
+    yield cluster, client
+    for node in cluster.nodes:
+        if node.process.poll() is None:
+            node.resume()
+    await client.aclose()
+    cluster.stop()
+
+
+async def test_a_slot_that_fails_gets_the_others_hits_given_back(
+        own_cluster: tuple[ClusterServers, RedisCluster], key_prefix: str) -> None:
+    """The user slot's node paused (deadline) and then killed (error) while the IP slot's node
+    answers: each check is decided by the fail modes, and the hit the IP slot took is given
+    back (in the background, after the degraded answer)."""
+    cluster, client = own_cluster
+    store = open_store(Settings(redis_url=cluster.url, ip_salt=SALT, key_prefix=key_prefix,
+                                redis_timeout_ms=200))
+    checker = make_checker(store.redis, key_prefix)
+    try:
+        ip_key = rule_key(checker, "ip", "ip", IP)
+        user = next(u for u in (f"user{i}" for i in range(100))
+                    if client.get_node_from_key(rule_key(checker, "user", "user", u)).port
+                    != client.get_node_from_key(ip_key).port)
+        user_port = client.get_node_from_key(rule_key(checker, "user", "user", user)).port
+        user_node = next(n for n in cluster.nodes if n.port == user_port)
+        assert (await ask(checker, action="a", ip=IP, user=user)).allowed
+        for stop in (user_node.pause, user_node.kill):
+            stop()
+            decision = await ask(checker, action="a", ip=IP, user=user)
+            assert decision.degraded and decision.allowed
+            for _ in range(100):  # the refund runs in the background
+                if await client.llen(ip_key) == 1:
+                    break
+                await asyncio.sleep(0.02)
+            assert await client.llen(ip_key) == 1
+    finally:
+        await store.close()
