@@ -10,8 +10,9 @@ Signals (to the single worker, or to the supervisor, which passes them on):
     SIGUSR2          supervisor only: rolling restart, one worker at a time: start a fresh
                      worker, wait until it serves, then drain and stop an old one
 
-Workers share one listening socket the supervisor made, rather than binding their own with
-SO_REUSEPORT: with SO_REUSEPORT each socket has its own accept queue, and connections waiting
+Workers share one listening socket the supervisor made (bound with SO_REUSEPORT, so another
+instance may share the port), rather than each binding its own: with one SO_REUSEPORT socket
+per worker each has its own accept queue, and connections waiting
 in the queue of a worker that stops are reset; with one shared queue a draining worker just
 stops taking from it and the others take what waits there, so a rolling restart under load
 fails no request. Workers are spawned, not forked, so a rolling restart also picks up an
@@ -158,6 +159,9 @@ def _listen(host: str, port: int) -> socket.socket:
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # The workers share this one socket (one accept queue); SO_REUSEPORT on it still lets a
+    # second instance bind the same port, e.g. a new release started beside the old one.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(address)
     sock.listen(BACKLOG)
     return sock
