@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from ._version import __version__
 from .config import Config, load_config
 from .errors import BadRequest, ConfigError, RatekeeperError, SettingsError, StoreUnavailable
 from .server import create_app
 from .settings import Settings
 from .wire import Decision, LimitState
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BadRequest",

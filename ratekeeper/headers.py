@@ -12,21 +12,29 @@ from collections import Counter
 
 from .wire import Decision
 
-__all__ = ["rate_limit_headers"]
+__all__ = ["policy_names", "rate_limit_headers"]
+
+
+def policy_names(decision: Decision) -> list[str]:
+    """The policy name of each entry of ``decision.limits``: ``rule``, or ``rule-0``..."""
+    windows_per_rule = Counter(item.rule for item in decision.limits)
+    seen: Counter[str] = Counter()
+    names = []
+    for item in decision.limits:
+        if windows_per_rule[item.rule] > 1:
+            names.append(f"{item.rule}-{seen[item.rule]}")
+            seen[item.rule] += 1
+        else:
+            names.append(item.rule)
+    return names
 
 
 def rate_limit_headers(decision: Decision) -> dict[str, str]:
     """Headers for one decision: the policies, their state, and Retry-After when denied."""
     headers: dict[str, str] = {}
     if decision.limits:
-        windows_per_rule = Counter(item.rule for item in decision.limits)
-        seen: Counter[str] = Counter()
         policies, states = [], []
-        for item in decision.limits:
-            name = item.rule
-            if windows_per_rule[name] > 1:
-                name = f"{item.rule}-{seen[item.rule]}"
-                seen[item.rule] += 1
+        for name, item in zip(policy_names(decision), decision.limits, strict=True):
             policies.append(f'"{name}";q={item.limit};w={item.window}')
             states.append(f'"{name}";r={item.remaining};t={item.reset}')
         headers["RateLimit-Policy"] = ", ".join(policies)

@@ -22,6 +22,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from . import slots
 from .breaker import Breaker
 from .errors import StoreUnavailable
+from .metrics import Metrics
 from .scripts import Scripts
 
 __all__ = ["Limiter", "Outcome", "Status", "WindowState"]
@@ -79,7 +80,7 @@ class Limiter:
 
     def __init__(self, redis: Any, *, timeout: float,
                  clock: Callable[[], int] | None = None, breaker: Breaker | None = None,
-                 sharded: bool | None = None) -> None:
+                 sharded: bool | None = None, metrics: Metrics | None = None) -> None:
         self.redis = redis
         self.scripts = Scripts.register(redis)
         self.timeout = timeout
@@ -92,15 +93,21 @@ class Limiter:
         self._topology_known = not self.sharded
         self._logged_at = -1.0
         self._background: set[asyncio.Future[None]] = set()
+        self.metrics = metrics
+        self._reported_state = ""
 
-    async def _call(self, make: Callable[[], Awaitable[T]], *, timeout: float | None = None,
+    async def _call(self, make: Callable[[], Awaitable[T]], *, op: str,
+                    timeout: float | None = None,
                     healthy: Callable[[T], bool] | None = None) -> T:
         """Run ``make()`` under the breaker and the deadline; Redis failures become ours.
 
-        ``healthy`` tells the breaker whether a result that came back is a success.
+        ``healthy`` tells the breaker whether a result that came back is a success; ``op``
+        names the call in metrics.
         """
         if not self.breaker.allow():
+            self._report(op, "CircuitOpen")
             raise StoreUnavailable("redis: circuit open")
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
                 async with self._in_flight:
@@ -110,6 +117,7 @@ class Limiter:
         except REDIS_FAILURES as exc:
             self.breaker.failure()
             self._log_failure(exc)
+            self._report(op, type(exc).__name__)
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
         except BaseException:
             self.breaker.abandon()
@@ -118,7 +126,21 @@ class Limiter:
             self.breaker.success()
         else:
             self.breaker.failure()
+        self._report(op, None, time.perf_counter() - started)
         return result
+
+    def _report(self, op: str, error: str | None, seconds: float = 0.0) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        if error is None:
+            metrics.redis_call(op, seconds)
+        else:
+            metrics.redis_error(op, error)
+        state = self.breaker.state
+        if state != self._reported_state:
+            self._reported_state = state
+            metrics.breaker_state(state)
 
     def _log_failure(self, exc: BaseException) -> None:
         # at most one line a second: an outage fails every call
@@ -145,7 +167,8 @@ class Limiter:
             if len(plan.groups) > 1:
                 return await self._check_slots(plan, now, cost)
         args: list[str | int] = [now, cost, n_bans, n_rules, *rule_args]
-        raw = await self._call(lambda: self.scripts.check(keys=list(keys), args=args))
+        raw = await self._call(lambda: self.scripts.check(keys=list(keys), args=args),
+                               op="check")
         return parse_outcome(raw)
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:
@@ -180,7 +203,7 @@ class Limiter:
             return slots.taken(plan, [answered.get(i) for i in range(len(plan.groups))], cost)
 
         try:
-            failed = await self._call(ask_all, healthy=lambda failed: not failed)
+            failed = await self._call(ask_all, op="check", healthy=lambda failed: not failed)
         except StoreUnavailable:
             # the deadline passed with some slots done: they may have taken hits
             self._in_background(self._refund_groups(plan, owed(), cost))
@@ -236,10 +259,11 @@ class Limiter:
                                        args=[cost, at_ms, len(indexes), *args])
 
         if not self.sharded:
-            raw = await self._call(lambda: call(range(len(keys)), rule_args))
+            raw = await self._call(lambda: call(range(len(keys)), rule_args), op="refund")
             return [int(v) for v in raw]
         groups = slots.split_refund(keys, rule_args)
-        answers = await self._call(lambda: asyncio.gather(*(call(i, a) for i, a in groups)))
+        answers = await self._call(lambda: asyncio.gather(*(call(i, a) for i, a in groups)),
+                                   op="refund")
         given = [0] * len(keys)
         for (indexes, _), raw in zip(groups, answers, strict=True):
             for i, value in zip(indexes, raw, strict=True):
@@ -249,11 +273,11 @@ class Limiter:
     async def claim(self, key: str, ttl_ms: int) -> bool:
         """SET NX with a TTL: True for the first caller only (e.g. one refund per token)."""
         return bool(await self._call(
-            lambda: self.redis.set(key, b"1", nx=True, px=max(ttl_ms, 1))))
+            lambda: self.redis.set(key, b"1", nx=True, px=max(ttl_ms, 1)), op="claim"))
 
     async def release(self, key: str) -> None:
         """Undo a claim (best effort: a claim whose work failed may be retried)."""
-        await self._call(lambda: self.redis.delete(key))
+        await self._call(lambda: self.redis.delete(key), op="release")
 
     def now_ms(self) -> int:
         """This process's idea of now in ms: the test clock when one is injected."""
@@ -280,7 +304,7 @@ class Limiter:
                 await write.execute(raise_on_error=False)
 
         if pairs:
-            await self._call(copy)
+            await self._call(copy, op="carry_over")
 
     async def ready(self) -> bool:
         """True when Redis answers and the scripts are loaded (loading them if flushed)."""
@@ -292,7 +316,7 @@ class Limiter:
                     await self.redis.script_load(script.script)
 
         try:
-            await self._call(load, timeout=max(self.timeout, READY_TIMEOUT))
+            await self._call(load, op="ready", timeout=max(self.timeout, READY_TIMEOUT))
         except StoreUnavailable:
             return False
         return True

@@ -15,7 +15,7 @@ from typing import Any
 __all__ = ["OUTCOMES", "Metrics"]
 
 OUTCOMES = ("allowed", "rate_limited", "disabled", "banned", "shadow", "degraded")
-BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -66,7 +66,7 @@ class Metrics:
         self.redis_errors.labels(op, error).inc()
 
     def breaker_state(self, state: str) -> None:
-        """Record the circuit breaker's state (closed, half_open, open)."""
+        """Record the circuit breaker's state (closed, half-open, open)."""
         self.breaker.set(BREAKER_STATES[state])
 
     def flag_state(self, name: str, enabled: bool) -> None:

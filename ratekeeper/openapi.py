@@ -1,20 +1,19 @@
 """The OpenAPI 3.1 document, generated from the endpoint table the server registers.
 
-Each HTTP module declares its endpoints (method, path, handler, request and response types);
-``server.create_app`` adds routes from those declarations and ``build_spec`` documents the very
-same list with JSON Schemas that msgspec derives from the types the server decodes and encodes.
-A route cannot exist without a spec entry, and a field cannot change in one place only.
+``spec.py`` declares every endpoint with the msgspec types its handler decodes and encodes;
+``build_spec`` documents that list with the JSON Schemas msgspec derives from those very types,
+so a field cannot change in one place only, and a test checks that the routes the app serves
+and the paths the spec lists are the same set.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiohttp import web
 
 __all__ = ["BATCH_REQUEST", "CHECK_REQUEST", "Endpoint", "Param", "Reply", "build_spec"]
 
@@ -24,9 +23,6 @@ RATE_LIMIT_HEADERS = {
     "RateLimit-Policy": "IETF RateLimit-Policy: the rules' quota policies",
     "RateLimit": "IETF RateLimit: remaining quota and seconds until it goes up",
 }
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -55,7 +51,6 @@ class Endpoint:
 
     method: str
     path: str
-    handler: Handler
     summary: str
     tag: str
     replies: Mapping[int, Reply]

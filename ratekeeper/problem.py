@@ -8,14 +8,12 @@ headers only (no ``Retry-After``).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 import msgspec
 
-from .headers import rate_limit_headers
-from .wire import Decision
+from .headers import policy_names, rate_limit_headers
+from .wire import Decision, Problem
 
 __all__ = ["CONTENT_TYPE", "QUOTA_EXCEEDED", "Denial", "denial", "passing_headers"]
 
@@ -39,20 +37,6 @@ class Denial:
     detail: str
 
 
-def _policy_names(decision: Decision) -> list[str]:
-    # the names the RateLimit headers use: "rule", or "rule-0", "rule-1"... for several windows
-    windows = Counter(item.rule for item in decision.limits)
-    seen: Counter[str] = Counter()
-    names = []
-    for item in decision.limits:
-        if windows[item.rule] > 1:
-            names.append(f"{item.rule}-{seen[item.rule]}")
-            seen[item.rule] += 1
-        else:
-            names.append(item.rule)
-    return names
-
-
 def passing_headers(decision: Decision) -> dict[str, str]:
     """The RateLimit headers to add to a response the request was allowed to get."""
     headers = rate_limit_headers(decision)
@@ -65,26 +49,24 @@ def denial(decision: Decision) -> Denial | None:
     if decision.allowed:
         return None
     headers = rate_limit_headers(decision)
-    body: dict[str, Any]
+    body: Problem
     if decision.reason == "disabled":
         headers.pop("Retry-After", None)  # a kill switch has no known end
         detail = decision.message or DISABLED_DETAIL
-        body = {"type": "about:blank", "title": "Forbidden", "status": 403, "detail": detail,
-                "flag": decision.flag}
-        status = 403
+        body = Problem(type="about:blank", title="Forbidden", status=403, detail=detail,
+                       flag=decision.flag)
     elif decision.reason == "banned":
         if decision.retry_after <= 0:
             headers.pop("Retry-After", None)
         detail = BANNED_DETAIL
-        body = {"type": "about:blank", "title": "Forbidden", "status": 403, "detail": detail}
-        status = 403
+        body = Problem(type="about:blank", title="Forbidden", status=403, detail=detail)
     else:
         retry = max(decision.retry_after, 1)
         detail = f"Too many requests: retry in {retry} second{'s' if retry != 1 else ''}."
-        violated = [name for name, item in zip(_policy_names(decision), decision.limits,
+        violated = [name for name, item in zip(policy_names(decision), decision.limits,
                                                strict=True) if item.remaining == 0]
-        body = {"type": QUOTA_EXCEEDED, "title": QUOTA_TITLE, "status": 429, "detail": detail,
-                "violated-policies": violated}
-        status = 429
+        body = Problem(type=QUOTA_EXCEEDED, title=QUOTA_TITLE, status=429, detail=detail,
+                       violated_policies=violated)
+    status = body.status
     headers["Content-Type"] = CONTENT_TYPE
     return Denial(status=status, headers=headers, body=_encode(body), detail=detail)

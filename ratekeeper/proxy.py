@@ -62,7 +62,8 @@ def add_routes(app: web.Application) -> None:
     """Serve ``GET /v1/authz`` and Envoy's ``/v1/authz/envoy/...`` on ``app``."""
     app[PROXY_STATE] = _ProxyState()
     app.router.add_get("/v1/authz", authz)
-    app.router.add_route("*", ENVOY_PREFIX + "{path:(/.*)?}", authz_envoy)
+    # [\s\S], not ".": a percent-encoded newline in the path must match too
+    app.router.add_route("*", ENVOY_PREFIX + r"{path:(/[\s\S]*)?}", authz_envoy)
 
 
 async def authz(request: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,12 @@ from .flags import FlagBoard
 from .headers import rate_limit_headers
 from .keys import Keyspace
 from .limiter import Limiter
+from .metrics import Metrics
 from .service import Checker
 from .settings import Settings
+from .spec import openapi_document
 from .store import Store, open_store
-from .wire import BatchResponse, ErrorBody
+from .wire import BatchResponse, ErrorBody, Health, Readiness
 
 __all__ = ["RUNTIME", "Runtime", "build_checker", "create_app", "reload_config"]
 
@@ -39,6 +42,7 @@ class Runtime:
     limiter: Limiter
     flags: FlagBoard
     checker: Checker
+    metrics: Metrics
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -121,17 +125,29 @@ async def refund(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: the process answers."""
-    return json_response({"status": "ok"})
+    """GET /healthz: the process answers (and which worker process it is)."""
+    return json_response(Health(status="ok", pid=os.getpid()))
 
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: Redis answers and the scripts are loaded."""
     runtime = request.app[RUNTIME]
     ready = await runtime.limiter.ready()  # 503 at once while the circuit is open
-    body = {"status": "ready" if ready else "unavailable", "store": runtime.store.kind,
-            "breaker": runtime.limiter.breaker.state}
+    body = Readiness(status="ready" if ready else "unavailable", store=runtime.store.kind,
+                     breaker=runtime.limiter.breaker.state)
     return json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text, summed over every worker."""
+    body, content_type = request.app[RUNTIME].metrics.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: the spec of every endpoint, for the live config's types."""
+    checker = request.app[RUNTIME].checker
+    return json_response(openapi_document(checker.request_type, checker.batch_type))
 
 
 def create_app(settings: Settings, config: Config, *, store: Store | None = None,
@@ -142,10 +158,13 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         own_store = store is None
         live = open_store(settings) if store is None else store
-        limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock)
+        metrics = Metrics()
+        limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock,
+                          metrics=metrics)
         flags = FlagBoard(config.flags)
         app[RUNTIME] = Runtime(settings=settings, store=live, limiter=limiter, flags=flags,
-                               checker=build_checker(config, settings, limiter, flags))
+                               checker=build_checker(config, settings, limiter, flags),
+                               metrics=metrics)
         await limiter.ready()  # connect and load the scripts now; a Redis that is down is fine
         yield
         if own_store:
@@ -159,4 +178,6 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     add_proxy_routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
     return app

@@ -107,7 +107,8 @@ class Checker:
         self.flags = flags
         self.request_type = check_request_type(config.subjects)
         self.decoder = msgspec.json.Decoder(self.request_type)
-        self.batch_decoder = msgspec.json.Decoder(batch_request_type(self.request_type))
+        self.batch_type = batch_request_type(self.request_type)
+        self.batch_decoder = msgspec.json.Decoder(self.batch_type)
         self.subject_fields = tuple(sorted(config.subjects - {"ip"}))
         self.plans = {name: _plan(action) for name, action in config.actions.items()}
         self.shadow_all = False  # the global shadow switch, set by the flag sync

@@ -20,7 +20,10 @@ __all__ = [
     "CheckRequestType",
     "Decision",
     "ErrorBody",
+    "Health",
     "LimitState",
+    "Problem",
+    "Readiness",
     "RefundRequest",
     "RefundResult",
     "batch_request_type",
@@ -114,3 +117,29 @@ class ErrorBody(msgspec.Struct, frozen=True):
     """Every 4xx body: one sentence saying what is wrong."""
 
     error: str
+
+
+class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An RFC 9457 problem: what a proxy or middleware answers a denied request with."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    flag: str | None = None
+    violated_policies: list[str] | None = msgspec.field(default=None, name="violated-policies")
+
+
+class Health(msgspec.Struct, frozen=True):
+    """``GET /healthz``: the process answers; which worker process it is."""
+
+    status: str
+    pid: int
+
+
+class Readiness(msgspec.Struct, frozen=True):
+    """``GET /readyz``: whether Redis answers with the scripts loaded, and the breaker state."""
+
+    status: str
+    store: str
+    breaker: str
