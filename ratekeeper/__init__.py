@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._version import __version__
+from ._version import __version__ as __version__
 from .config import Config, load_config
 from .errors import BadRequest, ConfigError, RatekeeperError, SettingsError, StoreUnavailable
 from .server import create_app
