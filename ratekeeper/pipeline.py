@@ -11,6 +11,12 @@ awaitable ``__call__(keys=..., args=...)``), so it stands in for one: ``coalesce
 redis)`` swaps it in for the check script of a ``Scripts``. Errors reach each caller as
 redis-py raised them (a connection error fails every call of the batch, a script error
 only its own call), so the limiter's translation of Redis errors stays where it is.
+
+On a plain ``redis.asyncio.Redis`` (single server or Sentinel) the batch is encoded here and
+written on one pooled connection: redis-py's own command packing costs more than the
+script call itself in Redis. Other clients (a cluster, the embedded fakeredis) get a
+redis-py pipeline. Neither path retries a batch that failed after it was sent, so a hit is
+never taken twice.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, ResponseError
 
 from .scripts import Scripts
 
@@ -31,23 +38,63 @@ Call = tuple[Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
 
 # A tick rarely holds more than the server's concurrency; the cap bounds one write's size.
 MAX_BATCH = 512
+MAX_INFLIGHT = 2
+# Encoded ARGV values that repeat (counts, algorithm letters, limits, windows), per process.
+_ENCODED: dict[str | int, bytes] = {}
+_MAX_ENCODED = 4096
+
+
+def _bulk(value: Arg) -> bytes:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _arg(value: Arg) -> bytes:
+    kind = type(value)
+    if kind is not int and kind is not str:  # bytes, and no float or bool aliasing an int
+        return _bulk(value)
+    encoded = _ENCODED.get(value)  # type: ignore[arg-type]
+    if encoded is None:
+        encoded = _bulk(value)
+        if len(_ENCODED) < _MAX_ENCODED:
+            _ENCODED[value] = encoded  # type: ignore[index]
+    return encoded
+
+
+def encode_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+    """One EVALSHA command in RESP, as redis-py would send it."""
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (3 + len(keys) + len(args),
+                                                           len(sha), sha.encode()),
+             _arg(len(keys))]
+    parts += [_bulk(key) for key in keys]
+    parts += [_arg(arg) for arg in args]
+    return b"".join(parts)
 
 
 class Coalescer:
-    """Runs one Lua script for many callers, one pipeline per event-loop tick."""
+    """Runs one Lua script for many callers: one pipeline per event-loop tick, few in flight."""
 
-    __slots__ = ("_queue", "_scheduled", "_tasks", "batches", "calls", "max_batch",
-                 "redis", "script", "sha")
+    __slots__ = ("_direct", "_inflight", "_queue", "_scheduled", "_tasks", "batches", "calls",
+                 "dropped", "max_batch", "max_inflight", "redis", "script", "sha", "timeout")
 
-    def __init__(self, redis: Any, script: Any, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, redis: Any, script: Any, *, max_batch: int = MAX_BATCH,
+                 max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
         self.redis = redis
+        # a subclass (fakeredis) or a cluster client takes the redis-py pipeline
+        self._direct = type(redis) is Redis
         self.script: str | bytes = script.script
         self.sha: str = script.sha
         self.max_batch = max_batch
-        self.calls = 0  # script calls made, for metrics and tests
+        # While this many pipelines are out, calls wait and go in the next, larger one: under
+        # load batches grow instead of connections and syscalls.
+        self.max_inflight = max_inflight
+        self.timeout = timeout  # one deadline for a whole batch, when the caller sets none
+        self.calls = 0  # script calls sent, for metrics and tests
         self.batches = 0  # pipelines sent
+        self.dropped = 0  # calls whose caller gave up before they were sent
         self._queue: list[Call] = []
         self._scheduled = False
+        self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, keys: Sequence[str] = (), args: Iterable[Arg] = (),
@@ -56,28 +103,44 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((keys, tuple(args), future))
-        if len(self._queue) >= self.max_batch:
-            self._flush()
-        elif not self._scheduled:
+        if not self._scheduled and self._inflight < self.max_inflight:
             self._scheduled = True
             loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
         self._scheduled = False
-        batch, self._queue = self._queue, []
-        if not batch:
-            return
-        task = asyncio.ensure_future(self._run(batch))
-        # the loop keeps only weak references to tasks
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        while self._queue and self._inflight < self.max_inflight:
+            batch = self._queue[:self.max_batch]
+            del self._queue[:self.max_batch]
+            # a caller that already gave up (its deadline passed) is not sent: it has had
+            # its answer, and the hit it asked for must not be taken behind its back
+            live = [call for call in batch if not call[2].done()]
+            self.dropped += len(batch) - len(live)
+            if not live:
+                continue
+            self._inflight += 1
+            task = asyncio.ensure_future(self._run(live))
+            # the loop keeps only weak references to tasks
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._inflight -= 1
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            task.get_loop().call_soon(self._flush)
 
     async def _run(self, batch: list[Call]) -> None:
         self.calls += len(batch)
         self.batches += 1
         try:
-            results = await self._send(batch)
+            if self.timeout is None:
+                results = await self._send(batch)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    results = await self._send(batch)
         except asyncio.CancelledError:
             for _, _, future in batch:
                 future.cancel()
@@ -88,7 +151,7 @@ class Coalescer:
                     future.set_exception(exc)
             return
         for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller gave up (its deadline passed)
+            if future.done():  # the caller gave up while its batch was out
                 continue
             if isinstance(result, Exception):
                 future.set_exception(result)
@@ -108,11 +171,34 @@ class Coalescer:
         return results
 
     async def _pipeline(self, batch: Sequence[Call]) -> list[Any]:
+        if self._direct:
+            return await self._write_and_read(batch)
         pipe = self.redis.pipeline(transaction=False)
         sha = self.sha
         for keys, args, _ in batch:
             pipe.evalsha(sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+    async def _write_and_read(self, batch: Sequence[Call]) -> list[Any]:
+        data = b"".join([encode_evalsha(self.sha, keys, args) for keys, args, _ in batch])
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(data, check_health=False)
+            results: list[Any] = []
+            for _ in batch:
+                try:
+                    results.append(await connection.read_response())
+                except ResponseError as exc:  # a script error is one call's answer
+                    results.append(exc)
+        except BaseException:
+            # replies may still be on the wire: this connection cannot be reused
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
+        return results
 
 
 def coalesced(scripts: Scripts, redis: Any) -> Scripts:

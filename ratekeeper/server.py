@@ -16,6 +16,7 @@ from .flags import FlagBoard
 from .headers import rate_limit_headers
 from .keys import Keyspace
 from .limiter import Limiter
+from .pipeline import coalesced
 from .service import Checker
 from .settings import Settings
 from .store import Store, open_store
@@ -143,6 +144,8 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         own_store = store is None
         live = open_store(settings) if store is None else store
         limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock)
+        # one Redis pipeline per event-loop tick instead of one round trip per check
+        limiter.scripts = coalesced(limiter.scripts, live.redis)
         flags = FlagBoard(config.flags)
         app[RUNTIME] = Runtime(settings=settings, store=live, limiter=limiter, flags=flags,
                                checker=build_checker(config, settings, limiter, flags))

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.flags import FlagBoard
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter, Status, parse_outcome
-from ratekeeper.pipeline import Coalescer, coalesced
+from ratekeeper.pipeline import Coalescer, coalesced, encode_evalsha
 from ratekeeper.scripts import Scripts
 from ratekeeper.service import Checker
 
 from conftest import SALT, FakeClock, config_from
-from redis_servers import free_port
+from redis_servers import RedisServer, free_port
 
 ONE_RULE = """
 [rules.r]
@@ -32,6 +34,10 @@ algorithm = "{algorithm}"
 [actions.a]
 rules = ["r"]
 """
+
+
+class PipelinedRedis(aioredis.Redis):
+    """Not exactly redis.asyncio.Redis, so the Coalescer takes redis-py's pipeline."""
 
 
 def coalesced_checker(text: str, redis: aioredis.Redis, prefix: str,
@@ -58,12 +64,18 @@ def counter_call(prefix: str, subject: str, *, cost: int = 1, limit: int = 100,
     return keys, args
 
 
+@pytest.mark.parametrize("transport", ["direct", "redis-py pipeline"])
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
 async def test_concurrent_checks_admit_exactly_the_limit(
-        redis: aioredis.Redis, key_prefix: str, clock: FakeClock, algorithm: str) -> None:
-    """200 concurrent checks of one subject at a limit of 20 admit exactly 20, coalesced."""
+        redis_server: RedisServer, key_prefix: str, clock: FakeClock, algorithm: str,
+        transport: str) -> None:
+    """200 concurrent checks of one subject at a limit of 20 admit exactly 20, coalesced,
+    on either transport."""
+    kind = aioredis.Redis if transport == "direct" else PipelinedRedis
+    redis = kind.from_url(redis_server.url)
     checker, coalescer = coalesced_checker(
         ONE_RULE.format(limit="20 per minute", algorithm=algorithm), redis, key_prefix, clock)
+    assert coalescer._direct is (transport == "direct")
     decisions = await asyncio.gather(
         *(ask(checker, action="a", ip="198.51.100.7") for _ in range(200)))
     allowed = [d for d in decisions if d.allowed]
@@ -73,6 +85,7 @@ async def test_concurrent_checks_admit_exactly_the_limit(
     assert [d.limits[0].remaining for d in decisions[:20]] == list(range(19, -1, -1))
     assert coalescer.calls == 200
     assert coalescer.batches < coalescer.calls
+    await redis.aclose()
 
 
 async def test_one_tick_is_one_pipeline_and_answers_go_to_their_callers(
@@ -146,17 +159,56 @@ async def test_connection_failure_fails_every_call_and_the_limiter_translates_it
         await dead.aclose()
 
 
-async def test_a_caller_that_gives_up_does_not_disturb_the_others(
+async def test_a_caller_that_gives_up_before_sending_is_not_sent(
         redis: aioredis.Redis, key_prefix: str) -> None:
-    """A caller cancelled while its batch is in flight is skipped; the rest are answered."""
+    """A call cancelled before its batch leaves never runs (its hit is not taken); the
+    others are answered."""
     coalescer = Coalescer(redis, Scripts.register(redis).check)
-    futures = [coalescer(*counter_call(key_prefix, f"s{i}")) for i in range(3)]
+    futures = [coalescer(*counter_call(key_prefix, "same")) for i in range(3)]
     futures[1].cancel()
     first, third = await asyncio.gather(futures[0], futures[2])
-    assert parse_outcome(first).status is Status.ALLOWED
-    assert parse_outcome(third).status is Status.ALLOWED
-    # the cancelled call was already queued, so Redis still ran it (like a timed-out call)
-    assert coalescer.calls == 3
+    assert parse_outcome(first).windows[0].remaining == 99
+    assert parse_outcome(third).windows[0].remaining == 98
+    assert (coalescer.calls, coalescer.dropped) == (2, 1)
+
+
+async def test_calls_wait_while_the_inflight_pipelines_are_out(redis: aioredis.Redis,
+                                                               key_prefix: str) -> None:
+    """With one pipeline allowed out, calls made meanwhile go together in the next one."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check, max_inflight=1)
+    first = coalescer(*counter_call(key_prefix, "a"))
+    await asyncio.sleep(0)  # the first pipeline leaves
+    rest = [coalescer(*counter_call(key_prefix, f"b{i}")) for i in range(10)]
+    await asyncio.gather(first, *rest)
+    assert (coalescer.batches, coalescer.calls) == (2, 11)
+
+
+async def test_batch_deadline_fails_every_call_with_a_timeout(key_prefix: str) -> None:
+    """With its own deadline, a batch a server never answers fails each caller with a
+    timeout (a RedisError or TimeoutError, both of which the Limiter translates)."""
+    with socket.socket() as mute:  # accepts connections, never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        port = mute.getsockname()[1]
+        client = aioredis.Redis(port=port, retry=Retry(NoBackoff(), 0),
+                                socket_connect_timeout=1.0, protocol=2)
+        try:
+            coalescer = Coalescer(client, Scripts.register(client).check, timeout=0.05)
+            outcomes = await asyncio.gather(*(coalescer(*counter_call(key_prefix, f"s{i}"))
+                                              for i in range(3)), return_exceptions=True)
+        finally:
+            await client.aclose()
+    assert all(isinstance(o, TimeoutError | RedisError) for o in outcomes), outcomes
+
+
+def test_encoding_matches_redis_py() -> None:
+    """The coalescer's own RESP encoding is byte for byte what redis-py would send."""
+    keys = ["rk:{abc}:b", "rk:{abc}:tag", "é-key"]
+    args: list[str | int] = ["", 1, 1, 1, "c", "0", 0, 2, 1000, 3_600_000, -5, "x y"]
+    packed = b"".join(bytes(part) for part in
+                      Connection().pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args))
+    assert encode_evalsha("f" * 40, keys, args) == packed
+    assert encode_evalsha("f" * 40, keys, args) == packed  # from the encoding cache
 
 
 async def test_readiness_sees_the_coalesced_script(redis: aioredis.Redis) -> None:
