@@ -6,7 +6,7 @@ import random
 import re
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,12 +91,17 @@ class RawPipe:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.reader = hiredis.Reader()
+        self.pending = 0
 
-    def run(self, commands: Sequence[bytes]) -> list[Any]:
-        """Send every command in one write and read every reply."""
+    def send(self, commands: Sequence[bytes]) -> None:
+        """Send commands without waiting for their replies (``drain`` reads them)."""
         self.sock.sendall(b"".join(commands))
+        self.pending += len(commands)
+
+    def drain(self, keep: int = 0) -> list[Any]:
+        """Read replies until at most ``keep`` are outstanding; raise on an error reply."""
         replies: list[Any] = []
-        while len(replies) < len(commands):
+        while self.pending > keep:
             reply = self.reader.gets()
             if reply is False:
                 self.reader.feed(self.sock.recv(1 << 20))
@@ -104,7 +109,13 @@ class RawPipe:
             if isinstance(reply, hiredis.ReplyError):
                 raise RuntimeError(f"redis: {reply}")
             replies.append(reply)
+            self.pending -= 1
         return replies
+
+    def run(self, commands: Sequence[bytes]) -> list[Any]:
+        """Send every command in one write and read every reply."""
+        self.send(commands)
+        return self.drain()
 
     def close(self) -> None:
         """Close the socket."""
@@ -116,19 +127,16 @@ def _ipv4(i: int) -> bytes:
     return b"4" + bytes([32]) + (0xC6120000 + i).to_bytes(4, "big")
 
 
-def _subjects(keyspace: Keyspace, n: int) -> Iterator[tuple[int, str]]:
-    for i in range(n):
-        yield i, keyspace.subject((("ip", _ipv4(i)),))
-
-
 def fill_counter_subjects(port: int, config: Config, keyspace: Keyspace, action: str,
-                          n: int, *, chunk: int = 5000) -> list[str]:
-    """Decide one hit for each of ``n`` IPs with the real check.lua, as the sidecar does.
+                          subjects: range, *, chunk: int = 4000) -> list[str]:
+    """Decide one hit for each IP of ``subjects`` with the real check.lua, as the sidecar does.
 
     The KEYS and ARGV are the ones ``Checker.decide`` sends for ``action`` (one ban key per
-    subject, then each rule's state key). Returns every counter key written.
+    subject, then each rule's state key), encoded as the coalescer encodes them. A chunk is
+    built while Redis runs the one before. Returns every counter key written.
     """
     from ratekeeper.flags import FlagBoard
+    from ratekeeper.pipeline import encode_evalsha
     from ratekeeper.service import Checker
 
     if keyspace.ip_value("198.18.0.7") != _ipv4(7):
@@ -138,19 +146,20 @@ def fill_counter_subjects(port: int, config: Config, keyspace: Keyspace, action:
     rules = plan.action.rules
     pipe = RawPipe(port)
     sha = pipe.run([_resp("SCRIPT", "LOAD", read_script("check"))])[0].decode()
-    head: list[str | int] = ["", 1, 1, len(rules)]
+    args: list[str | int] = ["", 1, 1, len(rules), *plan.rule_args]
     written: list[str] = []
     batch: list[bytes] = []
-    for _, subject in _subjects(keyspace, n):
+    for i in subjects:
+        subject = keyspace.subject((("ip", _ipv4(i)),))
         counters = [keyspace.counter_key(subject, rule) for rule in rules]
-        keys = [keyspace.ban_key(subject), *counters]
-        batch.append(_resp("EVALSHA", sha, len(keys), *keys, *head, *plan.rule_args))
+        batch.append(encode_evalsha(sha, [keyspace.ban_key(subject), *counters], args))
         written.extend(counters)
         if len(batch) >= chunk:
-            pipe.run(batch)
+            pipe.send(batch)
+            pipe.drain(keep=chunk)  # one chunk stays in flight
             batch = []
-    if batch:
-        pipe.run(batch)
+    pipe.send(batch)
+    pipe.drain()
     pipe.close()
     return written
 
