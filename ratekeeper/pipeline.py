@@ -6,9 +6,9 @@ share one write and one read, and Redis parses them in one go. Exactness is unch
 every EVALSHA in a pipeline is still atomic on its own, and Redis runs them in the order
 they were queued, which is the order the callers asked.
 
-``Coalescer`` has the shape of a registered redis-py script (``sha``, ``script`` and an
-awaitable ``__call__(keys=..., args=...)``), so it stands in for one: ``coalesced(scripts,
-redis)`` swaps it in for the check script of a ``Scripts``. Errors reach each caller as
+``Coalescer`` is a ``LuaScript`` (``sha``, ``script`` and an awaitable ``__call__(keys=...,
+args=...)``), so it stands in for one: ``coalesced(scripts, redis)`` swaps it in for the check
+script of a ``Scripts``. Errors reach each caller as
 redis-py raised them (a connection error fails every call of the batch, a script error
 only its own call), so the limiter's translation of Redis errors stays where it is.
 
@@ -29,7 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from .scripts import Scripts
+from .scripts import LuaScript, Scripts
 
 __all__ = ["Coalescer", "coalesced"]
 
@@ -71,19 +71,25 @@ def encode_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
     return b"".join(parts)
 
 
-class Coalescer:
+def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+    """One EVAL command (the script's source) in RESP."""
+    return b"".join([b"*%d\r\n$4\r\nEVAL\r\n" % (3 + len(keys) + len(args)),
+                     _bulk(source), _arg(len(keys)), *[_bulk(key) for key in keys],
+                     *[_arg(arg) for arg in args]])
+
+
+class Coalescer(LuaScript):
     """Runs one Lua script for many callers: one pipeline per event-loop tick, few in flight."""
 
     __slots__ = ("_direct", "_inflight", "_queue", "_scheduled", "_tasks", "batches", "calls",
-                 "dropped", "max_batch", "max_inflight", "redis", "script", "sha", "timeout")
+                 "dropped", "max_batch", "max_inflight", "redis", "timeout")
 
-    def __init__(self, redis: Any, script: Any, *, max_batch: int = MAX_BATCH,
+    def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,
                  max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
+        super().__init__(redis, script.name, script.script)
         self.redis = redis
         # a subclass (fakeredis) or a cluster client takes the redis-py pipeline
         self._direct = type(redis) is Redis
-        self.script: str | bytes = script.script
-        self.sha: str = script.sha
         self.max_batch = max_batch
         # While this many pipelines are out, calls wait and go in the next, larger one: under
         # load batches grow instead of connections and syscalls.
@@ -97,8 +103,12 @@ class Coalescer:
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __call__(self, keys: Sequence[str] = (), args: Iterable[Arg] = (),
-                 client: Any = None) -> asyncio.Future[Any]:
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
+                       client: Any = None) -> Any:
+        """Run the script in the next pipeline; what it returned (``client`` is ignored)."""
+        return await self.queue(keys, args)
+
+    def queue(self, keys: Sequence[str], args: Iterable[Arg]) -> asyncio.Future[Any]:
         """Queue one call; the future resolves to what the script returned."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
@@ -159,35 +169,41 @@ class Coalescer:
                 future.set_result(result)
 
     async def _send(self, batch: Sequence[Call]) -> list[Any]:
-        results = await self._pipeline(batch)
+        results = await self._pipeline(batch, by_sha=True)
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
-            # Redis lost its script cache (a restart, a failover, SCRIPT FLUSH); those calls
-            # did not run, so loading the script and sending them again is safe.
-            await self.redis.script_load(self.script)
-            again = await self._pipeline([batch[i] for i in missing])
+            # Redis lost its script cache (a restart, a failover, SCRIPT FLUSH): those calls
+            # did not run. EVAL carries the source, so it runs whatever the cache holds (a
+            # second flush racing a reload cannot fail it) and caches the script again.
+            again = await self._pipeline([batch[i] for i in missing], by_sha=False)
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
         return results
 
-    async def _pipeline(self, batch: Sequence[Call]) -> list[Any]:
+    async def _pipeline(self, batch: Sequence[Call], *, by_sha: bool) -> list[Any]:
         if self._direct:
-            return await self._write_and_read(batch)
+            if by_sha:
+                data = b"".join([encode_evalsha(self.sha, keys, args)
+                                 for keys, args, _ in batch])
+            else:
+                data = b"".join([encode_eval(self.script, keys, args)
+                                 for keys, args, _ in batch])
+            return await self._write_and_read(data, len(batch))
         pipe = self.redis.pipeline(transaction=False)
-        sha = self.sha
         for keys, args, _ in batch:
-            pipe.evalsha(sha, len(keys), *keys, *args)
+            if by_sha:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            else:
+                pipe.eval(self.script, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
 
-
-    async def _write_and_read(self, batch: Sequence[Call]) -> list[Any]:
-        data = b"".join([encode_evalsha(self.sha, keys, args) for keys, args, _ in batch])
+    async def _write_and_read(self, data: bytes, replies: int) -> list[Any]:
         pool = self.redis.connection_pool
         connection = await pool.get_connection()
         try:
             await connection.send_packed_command(data, check_health=False)
             results: list[Any] = []
-            for _ in batch:
+            for _ in range(replies):
                 try:
                     results.append(await connection.read_response())
                 except ResponseError as exc:  # a script error is one call's answer

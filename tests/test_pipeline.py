@@ -19,7 +19,7 @@ from ratekeeper.errors import StoreUnavailable
 from ratekeeper.flags import FlagBoard
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter, Status, parse_outcome
-from ratekeeper.pipeline import Coalescer, coalesced, encode_evalsha
+from ratekeeper.pipeline import Coalescer, coalesced, encode_eval, encode_evalsha
 from ratekeeper.scripts import Scripts
 from ratekeeper.service import Checker
 
@@ -95,7 +95,7 @@ async def test_one_tick_is_one_pipeline_and_answers_go_to_their_callers(
     futures = []
     for i in range(50):
         keys, args = counter_call(key_prefix, f"s{i}", cost=i, limit=100)
-        futures.append(coalescer(keys=keys, args=args))
+        futures.append(coalescer.queue(keys, args))
     results = [parse_outcome(raw) for raw in await asyncio.gather(*futures)]
     assert coalescer.batches == 1 and coalescer.calls == 50
     # cost 0 only looks, so the first subject still has all 100
@@ -106,7 +106,7 @@ async def test_one_tick_is_one_pipeline_and_answers_go_to_their_callers(
 async def test_max_batch_splits_a_large_tick(redis: aioredis.Redis, key_prefix: str) -> None:
     """A tick with more calls than max_batch goes out as several pipelines, none lost."""
     coalescer = Coalescer(redis, Scripts.register(redis).check, max_batch=8)
-    futures = [coalescer(*counter_call(key_prefix, f"s{i}")) for i in range(20)]
+    futures = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(20)]
     results = await asyncio.gather(*futures)
     assert len(results) == 20 and coalescer.calls == 20
     assert coalescer.batches == 3
@@ -116,11 +116,11 @@ async def test_a_script_error_fails_only_its_own_call(redis: aioredis.Redis,
                                                       key_prefix: str) -> None:
     """A call whose ARGV the script rejects raises ResponseError; its batch-mates succeed."""
     coalescer = Coalescer(redis, Scripts.register(redis).check)
-    good = coalescer(*counter_call(key_prefix, "good"))
+    good = coalescer.queue(*counter_call(key_prefix, "good"))
     keys, args = counter_call(key_prefix, "bad")
     args[3] = "not-a-number"  # the rule count
-    bad = coalescer(keys=keys, args=args)
-    also_good = coalescer(*counter_call(key_prefix, "good"))
+    bad = coalescer.queue(keys, args)
+    also_good = coalescer.queue(*counter_call(key_prefix, "good"))
     first, error, second = await asyncio.gather(good, bad, also_good, return_exceptions=True)
     assert isinstance(error, ResponseError)
     assert parse_outcome(first).windows[0].remaining == 99
@@ -130,13 +130,15 @@ async def test_a_script_error_fails_only_its_own_call(redis: aioredis.Redis,
 
 async def test_script_flush_is_recovered_within_the_batch(redis: aioredis.Redis,
                                                           key_prefix: str) -> None:
-    """After SCRIPT FLUSH the batch is answered (script reloaded), each hit counted once."""
+    """After SCRIPT FLUSH the batch is answered (its calls sent again with EVAL), each hit
+    counted once, and the script is cached again."""
     coalescer = Coalescer(redis, Scripts.register(redis).check)
-    await asyncio.gather(coalescer(*counter_call(key_prefix, "x")))
+    await asyncio.gather(coalescer.queue(*counter_call(key_prefix, "x")))
     await redis.script_flush()
-    results = await asyncio.gather(*(coalescer(*counter_call(key_prefix, "x"))
+    results = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, "x"))
                                      for _ in range(5)))
     assert [parse_outcome(r).windows[0].remaining for r in results] == [98, 97, 96, 95, 94]
+    assert (await redis.script_exists(coalescer.sha)) == [True]
 
 
 async def test_connection_failure_fails_every_call_and_the_limiter_translates_it() -> None:
@@ -147,7 +149,7 @@ async def test_connection_failure_fails_every_call_and_the_limiter_translates_it
                           retry=Retry(NoBackoff(), 0))
     try:
         coalescer = Coalescer(dead, Scripts.register(dead).check)
-        outcomes = await asyncio.gather(*(coalescer(*counter_call("p", f"s{i}"))
+        outcomes = await asyncio.gather(*(coalescer.queue(*counter_call("p", f"s{i}"))
                                           for i in range(3)), return_exceptions=True)
         assert all(isinstance(o, RedisConnectionError) for o in outcomes)
         limiter = Limiter(dead, timeout=1.0)
@@ -164,7 +166,7 @@ async def test_a_caller_that_gives_up_before_sending_is_not_sent(
     """A call cancelled before its batch leaves never runs (its hit is not taken); the
     others are answered."""
     coalescer = Coalescer(redis, Scripts.register(redis).check)
-    futures = [coalescer(*counter_call(key_prefix, "same")) for i in range(3)]
+    futures = [coalescer.queue(*counter_call(key_prefix, "same")) for i in range(3)]
     futures[1].cancel()
     first, third = await asyncio.gather(futures[0], futures[2])
     assert parse_outcome(first).windows[0].remaining == 99
@@ -176,9 +178,9 @@ async def test_calls_wait_while_the_inflight_pipelines_are_out(redis: aioredis.R
                                                                key_prefix: str) -> None:
     """With one pipeline allowed out, calls made meanwhile go together in the next one."""
     coalescer = Coalescer(redis, Scripts.register(redis).check, max_inflight=1)
-    first = coalescer(*counter_call(key_prefix, "a"))
+    first = coalescer.queue(*counter_call(key_prefix, "a"))
     await asyncio.sleep(0)  # the first pipeline leaves
-    rest = [coalescer(*counter_call(key_prefix, f"b{i}")) for i in range(10)]
+    rest = [coalescer.queue(*counter_call(key_prefix, f"b{i}")) for i in range(10)]
     await asyncio.gather(first, *rest)
     assert (coalescer.batches, coalescer.calls) == (2, 11)
 
@@ -194,7 +196,7 @@ async def test_batch_deadline_fails_every_call_with_a_timeout(key_prefix: str) -
                                 socket_connect_timeout=1.0, protocol=2)
         try:
             coalescer = Coalescer(client, Scripts.register(client).check, timeout=0.05)
-            outcomes = await asyncio.gather(*(coalescer(*counter_call(key_prefix, f"s{i}"))
+            outcomes = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, f"s{i}"))
                                               for i in range(3)), return_exceptions=True)
         finally:
             await client.aclose()
@@ -209,6 +211,10 @@ def test_encoding_matches_redis_py() -> None:
                       Connection().pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args))
     assert encode_evalsha("f" * 40, keys, args) == packed
     assert encode_evalsha("f" * 40, keys, args) == packed  # from the encoding cache
+    source = "return {KEYS[1], ARGV[1]}"
+    packed = b"".join(bytes(part) for part in
+                      Connection().pack_command("EVAL", source, len(keys), *keys, *args))
+    assert encode_eval(source, keys, args) == packed
 
 
 async def test_readiness_sees_the_coalesced_script(redis: aioredis.Redis) -> None:
