@@ -244,10 +244,8 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         keyspace = Keyspace(salt_text.encode(), prefix="rk", grouping=config.ip)
         used_before = int(mem_client.info("memory")["used_memory"])
         fill_start = time.monotonic()
-        before = redis_cost.snapshot(mem_client)
         keys = redis_cost.fill_counter_subjects(memory_redis.port, config, keyspace, "check",
                                                 range(args.subjects))
-        fresh = redis_cost.snapshot(mem_client).minus(before)
         fill_seconds = time.monotonic() - fill_start
         used_after = int(mem_client.info("memory")["used_memory"])
         raw["memory"] = {
@@ -257,14 +255,15 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             "memory_usage_mean": redis_cost.memory_usage(mem_client, keys, 5000),
             "used_memory_per_key": (used_after - used_before) / len(keys),
         }
-        # the same script on subjects seen before: the read, parse and rewrite path
-        before = redis_cost.snapshot(mem_client)
-        redis_cost.fill_counter_subjects(memory_redis.port, config, keyspace, "check",
-                                         range(min(args.subjects, 200_000)))
-        returning = redis_cost.snapshot(mem_client).minus(before)
+        # the same script on subjects seen before (the read, parse and rewrite path) and on
+        # new ones, with the client idle while Redis works
+        probe = min(args.subjects, 100_000)
         raw["redis_cpu"] = {
-            "new_subject_usec": fresh.usec["evalsha"] / fresh.calls["evalsha"],
-            "returning_subject_usec": returning.usec["evalsha"] / returning.calls["evalsha"],
+            "returning": redis_cost.cpu_per_decision(mem_client, memory_redis.port, config,
+                                                     keyspace, "check", range(probe)),
+            "new": redis_cost.cpu_per_decision(
+                mem_client, memory_redis.port, config, keyspace, "check",
+                range(args.subjects, args.subjects + probe)),
         }
         raw["log"] = {
             str(n): redis_cost.log_bytes_per_entry(mem_client, memory_redis.port, config,
@@ -293,7 +292,8 @@ def rows_of(raw: dict[str, Any]) -> list[Row]:
     flood_cmds = raw["flood_redis"]["commands_sent"] / max(flood_requests, 1)
     usec_load = raw["check_redis"]["evalsha_usec"] / max(raw["check_redis"]["evalsha_calls"], 1)
     cpu = raw["redis_cpu"]
-    usec = max(cpu["new_subject_usec"], cpu["returning_subject_usec"])
+    new_usec, back_usec = cpu["new"]["commandstats_usec"], cpu["returning"]["commandstats_usec"]
+    usec = max(new_usec, back_usec)
     mem = raw["memory"]["memory_usage_mean"]
     log_entry = raw["log"]["100"]
     verify = raw["flood_verify"]
@@ -317,8 +317,8 @@ def rows_of(raw: dict[str, Any]) -> list[Row]:
             f"of {verify['asked']}", None, "0", verify["allowed"] == 0
             if not verify["hour_bucket_rolled"] else None),
         Row("Redis CPU per decision, two-window rule (evalsha; new / returning subject, "
-            "the larger)", usec, f"us ({cpu['new_subject_usec']:.1f} / "
-            f"{cpu['returning_subject_usec']:.1f})", None, "<= 10 us", usec <= 10),
+            "the larger)", usec, f"us ({new_usec:.1f} / {back_usec:.1f})", None, "<= 10 us",
+            usec <= 10),
         Row(f"Redis memory per subject per counter rule ({raw['memory']['subjects']:,} "
             "subjects, MEMORY USAGE)", mem, "B", None, "<= 128 B", mem <= 128),
         Row("sliding log bytes per entry (100-entry log)", log_entry, "B", None, "<= 40 B",
@@ -339,6 +339,8 @@ def rows_of(raw: dict[str, Any]) -> list[Row]:
             raw["paced_ceiling"]["p99_ms"], "ms"),
         Row("  info: limits, one window (a single hit per decision)",
             raw["limits_one_window"]["decisions_per_s"], "decisions/s"),
+        Row("  info: Redis main-thread CPU time per decision (new / returning; I/O included)",
+            cpu["new"]["cpu_usec"], f"/ {cpu['returning']['cpu_usec']:.1f} us"),
         Row("  info: Redis CPU per evalsha during the /v1/check run (shared cores)", usec_load,
             "us"),
         Row(f"  info: batch connections (x {BATCH} checks in flight each)",

@@ -19,8 +19,8 @@ from ratekeeper.scripts import read_script
 
 from procs import ROOT
 
-__all__ = ["CommandStats", "fill_counter_subjects", "log_bytes_per_entry",
-           "script_commands", "snapshot"]
+__all__ = ["CheckCalls", "CommandStats", "cpu_per_decision", "fill_counter_subjects",
+           "log_bytes_per_entry", "script_commands", "snapshot"]
 
 STAT = re.compile(r"calls=(\d+),usec=(\d+)")
 
@@ -127,41 +127,82 @@ def _ipv4(i: int) -> bytes:
     return b"4" + bytes([32]) + (0xC6120000 + i).to_bytes(4, "big")
 
 
+class CheckCalls:
+    """The EVALSHA commands ``Checker.decide`` sends for one hit of an IP of the bench pool.
+
+    The KEYS and ARGV are the ones the sidecar sends for ``action`` (one ban key per subject,
+    then each rule's state key), encoded as the coalescer encodes them.
+    """
+
+    def __init__(self, pipe: RawPipe, config: Config, keyspace: Keyspace, action: str) -> None:
+        from ratekeeper.flags import FlagBoard
+        from ratekeeper.service import Checker
+
+        if keyspace.ip_value("198.18.0.7") != _ipv4(7):
+            raise RuntimeError("Keyspace.ip_value changed: update loadtest/redis_cost.py")
+        no_limiter: Any = None  # only the ARGV plan is wanted: nothing is decided here
+        plan = Checker(config, keyspace, no_limiter, FlagBoard(config.flags)).plans[action]
+        self.rules = plan.action.rules
+        self.keyspace = keyspace
+        self.sha = pipe.run([_resp("SCRIPT", "LOAD", read_script("check"))])[0].decode()
+        self.args: list[str | int] = ["", 1, 1, len(self.rules), *plan.rule_args]
+
+    def commands(self, subjects: range) -> tuple[list[bytes], list[str]]:
+        """The commands for ``subjects`` and the counter keys they write."""
+        from ratekeeper.pipeline import encode_evalsha
+
+        keyspace, commands, written = self.keyspace, [], []
+        for i in subjects:
+            subject = keyspace.subject((("ip", _ipv4(i)),))
+            counters = [keyspace.counter_key(subject, rule) for rule in self.rules]
+            commands.append(encode_evalsha(self.sha, [keyspace.ban_key(subject), *counters],
+                                           self.args))
+            written.extend(counters)
+        return commands, written
+
+
 def fill_counter_subjects(port: int, config: Config, keyspace: Keyspace, action: str,
                           subjects: range, *, chunk: int = 4000) -> list[str]:
-    """Decide one hit for each IP of ``subjects`` with the real check.lua, as the sidecar does.
-
-    The KEYS and ARGV are the ones ``Checker.decide`` sends for ``action`` (one ban key per
-    subject, then each rule's state key), encoded as the coalescer encodes them. A chunk is
-    built while Redis runs the one before. Returns every counter key written.
-    """
-    from ratekeeper.flags import FlagBoard
-    from ratekeeper.pipeline import encode_evalsha
-    from ratekeeper.service import Checker
-
-    if keyspace.ip_value("198.18.0.7") != _ipv4(7):
-        raise RuntimeError("Keyspace.ip_value changed: update loadtest/redis_cost.py")
-    no_limiter: Any = None  # only the ARGV plan is wanted: nothing is decided here
-    plan = Checker(config, keyspace, no_limiter, FlagBoard(config.flags)).plans[action]
-    rules = plan.action.rules
+    """Decide one hit for each IP of ``subjects`` with the real check.lua, as the sidecar
+    does; a chunk is built while Redis runs the one before. The counter keys written."""
     pipe = RawPipe(port)
-    sha = pipe.run([_resp("SCRIPT", "LOAD", read_script("check"))])[0].decode()
-    args: list[str | int] = ["", 1, 1, len(rules), *plan.rule_args]
+    calls = CheckCalls(pipe, config, keyspace, action)
     written: list[str] = []
-    batch: list[bytes] = []
-    for i in subjects:
-        subject = keyspace.subject((("ip", _ipv4(i)),))
-        counters = [keyspace.counter_key(subject, rule) for rule in rules]
-        batch.append(encode_evalsha(sha, [keyspace.ban_key(subject), *counters], args))
-        written.extend(counters)
-        if len(batch) >= chunk:
-            pipe.send(batch)
-            pipe.drain(keep=chunk)  # one chunk stays in flight
-            batch = []
-    pipe.send(batch)
+    for start in range(subjects.start, subjects.stop, chunk):
+        batch, keys = calls.commands(range(start, min(start + chunk, subjects.stop)))
+        pipe.send(batch)
+        pipe.drain(keep=len(batch))  # one chunk stays in flight
+        written.extend(keys)
     pipe.drain()
     pipe.close()
     return written
+
+
+def cpu_per_decision(client: redis.Redis, port: int, config: Config, keyspace: Keyspace,
+                     action: str, subjects: range, *, chunk: int = 5000) -> dict[str, float]:
+    """Redis's cost of one decision for each IP of ``subjects``, the client idle meanwhile.
+
+    Every command is built first; then each chunk is sent and waited for, so Redis has a
+    core to itself as far as the machine allows. ``commandstats_usec`` is EVALSHA's usec per
+    call (wall time inside the command, inflated if Redis is descheduled);
+    ``cpu_usec`` is the main thread's CPU time per call, parsing and replying included.
+    """
+    pipe = RawPipe(port)
+    calls = CheckCalls(pipe, config, keyspace, action)
+    commands, _ = calls.commands(subjects)
+    before, cpu_before = snapshot(client), _main_thread_cpu(client)
+    for start in range(0, len(commands), chunk):
+        pipe.run(commands[start:start + chunk])
+    spent, cpu = snapshot(client).minus(before), _main_thread_cpu(client) - cpu_before
+    pipe.close()
+    n = spent.calls["evalsha"]
+    return {"calls": n, "commandstats_usec": spent.usec["evalsha"] / n,
+            "cpu_usec": cpu * 1e6 / n}
+
+
+def _main_thread_cpu(client: redis.Redis) -> float:
+    info: dict[str, Any] = client.info("cpu")
+    return float(info["used_cpu_user_main_thread"]) + float(info["used_cpu_sys_main_thread"])
 
 
 def memory_usage(client: redis.Redis, keys: Sequence[str], sample: int,

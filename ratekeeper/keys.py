@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 
 from .config import IPGrouping, Rule
@@ -74,6 +75,18 @@ class Keyspace:
         return value
 
     def _ip_value(self, text: str) -> bytes:
+        if ":" not in text:
+            # Dotted-quad IPv4, the common case, parsed in C: inet_pton accepts exactly what
+            # ipaddress does (four decimal octets, no leading zeros); anything it refuses
+            # goes the long way below, which gives the error.
+            try:
+                packed = socket.inet_pton(socket.AF_INET, text)
+            except (OSError, UnicodeError, ValueError):
+                pass
+            else:
+                prefix = self._grouping.ipv4_prefix
+                network = (int.from_bytes(packed, "big") >> (32 - prefix)) << (32 - prefix)
+                return b"4" + bytes([prefix]) + network.to_bytes(4, "big")
         try:
             address = ipaddress.ip_address(text)
         except ValueError:
