@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8, help="length of each wrk scenario")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--batch-connections", type=int, default=8,
+    parser.add_argument("--batch-connections", type=int, default=4,
                         help="connections for the batch scenario (each carries 100 checks)")
     parser.add_argument("--rate", type=float, default=1000, help="paced requests per second")
     parser.add_argument("--paced-seconds", type=float, default=10)
