@@ -14,9 +14,10 @@ only its own call), so the limiter's translation of Redis errors stays where it 
 
 On a plain ``redis.asyncio.Redis`` (single server or Sentinel) the batch is encoded here and
 written on one pooled connection: redis-py's own command packing costs more than the
-script call itself in Redis. Other clients (a cluster, the embedded fakeredis) get a
-redis-py pipeline. Neither path retries a batch that failed after it was sent, so a hit is
-never taken twice.
+script call itself in Redis. The embedded fakeredis gets a redis-py pipeline; a cluster
+client is not coalesced at all (``coalesced``). A batch is sent again only when its pooled
+connection turns out dead before the first answer (Redis restarted): one that broke after
+some answers is not, so a hit is never taken twice.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from .scripts import LuaScript, Scripts
@@ -198,25 +200,55 @@ class Coalescer(LuaScript):
         return list(await pipe.execute(raise_on_error=False))
 
     async def _write_and_read(self, data: bytes, replies: int) -> list[Any]:
+        try:
+            return await self._write_and_read_once(data, replies)
+        except _NothingAnswered:
+            # The pooled connection was dead (Redis restarted, a failover): nothing of this
+            # batch reached a live server, so sending it once more cannot take a hit twice.
+            # A batch that broke after some answers is not sent again.
+            try:
+                return await self._write_and_read_once(data, replies)
+            except _NothingAnswered as exc:
+                raise exc.cause from None
+
+    async def _write_and_read_once(self, data: bytes, replies: int) -> list[Any]:
         pool = self.redis.connection_pool
         connection = await pool.get_connection()
+        results: list[Any] = []
         try:
             await connection.send_packed_command(data, check_health=False)
-            results: list[Any] = []
             for _ in range(replies):
                 try:
                     results.append(await connection.read_response())
                 except ResponseError as exc:  # a script error is one call's answer
                     results.append(exc)
-        except BaseException:
+        except BaseException as exc:
             # replies may still be on the wire: this connection cannot be reused
             await connection.disconnect(nowait=True)
+            if isinstance(exc, RedisConnectionError) and not results:
+                raise _NothingAnswered(exc) from exc
             raise
         finally:
             await pool.release(connection)
         return results
 
 
+class _NothingAnswered(Exception):
+    """The connection failed before the first reply of a batch."""
+
+    def __init__(self, cause: RedisConnectionError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def coalesced(scripts: Scripts, redis: Any) -> Scripts:
-    """``scripts`` with its check script called through a Coalescer."""
+    """``scripts`` with its check script called through a Coalescer.
+
+    A Redis Cluster client is left as it is: the limiter splits a check across slots itself,
+    and a pipeline there would be redis-py's cluster pipeline, which nothing here tests.
+    """
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(redis, RedisCluster):
+        return scripts
     return dataclasses.replace(scripts, check=Coalescer(redis, scripts.check))
