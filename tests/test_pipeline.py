@@ -24,7 +24,7 @@ from ratekeeper.scripts import Scripts
 from ratekeeper.service import Checker
 
 from conftest import SALT, FakeClock, config_from
-from redis_servers import RedisServer, free_port
+from redis_servers import RedisServer, free_port, running_redis
 
 ONE_RULE = """
 [rules.r]
@@ -224,3 +224,20 @@ async def test_readiness_sees_the_coalesced_script(redis: aioredis.Redis) -> Non
     await redis.script_flush()
     assert await limiter.ready()
     assert all(await redis.script_exists(*limiter.scripts.shas))
+
+
+async def test_a_dead_pooled_connection_is_replaced_once(key_prefix: str) -> None:
+    """After a Redis restart the pooled connection is dead: the batch goes again on a new
+    one, once, and its hits are counted once (no persistence: counting starts over)."""
+    with running_redis() as server:
+        client = aioredis.Redis(port=server.port, retry=Retry(NoBackoff(), 0))
+        try:
+            coalescer = Coalescer(client, Scripts.register(client).check)
+            first = await coalescer(*counter_call(key_prefix, "x"))
+            assert parse_outcome(first).windows[0].remaining == 99
+            server.restart()
+            again = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, "x"))
+                                           for _ in range(3)))
+            assert [parse_outcome(r).windows[0].remaining for r in again] == [99, 98, 97]
+        finally:
+            await client.aclose()
