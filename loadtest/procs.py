@@ -127,7 +127,10 @@ def run_wrk(url: str, *, seconds: float, connections: int, threads: int,
     for line in out.splitlines():
         if line.startswith("WRKJSON "):
             summary: dict[str, Any] = json.loads(line[len("WRKJSON "):])
-            summary["rps"] = summary["requests"] / (summary["duration_us"] / 1e6)
+            seconds_run = summary["duration_us"] / 1e6
+            summary["rps"] = summary["requests"] / seconds_run
+            # answers Redis decided (a degraded answer is the fail mode's, not a decision)
+            summary["decided_per_s"] = (summary["decisions"] - summary["degraded"]) / seconds_run
             summary["errors"] = sum(summary[k] for k in
                                     ("connect", "read", "write", "status", "timeout"))
             return summary
