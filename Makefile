@@ -4,8 +4,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/pypi.toml
 APT_PACKAGES ?= redis-server nginx
+# `make bench` also needs wrk; `make test` does not
+BENCH_APT_PACKAGES ?= redis-server wrk
 
-.PHONY: run test lint setup system-deps clean
+.PHONY: run test lint bench setup system-deps clean
 
 $(BIN)/ratekeeper: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +36,14 @@ test: setup system-deps
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check ratekeeper tests
+	$(BIN)/ruff check ratekeeper tests loadtest
 	$(BIN)/mypy
+
+# Every issue-4 figure in one run (under 3 minutes): a table on stdout,
+# loadtest/results/bench.json. Figures, never a pass/fail.
+bench: setup
+	@$(MAKE) --no-print-directory system-deps APT_PACKAGES="$(BENCH_APT_PACKAGES)"
+	$(BIN)/python loadtest/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

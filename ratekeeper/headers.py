@@ -10,35 +10,56 @@ from __future__ import annotations
 
 from collections import Counter
 
-from .wire import Decision
+from .wire import Decision, LimitState
 
 __all__ = ["policy_names", "rate_limit_headers"]
 
+# (rule, limit, window) of every limit of an answer -> (the names the headers use, the
+# RateLimit-Policy value). An action's policy never changes between requests, so it is built
+# once; the cap only guards against an unbounded number of configs over reloads.
+Shape = tuple[tuple[str, int, int], ...]
+_POLICIES: dict[Shape, tuple[tuple[str, ...], str]] = {}
+_MAX_SHAPES = 4096
 
-def policy_names(decision: Decision) -> list[str]:
-    """The policy name of each entry of ``decision.limits``: ``rule``, or ``rule-0``..."""
-    windows_per_rule = Counter(item.rule for item in decision.limits)
+
+def _policy(shape: Shape) -> tuple[tuple[str, ...], str]:
+    windows_per_rule = Counter(rule for rule, _, _ in shape)
     seen: Counter[str] = Counter()
-    names = []
-    for item in decision.limits:
-        if windows_per_rule[item.rule] > 1:
-            names.append(f"{item.rule}-{seen[item.rule]}")
-            seen[item.rule] += 1
-        else:
-            names.append(item.rule)
-    return names
+    names, policies = [], []
+    for rule, limit, window in shape:
+        name = rule
+        if windows_per_rule[rule] > 1:
+            name = f"{rule}-{seen[rule]}"
+            seen[rule] += 1
+        names.append(name)
+        policies.append(f'"{name}";q={limit};w={window}')
+    return tuple(names), ", ".join(policies)
+
+
+def _known(limits: list[LimitState]) -> tuple[tuple[str, ...], str]:
+    shape = tuple([(item.rule, item.limit, item.window) for item in limits])
+    known = _POLICIES.get(shape)
+    if known is None:
+        known = _policy(shape)
+        if len(_POLICIES) < _MAX_SHAPES:
+            _POLICIES[shape] = known
+    return known
+
+
+def policy_names(decision: Decision) -> tuple[str, ...]:
+    """The policy name of each entry of ``decision.limits``: ``rule``, or ``rule-0``..."""
+    return _known(decision.limits)[0]
 
 
 def rate_limit_headers(decision: Decision) -> dict[str, str]:
     """Headers for one decision: the policies, their state, and Retry-After when denied."""
     headers: dict[str, str] = {}
-    if decision.limits:
-        policies, states = [], []
-        for name, item in zip(policy_names(decision), decision.limits, strict=True):
-            policies.append(f'"{name}";q={item.limit};w={item.window}')
-            states.append(f'"{name}";r={item.remaining};t={item.reset}')
-        headers["RateLimit-Policy"] = ", ".join(policies)
-        headers["RateLimit"] = ", ".join(states)
+    limits = decision.limits
+    if limits:
+        names, policy = _known(limits)
+        headers["RateLimit-Policy"] = policy
+        headers["RateLimit"] = ", ".join([f'"{name}";r={item.remaining};t={item.reset}'
+                                          for name, item in zip(names, limits, strict=True)])
     if not decision.allowed and not decision.shadow:
         headers["Retry-After"] = str(max(decision.retry_after, 1))
     return headers

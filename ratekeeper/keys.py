@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import socket
 from collections.abc import Iterable, Mapping
 
 from .config import IPGrouping, Rule
@@ -28,12 +29,17 @@ __all__ = ["Keyspace", "SubjectParts"]
 SubjectParts = Iterable[tuple[str, bytes]]
 
 DIGEST_BYTES = 16  # 128 bits kept of the HMAC-SHA256
+# Recently seen IP texts and subjects, per process: a request hashes its IP subject twice (its
+# ban key and its rule key) and a flood repeats a few subjects, so most lookups hit. Bounded,
+# and emptied when full; it lives in process memory only, like the request itself.
+CACHE_ENTRIES = 1 << 14
 
 
 class Keyspace:
     """Turns subjects into salted hashes and hashes into Redis key names."""
 
-    __slots__ = ("_grouping", "_rule_tags", "_salt", "prefix", "previous")
+    __slots__ = ("_grouping", "_ips", "_mac", "_rule_tags", "_salt", "_subjects", "prefix",
+                 "previous")
 
     def __init__(self, salt: bytes, *, prefix: str = "rk", grouping: IPGrouping | None = None,
                  previous_salt: bytes | None = None) -> None:
@@ -43,6 +49,10 @@ class Keyspace:
         self.prefix = prefix
         self._grouping = grouping or IPGrouping()
         self._rule_tags: dict[tuple[str, str], str] = {}
+        # keyed once: copying a keyed HMAC is cheaper than keying one per subject
+        self._mac = hmac.new(salt, digestmod=hashlib.sha256)
+        self._ips: dict[str, bytes] = {}
+        self._subjects: dict[tuple[tuple[str, bytes], ...], str] = {}
         # the same keyspace under the salt before the last rotation, while it is honoured
         self.previous = (Keyspace(previous_salt, prefix=prefix, grouping=self._grouping)
                          if previous_salt else None)
@@ -55,6 +65,28 @@ class Keyspace:
         This is the only function that holds a raw IP; what it returns is the masked network,
         which is hashed before it goes anywhere. Errors never repeat the input.
         """
+        cached = self._ips.get(text)
+        if cached is not None:
+            return cached
+        value = self._ip_value(text)
+        if len(self._ips) >= CACHE_ENTRIES:
+            self._ips.clear()
+        self._ips[text] = value
+        return value
+
+    def _ip_value(self, text: str) -> bytes:
+        if ":" not in text:
+            # Dotted-quad IPv4, the common case, parsed in C: inet_pton accepts exactly what
+            # ipaddress does (four decimal octets, no leading zeros); anything it refuses
+            # goes the long way below, which gives the error.
+            try:
+                packed = socket.inet_pton(socket.AF_INET, text)
+            except (OSError, UnicodeError, ValueError):
+                pass
+            else:
+                prefix = self._grouping.ipv4_prefix
+                network = (int.from_bytes(packed, "big") >> (32 - prefix)) << (32 - prefix)
+                return b"4" + bytes([prefix]) + network.to_bytes(4, "big")
         try:
             address = ipaddress.ip_address(text)
         except ValueError:
@@ -80,12 +112,20 @@ class Keyspace:
 
     def subject(self, parts: SubjectParts) -> str:
         """The keyed hash of a subject: 22 base64url characters (128 bits)."""
-        message = bytearray()
-        for field, value in parts:
-            message += b"%s\x00%d\x00" % (field.encode(), len(value))
-            message += value
-        digest = hmac.digest(self._salt, bytes(message), hashlib.sha256)[:DIGEST_BYTES]
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+        key = tuple(parts)
+        cached = self._subjects.get(key)
+        if cached is not None:
+            return cached
+        mac = self._mac.copy()
+        for field, value in key:
+            mac.update(b"%s\x00%d\x00" % (field.encode(), len(value)))
+            mac.update(value)
+        digest = mac.digest()[:DIGEST_BYTES]
+        subject = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+        if len(self._subjects) >= CACHE_ENTRIES:
+            self._subjects.clear()
+        self._subjects[key] = subject
+        return subject
 
     def derived_secret(self, purpose: bytes) -> bytes:
         """A secret for another use (e.g. signing refund tokens), derived from the salt."""

@@ -18,6 +18,7 @@ from .headers import rate_limit_headers
 from .keys import Keyspace
 from .limiter import Limiter
 from .metrics import Metrics
+from .pipeline import coalesced
 from .service import Checker
 from .settings import Settings
 from .spec import openapi_document
@@ -161,6 +162,8 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         metrics = Metrics()
         limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock,
                           metrics=metrics)
+        # one Redis pipeline per event-loop tick instead of one round trip per check
+        limiter.scripts = coalesced(limiter.scripts, live.redis)
         flags = FlagBoard(config.flags)
         app[RUNTIME] = Runtime(settings=settings, store=live, limiter=limiter, flags=flags,
                                checker=build_checker(config, settings, limiter, flags),

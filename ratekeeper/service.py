@@ -7,6 +7,7 @@ the rules' fail modes decide here, and only here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -162,8 +163,11 @@ class Checker:
     async def check_many(self, requests: Sequence[Any]) -> list[Decision]:
         """Decide a batch; every request is validated before any is decided."""
         prepared = [self.prepare(r) for r in requests]
-        return [await self.decide(plan, values, r.cost)
-                for (plan, values), r in zip(prepared, requests, strict=True)]
+        # concurrently, so a coalescing limiter sends them as one pipeline; Redis still runs
+        # them one after another in this order, so the answers are the sequential ones
+        return list(await asyncio.gather(*(
+            self.decide(plan, values, r.cost)
+            for (plan, values), r in zip(prepared, requests, strict=True))))
 
     async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
         """Flags, then bans, penalty boxes and limits in one script call."""

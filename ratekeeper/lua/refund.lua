@@ -30,23 +30,37 @@ for r = 1, nr do
   else
     local raw = redis.call('GET', key)
     if raw then
-      local parts = {}
-      for seg in string.gmatch(raw, '[^|]+') do
-        local w, b, c, p = string.match(seg, '^(%d+):(%d+):(%d+):(%d+)$')
-        if w then
-          b, c, p = tonumber(b), tonumber(c), tonumber(p)
-          local at_bucket = math.floor(at / tonumber(w))
-          local take = 0
-          if b == at_bucket then
-            take = math.min(cost, c); c = c - take
-          elseif b == at_bucket + 1 then
-            take = math.min(cost, p); p = p - take
+      -- segments are "bucket:current:previous", one per window in ARGV order (check.lua);
+      -- a window finds its own by its bucket when the rule's windows have changed since
+      local seg = {}
+      for n in string.gmatch(raw, '%d+') do seg[#seg + 1] = tonumber(n) end
+      for w = 1, nw do
+        local at_bucket = math.floor(at / tonumber(windows[w]))
+        local function here(i)
+          return seg[i] == at_bucket or seg[i] == at_bucket + 1
+        end
+        local j = 3 * w - 2
+        if not here(j) then
+          j = nil
+          for i = 1, #seg, 3 do
+            if here(i) then j = i; break end
+          end
+        end
+        if j then
+          local take
+          if seg[j] == at_bucket then
+            take = math.min(cost, seg[j + 1]); seg[j + 1] = seg[j + 1] - take
+          else  -- the bucket has moved on: the hits are in "previous" now
+            take = math.min(cost, seg[j + 2]); seg[j + 2] = seg[j + 2] - take
           end
           if take > given then given = take end
-          parts[#parts + 1] = w .. ':' .. b .. ':' .. c .. ':' .. p
         end
       end
-      redis.call('SET', key, table.concat(parts, '|'), 'KEEPTTL')
+      local parts = {}
+      for i = 1, #seg - 2, 3 do
+        parts[#parts + 1] = string.format('%d:%d:%d', seg[i], seg[i + 1], seg[i + 2])
+      end
+      redis.call('SET', key, table.concat(parts, ','), 'KEEPTTL')
     end
   end
   out[r] = given

@@ -1,0 +1,254 @@
+"""Coalescing: the script calls made in one event-loop tick go to Redis as one pipeline.
+
+Under load many requests reach their script call in the same tick of the event loop. Sent
+one by one, each takes a pooled connection, a write and a read of its own; coalesced, they
+share one write and one read, and Redis parses them in one go. Exactness is unchanged:
+every EVALSHA in a pipeline is still atomic on its own, and Redis runs them in the order
+they were queued, which is the order the callers asked.
+
+``Coalescer`` is a ``LuaScript`` (``sha``, ``script`` and an awaitable ``__call__(keys=...,
+args=...)``), so it stands in for one: ``coalesced(scripts, redis)`` swaps it in for the check
+script of a ``Scripts``. Errors reach each caller as
+redis-py raised them (a connection error fails every call of the batch, a script error
+only its own call), so the limiter's translation of Redis errors stays where it is.
+
+On a plain ``redis.asyncio.Redis`` (single server or Sentinel) the batch is encoded here and
+written on one pooled connection: redis-py's own command packing costs more than the
+script call itself in Redis. The embedded fakeredis gets a redis-py pipeline; a cluster
+client is not coalesced at all (``coalesced``). A batch is sent again only when its pooled
+connection turns out dead before the first answer (Redis restarted): one that broke after
+some answers is not, so a hit is never taken twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from .scripts import LuaScript, Scripts
+
+__all__ = ["Coalescer", "coalesced"]
+
+Arg = str | int | bytes
+Call = tuple[Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
+
+# A tick rarely holds more than the server's concurrency; the cap bounds one write's size.
+MAX_BATCH = 512
+MAX_INFLIGHT = 2
+# Encoded ARGV values that repeat (counts, algorithm letters, limits, windows), per process.
+_ENCODED: dict[str | int, bytes] = {}
+_MAX_ENCODED = 4096
+
+
+def _bulk(value: Arg) -> bytes:
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def _arg(value: Arg) -> bytes:
+    kind = type(value)
+    if kind is not int and kind is not str:  # bytes, and no float or bool aliasing an int
+        return _bulk(value)
+    encoded = _ENCODED.get(value)  # type: ignore[arg-type]
+    if encoded is None:
+        encoded = _bulk(value)
+        if len(_ENCODED) < _MAX_ENCODED:
+            _ENCODED[value] = encoded  # type: ignore[index]
+    return encoded
+
+
+def encode_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+    """One EVALSHA command in RESP, as redis-py would send it."""
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (3 + len(keys) + len(args),
+                                                           len(sha), sha.encode()),
+             _arg(len(keys))]
+    parts += [_bulk(key) for key in keys]
+    parts += [_arg(arg) for arg in args]
+    return b"".join(parts)
+
+
+def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+    """One EVAL command (the script's source) in RESP."""
+    return b"".join([b"*%d\r\n$4\r\nEVAL\r\n" % (3 + len(keys) + len(args)),
+                     _bulk(source), _arg(len(keys)), *[_bulk(key) for key in keys],
+                     *[_arg(arg) for arg in args]])
+
+
+class Coalescer(LuaScript):
+    """Runs one Lua script for many callers: one pipeline per event-loop tick, few in flight."""
+
+    __slots__ = ("_direct", "_inflight", "_queue", "_scheduled", "_tasks", "batches", "calls",
+                 "dropped", "max_batch", "max_inflight", "redis", "timeout")
+
+    def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,
+                 max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
+        super().__init__(redis, script.name, script.script)
+        self.redis = redis
+        # a subclass (fakeredis) or a cluster client takes the redis-py pipeline
+        self._direct = type(redis) is Redis
+        self.max_batch = max_batch
+        # While this many pipelines are out, calls wait and go in the next, larger one: under
+        # load batches grow instead of connections and syscalls.
+        self.max_inflight = max_inflight
+        self.timeout = timeout  # one deadline for a whole batch, when the caller sets none
+        self.calls = 0  # script calls sent, for metrics and tests
+        self.batches = 0  # pipelines sent
+        self.dropped = 0  # calls whose caller gave up before they were sent
+        self._queue: list[Call] = []
+        self._scheduled = False
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
+                       client: Any = None) -> Any:
+        """Run the script in the next pipeline; what it returned (``client`` is ignored)."""
+        return await self.queue(keys, args)
+
+    def queue(self, keys: Sequence[str], args: Iterable[Arg]) -> asyncio.Future[Any]:
+        """Queue one call; the future resolves to what the script returned."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((keys, tuple(args), future))
+        if not self._scheduled and self._inflight < self.max_inflight:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        while self._queue and self._inflight < self.max_inflight:
+            batch = self._queue[:self.max_batch]
+            del self._queue[:self.max_batch]
+            # a caller that already gave up (its deadline passed) is not sent: it has had
+            # its answer, and the hit it asked for must not be taken behind its back
+            live = [call for call in batch if not call[2].done()]
+            self.dropped += len(batch) - len(live)
+            if not live:
+                continue
+            self._inflight += 1
+            task = asyncio.ensure_future(self._run(live))
+            # the loop keeps only weak references to tasks
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._inflight -= 1
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            task.get_loop().call_soon(self._flush)
+
+    async def _run(self, batch: list[Call]) -> None:
+        self.calls += len(batch)
+        self.batches += 1
+        try:
+            if self.timeout is None:
+                results = await self._send(batch)
+            else:
+                async with asyncio.timeout(self.timeout):
+                    results = await self._send(batch)
+        except asyncio.CancelledError:
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        except BaseException as exc:  # every caller sees the transport's failure
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():  # the caller gave up while its batch was out
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _send(self, batch: Sequence[Call]) -> list[Any]:
+        results = await self._pipeline(batch, by_sha=True)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            # Redis lost its script cache (a restart, a failover, SCRIPT FLUSH): those calls
+            # did not run. EVAL carries the source, so it runs whatever the cache holds (a
+            # second flush racing a reload cannot fail it) and caches the script again.
+            again = await self._pipeline([batch[i] for i in missing], by_sha=False)
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _pipeline(self, batch: Sequence[Call], *, by_sha: bool) -> list[Any]:
+        if self._direct:
+            if by_sha:
+                data = b"".join([encode_evalsha(self.sha, keys, args)
+                                 for keys, args, _ in batch])
+            else:
+                data = b"".join([encode_eval(self.script, keys, args)
+                                 for keys, args, _ in batch])
+            return await self._write_and_read(data, len(batch))
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            if by_sha:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            else:
+                pipe.eval(self.script, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _write_and_read(self, data: bytes, replies: int) -> list[Any]:
+        try:
+            return await self._write_and_read_once(data, replies)
+        except _NothingAnswered:
+            # The pooled connection was dead (Redis restarted, a failover): nothing of this
+            # batch reached a live server, so sending it once more cannot take a hit twice.
+            # A batch that broke after some answers is not sent again.
+            try:
+                return await self._write_and_read_once(data, replies)
+            except _NothingAnswered as exc:
+                raise exc.cause from None
+
+    async def _write_and_read_once(self, data: bytes, replies: int) -> list[Any]:
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()
+        results: list[Any] = []
+        try:
+            await connection.send_packed_command(data, check_health=False)
+            for _ in range(replies):
+                try:
+                    results.append(await connection.read_response())
+                except ResponseError as exc:  # a script error is one call's answer
+                    results.append(exc)
+        except BaseException as exc:
+            # replies may still be on the wire: this connection cannot be reused
+            await connection.disconnect(nowait=True)
+            if isinstance(exc, RedisConnectionError) and not results:
+                raise _NothingAnswered(exc) from exc
+            raise
+        finally:
+            await pool.release(connection)
+        return results
+
+
+class _NothingAnswered(Exception):
+    """The connection failed before the first reply of a batch."""
+
+    def __init__(self, cause: RedisConnectionError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def coalesced(scripts: Scripts, redis: Any) -> Scripts:
+    """``scripts`` with its check script called through a Coalescer.
+
+    A Redis Cluster client is left as it is: the limiter splits a check across slots itself,
+    and a pipeline there would be redis-py's cluster pipeline, which nothing here tests.
+    """
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(redis, RedisCluster):
+        return scripts
+    return dataclasses.replace(scripts, check=Coalescer(redis, scripts.check))

@@ -1,0 +1,243 @@
+"""The coalescer against a real redis-server: exactness, order, errors, NOSCRIPT, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+
+from ratekeeper.errors import StoreUnavailable
+from ratekeeper.flags import FlagBoard
+from ratekeeper.keys import Keyspace
+from ratekeeper.limiter import Limiter, Status, parse_outcome
+from ratekeeper.pipeline import Coalescer, coalesced, encode_eval, encode_evalsha
+from ratekeeper.scripts import Scripts
+from ratekeeper.service import Checker
+
+from conftest import SALT, FakeClock, config_from
+from redis_servers import RedisServer, free_port, running_redis
+
+ONE_RULE = """
+[rules.r]
+limit = "{limit}"
+key = ["ip"]
+algorithm = "{algorithm}"
+[actions.a]
+rules = ["r"]
+"""
+
+
+class PipelinedRedis(aioredis.Redis):
+    """Not exactly redis.asyncio.Redis, so the Coalescer takes redis-py's pipeline."""
+
+
+def coalesced_checker(text: str, redis: aioredis.Redis, prefix: str,
+                      clock: FakeClock | None = None) -> tuple[Checker, Coalescer]:
+    """A Checker whose limiter sends its check script through a Coalescer."""
+    config = config_from(text)
+    limiter = Limiter(redis, timeout=2.0, clock=clock)
+    limiter.scripts = coalesced(limiter.scripts, redis)
+    checker = Checker(config, Keyspace(SALT, prefix=prefix, grouping=config.ip), limiter,
+                      FlagBoard(config.flags))
+    assert isinstance(limiter.scripts.check, Coalescer)
+    return checker, limiter.scripts.check
+
+
+async def ask(checker: Checker, **fields: Any) -> Any:
+    return await checker.check(checker.decode(json.dumps(fields).encode()))
+
+
+def counter_call(prefix: str, subject: str, *, cost: int = 1, limit: int = 100,
+                 now_ms: int = 1_700_000_000_000) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of check.lua for one sliding-counter rule of one window of a minute."""
+    keys = [f"{prefix}:{{{subject}}}:r"]
+    args: list[str | int] = [now_ms, cost, 0, 1, "c", "0", 0, 1, limit, 60_000]
+    return keys, args
+
+
+@pytest.mark.parametrize("transport", ["direct", "redis-py pipeline"])
+@pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
+async def test_concurrent_checks_admit_exactly_the_limit(
+        redis_server: RedisServer, key_prefix: str, clock: FakeClock, algorithm: str,
+        transport: str) -> None:
+    """200 concurrent checks of one subject at a limit of 20 admit exactly 20, coalesced,
+    on either transport."""
+    kind = aioredis.Redis if transport == "direct" else PipelinedRedis
+    redis = kind.from_url(redis_server.url)
+    checker, coalescer = coalesced_checker(
+        ONE_RULE.format(limit="20 per minute", algorithm=algorithm), redis, key_prefix, clock)
+    assert coalescer._direct is (transport == "direct")
+    decisions = await asyncio.gather(
+        *(ask(checker, action="a", ip="198.51.100.7") for _ in range(200)))
+    allowed = [d for d in decisions if d.allowed]
+    assert len(allowed) == 20
+    assert all(d.reason == "rate_limited" for d in decisions if not d.allowed)
+    # the hits were taken in call order: remaining counts down 19..0 over the first 20
+    assert [d.limits[0].remaining for d in decisions[:20]] == list(range(19, -1, -1))
+    assert coalescer.calls == 200
+    assert coalescer.batches < coalescer.calls
+    await redis.aclose()
+
+
+async def test_one_tick_is_one_pipeline_and_answers_go_to_their_callers(
+        redis: aioredis.Redis, key_prefix: str) -> None:
+    """Calls queued in one tick are one pipeline; each caller gets its own subject's answer."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check)
+    futures = []
+    for i in range(50):
+        keys, args = counter_call(key_prefix, f"s{i}", cost=i, limit=100)
+        futures.append(coalescer.queue(keys, args))
+    results = [parse_outcome(raw) for raw in await asyncio.gather(*futures)]
+    assert coalescer.batches == 1 and coalescer.calls == 50
+    # cost 0 only looks, so the first subject still has all 100
+    assert [r.windows[0].remaining for r in results] == [100 - i for i in range(50)]
+    assert all(r.status is Status.ALLOWED for r in results)
+
+
+async def test_max_batch_splits_a_large_tick(redis: aioredis.Redis, key_prefix: str) -> None:
+    """A tick with more calls than max_batch goes out as several pipelines, none lost."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check, max_batch=8)
+    futures = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(20)]
+    results = await asyncio.gather(*futures)
+    assert len(results) == 20 and coalescer.calls == 20
+    assert coalescer.batches == 3
+
+
+async def test_a_script_error_fails_only_its_own_call(redis: aioredis.Redis,
+                                                      key_prefix: str) -> None:
+    """A call whose ARGV the script rejects raises ResponseError; its batch-mates succeed."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check)
+    good = coalescer.queue(*counter_call(key_prefix, "good"))
+    keys, args = counter_call(key_prefix, "bad")
+    args[3] = "not-a-number"  # the rule count
+    bad = coalescer.queue(keys, args)
+    also_good = coalescer.queue(*counter_call(key_prefix, "good"))
+    first, error, second = await asyncio.gather(good, bad, also_good, return_exceptions=True)
+    assert isinstance(error, ResponseError)
+    assert parse_outcome(first).windows[0].remaining == 99
+    assert parse_outcome(second).windows[0].remaining == 98
+    assert coalescer.batches == 1
+
+
+async def test_script_flush_is_recovered_within_the_batch(redis: aioredis.Redis,
+                                                          key_prefix: str) -> None:
+    """After SCRIPT FLUSH the batch is answered (its calls sent again with EVAL), each hit
+    counted once, and the script is cached again."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check)
+    await asyncio.gather(coalescer.queue(*counter_call(key_prefix, "x")))
+    await redis.script_flush()
+    results = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, "x"))
+                                     for _ in range(5)))
+    assert [parse_outcome(r).windows[0].remaining for r in results] == [98, 97, 96, 95, 94]
+    assert (await redis.script_exists(coalescer.sha)) == [True]
+
+
+async def test_connection_failure_fails_every_call_and_the_limiter_translates_it() -> None:
+    """With Redis unreachable each caller gets a RedisError, which the Limiter makes
+    StoreUnavailable, so the fail-open/closed decision still happens in one place."""
+    # no retries: redis-py's default backoff would only make the test slow
+    dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5,
+                          retry=Retry(NoBackoff(), 0))
+    try:
+        coalescer = Coalescer(dead, Scripts.register(dead).check)
+        outcomes = await asyncio.gather(*(coalescer.queue(*counter_call("p", f"s{i}"))
+                                          for i in range(3)), return_exceptions=True)
+        assert all(isinstance(o, RedisConnectionError) for o in outcomes)
+        limiter = Limiter(dead, timeout=1.0)
+        limiter.scripts = coalesced(limiter.scripts, dead)
+        keys, args = counter_call("p", "s")
+        with pytest.raises(StoreUnavailable):
+            await limiter.check(keys, 1, 0, 1, args[4:])
+    finally:
+        await dead.aclose()
+
+
+async def test_a_caller_that_gives_up_before_sending_is_not_sent(
+        redis: aioredis.Redis, key_prefix: str) -> None:
+    """A call cancelled before its batch leaves never runs (its hit is not taken); the
+    others are answered."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check)
+    futures = [coalescer.queue(*counter_call(key_prefix, "same")) for i in range(3)]
+    futures[1].cancel()
+    first, third = await asyncio.gather(futures[0], futures[2])
+    assert parse_outcome(first).windows[0].remaining == 99
+    assert parse_outcome(third).windows[0].remaining == 98
+    assert (coalescer.calls, coalescer.dropped) == (2, 1)
+
+
+async def test_calls_wait_while_the_inflight_pipelines_are_out(redis: aioredis.Redis,
+                                                               key_prefix: str) -> None:
+    """With one pipeline allowed out, calls made meanwhile go together in the next one."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check, max_inflight=1)
+    first = coalescer.queue(*counter_call(key_prefix, "a"))
+    await asyncio.sleep(0)  # the first pipeline leaves
+    rest = [coalescer.queue(*counter_call(key_prefix, f"b{i}")) for i in range(10)]
+    await asyncio.gather(first, *rest)
+    assert (coalescer.batches, coalescer.calls) == (2, 11)
+
+
+async def test_batch_deadline_fails_every_call_with_a_timeout(key_prefix: str) -> None:
+    """With its own deadline, a batch a server never answers fails each caller with a
+    timeout (a RedisError or TimeoutError, both of which the Limiter translates)."""
+    with socket.socket() as mute:  # accepts connections, never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        port = mute.getsockname()[1]
+        client = aioredis.Redis(port=port, retry=Retry(NoBackoff(), 0),
+                                socket_connect_timeout=1.0, protocol=2)
+        try:
+            coalescer = Coalescer(client, Scripts.register(client).check, timeout=0.05)
+            outcomes = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, f"s{i}"))
+                                              for i in range(3)), return_exceptions=True)
+        finally:
+            await client.aclose()
+    assert all(isinstance(o, TimeoutError | RedisError) for o in outcomes), outcomes
+
+
+def test_encoding_matches_redis_py() -> None:
+    """The coalescer's own RESP encoding is byte for byte what redis-py would send."""
+    keys = ["rk:{abc}:b", "rk:{abc}:tag", "é-key"]
+    args: list[str | int] = ["", 1, 1, 1, "c", "0", 0, 2, 1000, 3_600_000, -5, "x y"]
+    packed = b"".join(bytes(part) for part in
+                      Connection().pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args))
+    assert encode_evalsha("f" * 40, keys, args) == packed
+    assert encode_evalsha("f" * 40, keys, args) == packed  # from the encoding cache
+    source = "return {KEYS[1], ARGV[1]}"
+    packed = b"".join(bytes(part) for part in
+                      Connection().pack_command("EVAL", source, len(keys), *keys, *args))
+    assert encode_eval(source, keys, args) == packed
+
+
+async def test_readiness_sees_the_coalesced_script(redis: aioredis.Redis) -> None:
+    """The limiter's readiness check loads and finds the coalesced script by its SHA."""
+    limiter = Limiter(redis, timeout=1.0)
+    limiter.scripts = coalesced(limiter.scripts, redis)
+    await redis.script_flush()
+    assert await limiter.ready()
+    assert all(await redis.script_exists(*limiter.scripts.shas))
+
+
+async def test_a_dead_pooled_connection_is_replaced_once(key_prefix: str) -> None:
+    """After a Redis restart the pooled connection is dead: the batch goes again on a new
+    one, once, and its hits are counted once (no persistence: counting starts over)."""
+    with running_redis() as server:
+        client = aioredis.Redis(port=server.port, retry=Retry(NoBackoff(), 0))
+        try:
+            coalescer = Coalescer(client, Scripts.register(client).check)
+            first = await coalescer(*counter_call(key_prefix, "x"))
+            assert parse_outcome(first).windows[0].remaining == 99
+            server.restart()
+            again = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, "x"))
+                                           for _ in range(3)))
+            assert [parse_outcome(r).windows[0].remaining for r in again] == [99, 98, 97]
+        finally:
+            await client.aclose()
