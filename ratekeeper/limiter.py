@@ -84,7 +84,7 @@ class Limiter:
         self.redis = redis
         self.scripts = Scripts.register(redis)
         self.timeout = timeout
-        self.breaker = breaker or Breaker()
+        self.breaker = breaker or Breaker(timeout_window=timeout)
         # on a cluster, keys of different hash tags may live in different slots
         self.sharded = _is_cluster(redis) if sharded is None else sharded
         self._clock = clock
@@ -115,7 +115,7 @@ class Limiter:
                         await self._learn_topology()
                     result = await make()
         except REDIS_FAILURES as exc:
-            self.breaker.failure()
+            self.breaker.failure(timed_out=isinstance(exc, TimeoutError))
             self._log_failure(exc)
             self._report(op, type(exc).__name__)
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
