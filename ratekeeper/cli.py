@@ -1,4 +1,4 @@
-"""The ``ratekeeper`` command: serve, check-config."""
+"""The ``ratekeeper`` command: serve, check-config, and the admin commands (admin_cli.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from . import admin_cli
 from .config import Config, load_config
 from .errors import ConfigError, SettingsError
 from .settings import Settings
@@ -26,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1)
     check = commands.add_parser("check-config", help="validate a rules file offline")
     check.add_argument("file")
+    admin_cli.add_commands(commands)
     return parser
 
 
@@ -41,6 +43,8 @@ def _load(path: str) -> Config | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
+    if args.command in admin_cli.COMMANDS:
+        return admin_cli.run(args)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "check-config":

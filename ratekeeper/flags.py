@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 from .config import Flag
 
-__all__ = ["FlagBoard", "FlagState"]
+__all__ = ["SHADOW_FLAG", "FlagBoard", "FlagState"]
+
+# Always available, declared or not: while on, no rule denies (bans still do).
+SHADOW_FLAG = "shadow-mode"
+SHADOW_DESCRIPTION = ("Global shadow mode: every limit is computed, counted and reported, "
+                      "none denies (bans still apply)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,13 +26,20 @@ class FlagState:
     updated_at: float | None = None
     expires_at: float | None = None
 
+    def is_on(self, now: float) -> bool:
+        """On and not past its expiry."""
+        return self.enabled and (self.expires_at is None or self.expires_at > now)
+
 
 class FlagBoard:
     """The local view of flag state; a check reads it without asking Redis."""
 
     def __init__(self, declared: Mapping[str, Flag]) -> None:
         self.declared = dict(declared)
-        self._states: dict[str, FlagState] = {name: FlagState(name) for name in declared}
+        self.declared.setdefault(SHADOW_FLAG, Flag(SHADOW_FLAG, SHADOW_DESCRIPTION))
+        self._states: dict[str, FlagState] = {name: FlagState(name) for name in self.declared}
+        # True once Redis was seen holding flag state: if it later holds none, Redis lost it
+        self.seen_in_store = False
 
     def replace(self, states: Iterable[FlagState]) -> None:
         """Swap in a fresh snapshot (from Redis) of every flag's state."""
@@ -37,6 +49,11 @@ class FlagBoard:
                 fresh[state.name] = state
         self._states = fresh
 
+    def update(self, state: FlagState) -> None:
+        """Set one declared flag's state (after this process wrote it to Redis)."""
+        if state.name in self.declared:
+            self._states = {**self._states, state.name: state}
+
     def get(self, name: str) -> FlagState:
         """The state of one declared flag."""
         return self._states[name]
@@ -45,13 +62,20 @@ class FlagBoard:
         """Every declared flag, by name."""
         return [self._states[name] for name in sorted(self._states)]
 
+    def recorded(self) -> list[FlagState]:
+        """The flags whose state came from an admin change (the ones Redis should hold)."""
+        return [state for state in self.all() if state.updated_at is not None]
+
+    def is_on(self, name: str, now: float) -> bool:
+        """True when flag ``name`` is declared, on and not expired."""
+        state = self._states.get(name)
+        return state is not None and state.is_on(now)
+
     def blocking(self, names: Iterable[str], now: float) -> FlagState | None:
         """The first of ``names`` that is on (and not past its expiry), or None."""
         for name in names:
             state = self._states.get(name)
-            if state is not None and state.enabled and (
-                state.expires_at is None or state.expires_at > now
-            ):
+            if state is not None and state.is_on(now):
                 return state
         return None
 

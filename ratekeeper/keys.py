@@ -17,13 +17,14 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Mapping
 
 from .config import IPGrouping, Rule
 from .errors import BadRequest
 
-__all__ = ["Keyspace", "SubjectParts"]
+__all__ = ["Keyspace", "SubjectParts", "contains_ip", "is_subject_hash"]
 
 # (field, normalised value bytes) pairs, in the order of a rule's key
 SubjectParts = Iterable[tuple[str, bytes]]
@@ -33,6 +34,34 @@ DIGEST_BYTES = 16  # 128 bits kept of the HMAC-SHA256
 # ban key and its rule key) and a flood repeats a few subjects, so most lookups hit. Bounded,
 # and emptied when full; it lives in process memory only, like the request itself.
 CACHE_ENTRIES = 1 << 14
+SUBJECT_HASH_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
+# Runs of characters an IP literal can be made of; each is then parsed to be sure.
+_IP_CANDIDATE_RE = re.compile(r"[0-9A-Fa-f:.%]*[:.][0-9A-Fa-f:.%]*")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def is_subject_hash(text: str) -> bool:
+    """True when ``text`` looks like a subject hash (22 base64url characters)."""
+    return SUBJECT_HASH_RE.match(text) is not None
+
+
+def contains_ip(text: str) -> bool:
+    """True when free text (a reason, a message) holds an IPv4 or IPv6 literal.
+
+    Admin free text goes to Redis and the audit trail, where no raw IP may ever go.
+    """
+    for match in _IP_CANDIDATE_RE.finditer(text):
+        run = match.group(0).split("%")[0]
+        # a sentence may end or a port may follow right after the address
+        for candidate in {run, run.rstrip("."), run.strip("."), run.rstrip(":."),
+                          run.strip(":."), run.rsplit(":", 1)[0].strip(".")}:
+            if any(c in _HEX for c in candidate):
+                try:
+                    ipaddress.ip_address(candidate)
+                except ValueError:
+                    continue
+                return True
+    return False
 
 
 class Keyspace:
@@ -167,3 +196,25 @@ class Keyspace:
         """A rule's state key and penalty key for the subjects of a request."""
         subject = self.subject((field, values[field]) for field in rule.key)
         return self.counter_key(subject, rule), self.penalty_key(subject, rule)
+
+    # -- admin state: one hash tag each, so every one of them is a single slot on a cluster --
+
+    def flags_key(self) -> str:
+        """A HASH of every flag that was ever set: name -> its state as JSON."""
+        return f"{self.prefix}:{{flags}}"
+
+    def ban_index_key(self) -> str:
+        """A HASH listing active bans: ban id (the subject hash) -> the ban as JSON."""
+        return f"{self.prefix}:{{bans}}"
+
+    def audit_key(self) -> str:
+        """The capped STREAM of admin events."""
+        return f"{self.prefix}:{{audit}}"
+
+    def top_key(self, rule: Rule, bucket: int) -> str:
+        """A ZSET of denials per subject hash of one rule in one time bucket."""
+        return f"{self.prefix}:{{top.{self.rule_tag(rule)}}}:{bucket}"
+
+    def events_channel(self) -> str:
+        """The pub/sub channel on which admin changes reach every process."""
+        return f"{self.prefix}:events"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +18,14 @@ from .flags import FlagBoard
 from .headers import rate_limit_headers
 from .keys import Keyspace
 from .limiter import Limiter
+from .localcache import LocalCache
 from .metrics import Metrics
 from .pipeline import coalesced
 from .service import Checker
 from .settings import Settings
 from .spec import openapi_document
 from .store import Store, open_store
+from .top import TopDenials
 from .wire import BatchResponse, ErrorBody, Health, Readiness
 
 __all__ = ["RUNTIME", "Runtime", "build_checker", "create_app", "reload_config"]
@@ -44,17 +47,23 @@ class Runtime:
     flags: FlagBoard
     checker: Checker
     metrics: Metrics
+    cache: LocalCache | None = None  # known banned / over-limit subjects, shared by reloads
+    denials: TopDenials | None = None  # counts for GET /v1/admin/top, shared by reloads
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
 
 
 def build_checker(config: Config, settings: Settings, limiter: Limiter,
-                  flags: FlagBoard) -> Checker:
+                  flags: FlagBoard, *, cache: LocalCache | None = None,
+                  denials: TopDenials | None = None,
+                  wall: Callable[[], float] = time.time) -> Checker:
     """A Checker for ``config`` sharing this process's store and flag state."""
     keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip,
                         previous_salt=settings.ip_salt_previous or None)
-    return Checker(config, keyspace, limiter, flags)
+    if cache is not None:
+        cache.clear()  # what it knew was decided under the previous rules
+    return Checker(config, keyspace, limiter, flags, cache=cache, denials=denials, wall=wall)
 
 
 def reload_config(app: web.Application, path: str) -> bool:
@@ -67,7 +76,9 @@ def reload_config(app: web.Application, path: str) -> bool:
             log.error("reload: %s", line)
         log.error("reload: %s is invalid; still serving the rules loaded before", path)
         return False
-    runtime.checker = build_checker(config, runtime.settings, runtime.limiter, runtime.flags)
+    runtime.checker = build_checker(config, runtime.settings, runtime.limiter, runtime.flags,
+                                    cache=runtime.cache, denials=runtime.denials,
+                                    wall=runtime.checker.wall)
     log.info("reload: now serving %s (%d rules, %d actions)", path, len(config.rules),
              len(config.actions))
     return True
@@ -154,7 +165,11 @@ async def openapi(request: web.Request) -> web.Response:
 def create_app(settings: Settings, config: Config, *, store: Store | None = None,
                clock: Callable[[], int] | None = None) -> web.Application:
     """Build the application; connections open on startup and close on cleanup."""
+    from .admin import admin_app, admin_context  # it imports this module
+
     app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+    # a test clock (ms) drives flag expiry and the local cache too; else the real clocks
+    wall: Callable[[], float] = time.time if clock is None else (lambda: clock() / 1000)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         own_store = store is None
@@ -165,15 +180,21 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         # one Redis pipeline per event-loop tick instead of one round trip per check
         limiter.scripts = coalesced(limiter.scripts, live.redis)
         flags = FlagBoard(config.flags)
+        cache = LocalCache(settings.local_cache_size, now_ms=clock)
+        keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip)
+        denials = TopDenials(live.redis, keyspace, wall)
         app[RUNTIME] = Runtime(settings=settings, store=live, limiter=limiter, flags=flags,
-                               checker=build_checker(config, settings, limiter, flags),
-                               metrics=metrics)
+                               checker=build_checker(config, settings, limiter, flags,
+                                                     cache=cache, denials=denials, wall=wall),
+                               metrics=metrics, cache=cache, denials=denials)
         await limiter.ready()  # connect and load the scripts now; a Redis that is down is fine
         yield
         if own_store:
             await live.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.append(admin_context(settings, wall))
+    app.add_subapp("/v1/admin", admin_app())
     app.router.add_post("/v1/check", check)
     app.router.add_post("/v1/check/batch", check_batch)
     app.router.add_post("/v1/refund", refund)

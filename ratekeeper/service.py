@@ -1,8 +1,9 @@
 """The decision: may this client do this action now?
 
-Order: the action's kill switches (local state, no Redis), then bans and penalty boxes and
-every window of every rule in one script call, all or nothing. When Redis cannot be asked,
-the rules' fail modes decide here, and only here.
+Order: the action's kill switches (local state, no Redis), then this process's cache of
+subjects Redis already said are banned or over a limit (it only ever denies), then bans and
+penalty boxes and every window of every rule in one script call, all or nothing. When Redis
+cannot be asked, the rules' fail modes decide here, and only here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +20,13 @@ import msgspec
 
 from .config import Action, Config, Rule
 from .errors import BadRequest, StoreUnavailable
-from .flags import FlagBoard
+from .flags import SHADOW_FLAG, FlagBoard
 from .keys import Keyspace
 from .limiter import Limiter, Outcome, Status
+from .localcache import LocalCache
 from .refunds import RefundSigner
 from .rotation import Rotation
+from .top import TopDenials
 from .wire import (
     Decision,
     LimitState,
@@ -97,26 +100,56 @@ def _seconds(ms: int) -> int:
     return max(0, math.ceil(ms / 1000))
 
 
+def count_denials(denials: TopDenials, action: Action, subjects: Sequence[str],
+                  outcome: Outcome) -> None:
+    """Count, per rule, the subject it denied (or would have, in shadow mode)."""
+    if outcome.status is Status.PENALTY:
+        index = outcome.index - 1
+        denials.add(action.rules[index], subjects[index])
+        return
+    if outcome.status is Status.BANNED:
+        return  # a ban is no rule's doing
+    states = iter(outcome.windows)
+    for rule, subject in zip(action.rules, subjects, strict=True):
+        retry = max((next(states).retry_ms for _ in rule.windows), default=0)
+        if retry > 0:
+            denials.add(rule, subject)
+
+
 class Checker:
     """Decides checks for one config; a reload builds a new Checker and swaps it in."""
 
     def __init__(self, config: Config, keyspace: Keyspace, limiter: Limiter,
-                 flags: FlagBoard) -> None:
+                 flags: FlagBoard, *, cache: LocalCache | None = None,
+                 denials: TopDenials | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.keyspace = keyspace
         self.limiter = limiter
         self.flags = flags
+        self.cache = cache  # banned / over-limit subjects this process already knows
+        self.denials = denials  # counts for GET /v1/admin/top
+        self.wall = wall  # Unix seconds, for flag expiry (tests inject their clock)
         self.request_type = check_request_type(config.subjects)
         self.decoder = msgspec.json.Decoder(self.request_type)
         self.batch_type = batch_request_type(self.request_type)
         self.batch_decoder = msgspec.json.Decoder(self.batch_type)
         self.subject_fields = tuple(sorted(config.subjects - {"ip"}))
         self.plans = {name: _plan(action) for name, action in config.actions.items()}
-        self.shadow_all = False  # the global shadow switch, set by the flag sync
         self.refunds = RefundSigner(keyspace.derived_secret(b"refund-token/v1"))
         self.refund_decoder = msgspec.json.Decoder(RefundRequest)
         # while a previous IP salt is honoured: its bans and counters (see rotation.py)
         self.rotation = Rotation(keyspace) if keyspace.previous is not None else None
+        self._shadow_all = False
+
+    @property
+    def shadow_all(self) -> bool:
+        """Global shadow mode: the built-in ``shadow-mode`` flag (or a test's override)."""
+        return self._shadow_all or self.flags.is_on(SHADOW_FLAG, self.wall())
+
+    @shadow_all.setter
+    def shadow_all(self, value: bool) -> None:
+        self._shadow_all = value
 
     def decode(self, body: bytes) -> Any:
         """Decode one check request; raise BadRequest with msgspec's sentence."""
@@ -172,25 +205,33 @@ class Checker:
     async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
         """Flags, then bans, penalty boxes and limits in one script call."""
         action = plan.action
-        blocking = self.flags.blocking(action.flags, time.time())
+        blocking = self.flags.blocking(action.flags, self.wall())
         if blocking is not None:
             return Decision(allowed=False, reason="disabled", action=action.name,
                             flag=blocking.name, message=self.flags.message_for(blocking))
         keyspace = self.keyspace
-        ban_keys = [keyspace.ban_key(keyspace.subject(((f, v),))) for f, v in values.items()]
+        shadow_all = self.shadow_all
+        ban_subjects = [keyspace.subject(((f, v),)) for f, v in values.items()]
+        subjects = [keyspace.subject((f, values[f]) for f in rule.key) for rule in action.rules]
+        cache = self.cache
+        if cache is not None:
+            hit = cache.lookup(action, ban_subjects, subjects, cost, shadow_all)
+            if hit is not None:
+                if hit.rule >= 0 and self.denials is not None:
+                    self.denials.add(action.rules[hit.rule], subjects[hit.rule])
+                return hit.decision
+        ban_keys = [keyspace.ban_key(subject) for subject in ban_subjects]
         if self.rotation is not None:
             ban_keys += self.rotation.ban_keys(values)
         keys = list(ban_keys)
-        subjects = []
-        for rule in action.rules:
-            subject = keyspace.subject((f, values[f]) for f in rule.key)
-            subjects.append(subject)
+        for rule, subject in zip(action.rules, subjects, strict=True):
             keys.append(keyspace.counter_key(subject, rule))
-            if rule.penalty and not (rule.shadow or self.shadow_all):
+            if rule.penalty and not (rule.shadow or shadow_all):
                 keys.append(keyspace.penalty_key(subject, rule))
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name)
-        rule_args = plan.shadow_args if self.shadow_all else plan.rule_args
+        rule_args = plan.shadow_args if shadow_all else plan.rule_args
+        started = cache.now_ms() if cache is not None else 0
         try:
             if self.rotation is not None:
                 await self.rotation.carry_over(self.limiter, action.rules, values)
@@ -198,6 +239,11 @@ class Checker:
                                                rule_args)
         except StoreUnavailable:
             return self.degraded(plan)
+        if cache is not None:
+            cache.remember(action, ban_subjects, subjects, cost, outcome, started)
+        if self.denials is not None and (outcome.status is not Status.ALLOWED
+                                         or outcome.shadowed):
+            count_denials(self.denials, action, subjects, outcome)
         decision = self.decision(plan, outcome)
         if cost > 0 and subjects and outcome.status is Status.ALLOWED:
             token = self.refunds.issue(action.name, subjects, cost, outcome.now_ms)

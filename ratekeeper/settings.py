@@ -49,6 +49,13 @@ class Settings:
     key_prefix: str = "rk"
     # RATEKEEPER_REDIS_TIMEOUT_MS: deadline of one Redis call.
     redis_timeout_ms: int = 50
+    # RATEKEEPER_VIEWER_TOKENS: name:token pairs that may read the admin API but change nothing.
+    viewer_tokens: tuple[AdminToken, ...] = ()
+    # RATEKEEPER_SYNC_INTERVAL_MS: how often each process re-reads flags from Redis, in case
+    # a pub/sub message was lost.
+    sync_interval_ms: int = 1000
+    # RATEKEEPER_LOCAL_CACHE_SIZE: banned / over-limit subjects each process remembers; 0 = off.
+    local_cache_size: int = 50_000
 
     @property
     def is_memory(self) -> bool:
@@ -93,25 +100,36 @@ class Settings:
             if previous == salt:
                 raise SettingsError("RATEKEEPER_IP_SALT_PREVIOUS must differ from "
                                     "RATEKEEPER_IP_SALT")
+        admin_tokens = _parse_tokens(env.get("RATEKEEPER_ADMIN_TOKENS", ""),
+                                     "RATEKEEPER_ADMIN_TOKENS")
+        viewer_tokens = _parse_tokens(env.get("RATEKEEPER_VIEWER_TOKENS", ""),
+                                      "RATEKEEPER_VIEWER_TOKENS")
+        secrets_seen = [t.token for t in admin_tokens + viewer_tokens]
+        if len(set(secrets_seen)) != len(secrets_seen):
+            raise SettingsError("RATEKEEPER_ADMIN_TOKENS and RATEKEEPER_VIEWER_TOKENS must not "
+                                "repeat a token")
         return cls(
             redis_url=redis_url,
             ip_salt=salt,
             ip_salt_previous=previous,
             ephemeral_salt=ephemeral,
-            admin_tokens=_parse_tokens(env.get("RATEKEEPER_ADMIN_TOKENS", "")),
+            admin_tokens=admin_tokens,
+            viewer_tokens=viewer_tokens,
             config_path=env.get("RATEKEEPER_CONFIG") or None,
             trusted_proxies=_parse_proxies(env.get("RATEKEEPER_TRUSTED_PROXIES")),
             key_prefix=_parse_prefix(env.get("RATEKEEPER_KEY_PREFIX", "rk")),
             redis_timeout_ms=_parse_int(env, "RATEKEEPER_REDIS_TIMEOUT_MS", 50, low=1),
+            sync_interval_ms=_parse_int(env, "RATEKEEPER_SYNC_INTERVAL_MS", 1000, low=10),
+            local_cache_size=_parse_int(env, "RATEKEEPER_LOCAL_CACHE_SIZE", 50_000, low=0),
         )
 
 
-def _parse_tokens(text: str) -> tuple[AdminToken, ...]:
+def _parse_tokens(text: str, variable: str = "RATEKEEPER_ADMIN_TOKENS") -> tuple[AdminToken, ...]:
     tokens: list[AdminToken] = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, token = item.partition(":")
         if not sep or not name or not token:
-            raise SettingsError("RATEKEEPER_ADMIN_TOKENS must be name:token[,name:token...]")
+            raise SettingsError(f"{variable} must be name:token[,name:token...]")
         tokens.append(AdminToken(name=name, token=token))
     return tuple(tokens)
 

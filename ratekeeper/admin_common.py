@@ -1,0 +1,114 @@
+"""What every admin handler shares: the per-process admin state and request plumbing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from .admin_wire import SUBJECT_HASH_FIELD, ban_request_type, reset_request_type
+from .audit import AuditLog
+from .auth import Principal, TokenAuth
+from .bans import BanBook
+from .errors import BadRequest
+from .flagstore import FlagStore
+from .keys import contains_ip
+from .server import RUNTIME, Runtime
+from .service import Checker
+from .sync import StateSync
+
+__all__ = ["ADMIN", "PRINCIPAL", "AdminState", "Codecs", "check_text", "decode", "limit_param",
+           "parts", "query"]
+
+PRINCIPAL = "ratekeeper.principal"  # the request's Principal, set by the admin middleware
+
+
+@dataclass(slots=True)
+class Codecs:
+    """Decoders of the bodies whose fields depend on the config."""
+
+    checker: Checker
+    ban: msgspec.json.Decoder[Any]
+    reset: msgspec.json.Decoder[Any]
+    subject_fields: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class AdminState:
+    """What the admin handlers use, made once per process."""
+
+    auth: TokenAuth
+    flagstore: FlagStore
+    audit: AuditLog
+    bans: BanBook
+    sync: StateSync
+    wall: Callable[[], float]
+    codecs: Codecs | None = None
+
+    def codecs_for(self, checker: Checker) -> Codecs:
+        """Decoders for the current config (rebuilt after a reload)."""
+        if self.codecs is None or self.codecs.checker is not checker:
+            subjects = checker.config.subjects
+            fields = ("ip", "ip_hash", SUBJECT_HASH_FIELD,
+                      *sorted(subjects - {"ip", "ip_hash", SUBJECT_HASH_FIELD}))
+            self.codecs = Codecs(checker=checker,
+                                 ban=msgspec.json.Decoder(ban_request_type(subjects)),
+                                 reset=msgspec.json.Decoder(reset_request_type(subjects)),
+                                 subject_fields=fields)
+        return self.codecs
+
+
+ADMIN = web.AppKey("admin", AdminState)
+
+
+def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    """Decode a body; raise BadRequest with msgspec's sentence."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def query(request: web.Request, allowed: set[str]) -> dict[str, str]:
+    """The query parameters; an unknown one is a 400, like an unknown body field."""
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise BadRequest(f"unknown query parameter '{unknown[0]}'")
+    return {key: request.query[key] for key in request.query}
+
+
+def limit_param(params: dict[str, str], default: int, high: int) -> int:
+    """The ``limit`` parameter: an integer from 1 to ``high``."""
+    raw = params.get("limit")
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"limit must be an integer from 1 to {high}") from None
+    if not 1 <= value <= high:
+        raise BadRequest(f"limit must be an integer from 1 to {high}")
+    return value
+
+
+def check_text(admin: AdminState, **texts: str | None) -> None:
+    """Free text goes to Redis and the audit trail, where no IP and no token may go."""
+    for field, text in texts.items():
+        if not text:
+            continue
+        if contains_ip(text):
+            raise BadRequest(f"{field} must not contain an IP address (ban by ip to record "
+                             "its hash instead)")
+        if admin.auth.mentions_token(text):
+            raise BadRequest(f"{field} must not contain an admin token")
+
+
+def parts(request: web.Request) -> tuple[Runtime, AdminState, Principal]:
+    """The runtime, the admin state and the authenticated caller of a request."""
+    principal: Principal = request[PRINCIPAL]
+    return request.config_dict[RUNTIME], request.config_dict[ADMIN], principal
