@@ -21,7 +21,6 @@ from aiohttp import web
 from . import admin_subjects
 from .admin_common import (
     ADMIN,
-    PRINCIPAL,
     AdminState,
     check_text,
     decode,
@@ -65,7 +64,6 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
         return response
     if request.method not in READ_METHODS and not principal.can_write:
         return error_response(403, f"token '{principal.name}' may only read")
-    request[PRINCIPAL] = principal
     try:
         return await handler(request)
     except StoreUnavailable:

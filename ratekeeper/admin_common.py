@@ -20,11 +20,8 @@ from .server import RUNTIME, Runtime
 from .service import Checker
 from .sync import StateSync
 
-__all__ = ["ADMIN", "PRINCIPAL", "AdminState", "Codecs", "check_text", "decode", "limit_param",
+__all__ = ["ADMIN", "AdminState", "Codecs", "check_text", "decode", "limit_param",
            "parts", "query"]
-
-PRINCIPAL = "ratekeeper.principal"  # the request's Principal, set by the admin middleware
-
 
 @dataclass(slots=True)
 class Codecs:
@@ -109,6 +106,9 @@ def check_text(admin: AdminState, **texts: str | None) -> None:
 
 
 def parts(request: web.Request) -> tuple[Runtime, AdminState, Principal]:
-    """The runtime, the admin state and the authenticated caller of a request."""
-    principal: Principal = request[PRINCIPAL]
-    return request.config_dict[RUNTIME], request.config_dict[ADMIN], principal
+    """The runtime, the admin state and the caller (the middleware let only known ones in)."""
+    admin = request.config_dict[ADMIN]
+    principal = admin.auth.authenticate(request.headers.get("Authorization"))
+    if principal is None:  # pragma: no cover - the admin middleware answered 401 already
+        raise web.HTTPUnauthorized()
+    return request.config_dict[RUNTIME], admin, principal
