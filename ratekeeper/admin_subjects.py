@@ -74,7 +74,6 @@ async def add_ban(request: web.Request) -> web.Response:
         at=now, actor=principal.name, kind="ban", target=f"ban:{subject}",
         detail={"field": field, "duration": body.duration, "expires_at": ban.expires_at},
         reason=body.reason))
-    # a shorter ban replacing a longer one must not outlive itself in any cache
     await admin.sync.announce(Event(kind="ban", subjects=[subject]))
     log.info("subject %s:%s banned for %d s by %s", field or "hash", subject, body.duration,
              principal.name)

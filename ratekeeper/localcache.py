@@ -13,7 +13,13 @@ request past a limit. It must not deny wrongly either:
   process that made them and sent to every other one on pub/sub; the cache is only consulted
   while that channel is connected and is emptied whenever it reconnects (see ``sync.py``);
 - per-rule shadow rules are never cached, and nothing but bans is answered while global
-  shadow mode is on; a config reload starts from an empty cache.
+  shadow mode is on; a config reload starts from an empty cache;
+- a request that could earn a penalty box (cost > 0 on an action with a penalty rule) is
+  answered only by a known box or ban, so the cache never spares anyone a box.
+
+Known difference: a box or ban set by *another* process is unknown here until Redis says so,
+so a request this cache denies for a limit may be told ``rate_limited`` where Redis would
+have said ``banned``; it is denied either way (a new ban empties every cache).
 
 It holds at most ``max_entries`` entries; when full, the oldest goes first.
 """
@@ -99,6 +105,10 @@ class LocalCache:
         if shadow_all:
             return None
         want = cost or 1
+        # A request that takes hits may put its subject in a penalty box on the way to being
+        # denied (check.lua boxes for every enforced penalty rule it exceeds); only Redis can
+        # do that, so such requests are answered here only by a box or a ban already known.
+        boxing = cost > 0 and any(rule.penalty and not rule.shadow for rule in action.rules)
         for index, rule in enumerate(action.rules):
             if rule.shadow:
                 continue
@@ -113,7 +123,7 @@ class LocalCache:
                 self.hits += 1
                 return CacheHit(Decision(allowed=False, reason="banned", action=action.name,
                                          retry_after=_seconds(entry.until_ms - now)), index)
-            if want >= entry.want:
+            if want >= entry.want and not boxing:
                 self.hits += 1
                 elapsed = now - entry.at_ms
                 limits = [LimitState(rule=rule.name, limit=window.limit, window=window.seconds,
@@ -167,7 +177,7 @@ class LocalCache:
             self._put(key, fresh)
 
     def forget_subjects(self, subjects: Iterable[str]) -> None:
-        """Drop the bans of these subject hashes (a lift, or a ban replaced)."""
+        """Drop the bans of these subject hashes (a lift)."""
         for subject in subjects:
             self._entries.pop(subject, None)
 

@@ -133,7 +133,11 @@ class StateSync:
 
     def apply(self, event: Event) -> None:
         """What an event changes in this process's cache."""
-        if event.kind in ("ban", "lift"):
+        if event.kind == "ban":
+            # a new ban outranks what the cache knows (a limit denial says rate_limited, Redis
+            # now says banned), and a shorter ban may replace a longer one: start afresh
+            self.cache.clear()
+        elif event.kind == "lift":
             self.cache.forget_subjects(event.subjects)
         elif event.kind == "reset":
             self.cache.forget_rules(event.pairs)

@@ -1,0 +1,242 @@
+"""The per-process cache of denials: no Redis call for repeat offenders, never a wrong answer."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from typing import Any
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from ratekeeper.config import Action, Rule, Window
+from ratekeeper.flags import FlagBoard
+from ratekeeper.keys import Keyspace
+from ratekeeper.limiter import Limiter, Outcome, Status, WindowState
+from ratekeeper.localcache import LocalCache
+from ratekeeper.service import Checker
+from ratekeeper.settings import Settings
+
+from admin_support import (
+    CONFIG,
+    SALT,
+    admin_of,
+    admin_settings,
+    call,
+    check,
+    runtime_of,
+    wait_until,
+)
+from conftest import FakeClock, config_from
+from redis_servers import RedisServer, start_redis
+
+IP = "198.51.100.200"
+
+
+@pytest.fixture
+def settings_for(redis_server: RedisServer, key_prefix: str) -> Callable[..., Any]:
+    """Admin settings on the session's Redis with this test's prefix."""
+    return lambda **overrides: admin_settings(redis_server.url, key_prefix, **overrides)
+
+
+async def script_calls(redis: aioredis.Redis) -> int:
+    """How many times Redis has run a script (EVALSHA or EVAL) since it started."""
+    stats = await redis.info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0))
+               for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+async def test_repeat_offenders_cost_no_redis_call(make_client: Any, settings_for: Any,
+                                                   redis: aioredis.Redis) -> None:
+    """Once Redis said a subject is over a limit (or banned), its next 50 requests are
+    denied by this process alone: Redis runs no script for them."""
+    client = await make_client(CONFIG, app_settings=settings_for())
+    for _ in range(3):
+        await check(client, action="register", ip=IP)
+    before = await script_calls(redis)
+    first = await check(client, action="register", ip=IP)
+    assert first["reason"] == "rate_limited"
+    for _ in range(50):
+        again = await check(client, action="register", ip=IP)
+        assert again["reason"] == "rate_limited"
+        assert 1 <= again["retry_after"] <= first["retry_after"]
+        assert again["limits"][0]["rule"] == "per-ip"
+    assert await script_calls(redis) - before == 1
+    assert runtime_of(client).cache is not None and runtime_of(client).cache.hits == 50
+
+    await call(client, "POST", "/v1/admin/bans", expect=201,
+               json={"user": "mallory", "duration": 600})
+    before = await script_calls(redis)
+    for _ in range(20):
+        decision = await check(client, action="login", ip="192.0.2.1", user="mallory")
+        assert decision["reason"] == "banned"
+    assert await script_calls(redis) - before == 1
+
+
+async def test_a_denial_at_a_high_cost_says_nothing_about_a_lower_one(
+        make_client: Any, settings_for: Any, clock: FakeClock) -> None:
+    """Denied at cost 3 with 2 left, the same subject is still allowed at cost 1 and 2."""
+    client = await make_client(CONFIG, clock=clock, app_settings=settings_for())
+    await check(client, action="login", ip=IP, user="bob", cost=1)  # per-ip: 2 left
+    denied = await check(client, action="login", ip=IP, user="bob", cost=3)
+    assert denied["reason"] == "rate_limited"
+    assert (await check(client, action="login", ip=IP, user="bob", cost=3))["reason"] == (
+        "rate_limited")
+    assert (await check(client, action="login", ip=IP, user="bob", cost=1))["allowed"]
+    assert (await check(client, action="login", ip=IP, user="bob", cost=0))["allowed"]
+    assert (await check(client, action="login", ip=IP, user="bob", cost=1))["allowed"]
+    assert (await check(client, action="login", ip=IP, user="bob", cost=0))["reason"] == (
+        "rate_limited")
+
+
+RANDOM_CONFIG = """
+[rules.small]
+limit = "3 per 10 seconds, 5 per minute"
+key = ["ip"]
+[rules.counter]
+limit = "4 per 20 seconds"
+key = ["user"]
+algorithm = "sliding-counter"
+[rules.boxed]
+limit = "6 per minute"
+key = ["ip"]
+penalty = "1 hour"         # Redis times the box in real time: longer than this test's fake time
+[actions.a]
+rules = ["small", "counter"]
+[actions.b]
+rules = ["boxed", "counter"]
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_the_cache_never_changes_a_decision(redis: aioredis.Redis, key_prefix: str,
+                                                  seed: int) -> None:
+    """Random traffic (costs 0-4, several subjects, time moving in small random steps) gets
+    exactly the same answers with the cache as without it, while the cache answers some."""
+    rng = random.Random(seed)
+    config = config_from(RANDOM_CONFIG)
+    clock = FakeClock()
+    checkers = []
+    for name, cache in (("plain", None), ("cached", LocalCache(1000, now_ms=clock))):
+        keyspace = Keyspace(SALT, prefix=f"{key_prefix}-{name}", grouping=config.ip)
+        checkers.append(Checker(config, keyspace, Limiter(redis, timeout=2.0, clock=clock),
+                                FlagBoard(config.flags), cache=cache))
+    plain, cached = checkers
+    for _ in range(600):
+        fields = {"action": rng.choice("ab"), "ip": f"192.0.2.{rng.randint(1, 3)}",
+                  "user": rng.choice(["u1", "u2"]), "cost": rng.choice([0, 1, 1, 1, 2, 4])}
+        body = json.dumps(fields).encode()
+        expected = await plain.check(plain.decode(body))
+        got = await cached.check(cached.decode(body))
+        assert (got.allowed, got.reason) == (expected.allowed, expected.reason), fields
+        if not got.allowed:
+            assert got.retry_after <= expected.retry_after, fields
+        clock.advance(rng.choice([0, 0, 0.001, 0.1, 0.5, 1, 3]))
+    assert cached.cache is not None and cached.cache.hits > 50
+
+
+async def test_lift_and_reset_reach_every_process_at_once(make_client: Any, settings_for: Any,
+                                                          redis: aioredis.Redis) -> None:
+    """A second process that remembers a ban and a limit denial answers normally right
+    after a lift or a reset made in the first one (pub/sub; the resync is an hour away)."""
+    settings = settings_for(sync_interval_ms=3_600_000)
+    first = await make_client(CONFIG, app_settings=settings)
+    second = await make_client(CONFIG, app_settings=settings)
+    await wait_until(lambda: _subscribed(second))
+
+    ban = await call(first, "POST", "/v1/admin/bans", expect=201,
+                     json={"ip": IP, "duration": 600})
+    await wait_until(lambda: _reason_is(second, "banned", action="register", ip=IP))
+    before = await script_calls(redis)
+    assert await _reason_is(second, "banned", action="register", ip=IP)
+    assert await script_calls(redis) == before  # the second process answers from its cache
+    await call(first, "DELETE", f"/v1/admin/bans/{ban['id']}")
+    took = await wait_until(lambda: _reason_is(second, None, action="register", ip=IP))
+    assert took < 1.0
+
+    for _ in range(3):
+        await check(second, action="register", ip=IP)
+    assert await _reason_is(second, "rate_limited", action="register", ip=IP)
+    await call(first, "POST", "/v1/admin/reset", json={"action": "register", "ip": IP})
+    took = await wait_until(lambda: _reason_is(second, None, action="register", ip=IP))
+    assert took < 1.0
+
+
+async def test_the_cache_rests_while_its_channel_is_down(make_client: Any,
+                                                         key_prefix: str) -> None:
+    """While the pub/sub channel is down (lifts could be missed) the cache answers nothing;
+    once it is back, it starts empty and works again."""
+    server = start_redis()
+    try:
+        client = await make_client(CONFIG, app_settings=admin_settings(
+            server.url, key_prefix, sync_interval_ms=50))
+        cache = runtime_of(client).cache
+        assert cache is not None
+        await wait_until(lambda: _subscribed(client))
+        for _ in range(4):
+            await check(client, action="register", ip=IP)
+        assert len(cache) == 1 and cache.active
+
+        server.stop()
+        await wait_until(lambda: _unsubscribed(client))
+        assert not cache.active
+        decision = await check(client, action="register", ip=IP)
+        assert decision["degraded"] is True  # asked Redis (and failed open), not the cache
+
+        server.restart()
+        await wait_until(lambda: _subscribed(client))
+        assert cache.active and len(cache) == 0
+        assert (await check(client, action="register", ip=IP))["allowed"]  # Redis was emptied
+    finally:
+        server.stop()
+
+
+async def test_embedded_memory_mode_bans_and_flags(make_client: Any) -> None:
+    """memory:// (one process, fakeredis): flags, bans, lifts and the cache all work without
+    a pub/sub channel."""
+    settings = Settings(redis_url="memory://", ip_salt=SALT,
+                        admin_tokens=admin_settings("memory://", "rk").admin_tokens)
+    client = await make_client(CONFIG, app_settings=settings)
+    assert runtime_of(client).store.kind == "memory"
+    assert isinstance(runtime_of(client).store.redis, fakeredis.FakeAsyncRedis)
+    ban = await call(client, "POST", "/v1/admin/bans", expect=201,
+                     json={"ip": IP, "duration": 60})
+    for _ in range(3):
+        assert (await check(client, action="register", ip=IP))["reason"] == "banned"
+    await call(client, "DELETE", f"/v1/admin/bans/{ban['id']}")
+    assert (await check(client, action="register", ip=IP))["allowed"]
+    await call(client, "PUT", "/v1/admin/flags/read-only", json={"enabled": True})
+    assert (await check(client, action="register", ip=IP))["reason"] == "disabled"
+    assert admin_of(client).sync.listen is False
+
+
+def test_the_cache_is_bounded() -> None:
+    """However many subjects are denied, the cache holds at most its size, oldest out."""
+    clock = FakeClock()
+    cache = LocalCache(10, now_ms=clock)
+    rule = Rule(name="r", windows=(Window(limit=1, seconds=60),), key=("ip",))
+    action = Action(name="a", rules=(rule,), flags=())
+    outcome = Outcome(status=Status.LIMITED, now_ms=0, shadowed=False, index=0, wait_ms=5000,
+                      windows=(WindowState(remaining=0, reset_ms=5000, retry_ms=5000),))
+    for i in range(100):
+        cache.remember(action, [], [f"subject-{i:016d}"], 1, outcome, clock.ms)
+        assert len(cache) <= 10
+    assert cache.lookup(action, [], ["subject-0000000000000099"], 1, False) is not None
+    assert cache.lookup(action, [], ["subject-0000000000000000"], 1, False) is None
+    clock.advance(5)
+    assert cache.lookup(action, [], ["subject-0000000000000099"], 1, False) is None
+    assert cache.sweep() == 9 and len(cache) == 0
+
+
+async def _reason_is(client: Any, reason: str | None, **fields: Any) -> bool:
+    return bool((await check(client, **fields))["reason"] == reason)
+
+
+async def _subscribed(client: Any) -> bool:
+    return bool(admin_of(client).sync.subscribed)
+
+
+async def _unsubscribed(client: Any) -> bool:
+    return not admin_of(client).sync.subscribed
