@@ -117,10 +117,10 @@ async def put_flag(request: web.Request) -> web.Response:
     board.seen_in_store = True
     board.update(state)
     detail: dict[str, Any] = {"enabled": update.enabled}
-    if update.message is not None:
-        detail["message"] = update.message
     if update.expires_in is not None:
         detail["expires_in"] = update.expires_in
+    if update.message is not None:
+        detail["message"] = update.message
     await admin.audit.record(AuditEvent(at=now, actor=principal.name, kind="flag", target=name,
                                         detail=detail, reason=update.reason or ""))
     await admin.sync.announce(Event(kind="flags"))
