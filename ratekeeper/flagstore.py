@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from .flags import FlagState
-from .scripts import read_script
+from .scripts import LuaScript, read_script
 from .storecall import store_call
 
 __all__ = ["EXPIRY_ACTOR", "FlagStore"]
@@ -51,8 +51,8 @@ class FlagStore:
     def __init__(self, redis: Any, key: str) -> None:
         self.redis = redis
         self.key = key
-        self._set = redis.register_script(read_script("flag_set"))
-        self._expire = redis.register_script(read_script("flag_expire"))
+        self._set = LuaScript(redis, "flag_set", read_script("flag_set"))
+        self._expire = LuaScript(redis, "flag_expire", read_script("flag_expire"))
 
     async def load(self) -> list[FlagState] | None:
         """Every stored flag state, or None when Redis holds none at all."""

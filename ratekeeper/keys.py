@@ -211,8 +211,8 @@ class Keyspace:
         """The capped STREAM of admin events."""
         return f"{self.prefix}:{{audit}}"
 
-    def top_key(self, rule: Rule, bucket: int) -> str:
-        """A ZSET of denials per subject hash of one rule in one time bucket."""
+    def top_key(self, rule: Rule, bucket: int | str) -> str:
+        """A ZSET of denials per subject hash of one rule in one minute (or a query's sum)."""
         return f"{self.prefix}:{{top.{self.rule_tag(rule)}}}:{bucket}"
 
     def events_channel(self) -> str:

@@ -2,11 +2,12 @@
 
 Denials are counted in this process and flushed to Redis about once a second, so a flood of
 denied requests costs a few Redis commands per second, not one per denial. In Redis each
-rule has one sorted set per 5-minute bucket (subject hash -> denials), trimmed to the
-``KEEP`` largest after every flush and expiring after the hour it covers; a query adds up
-the buckets of the last hour. Counts are approximate at the edges: the oldest bucket may
-reach a little past the hour, a subject outside a bucket's top ``KEEP`` loses that bucket's
-count, and new subjects beyond ``max_pending`` between two flushes are not counted.
+rule has one sorted set per minute (subject hash -> denials), trimmed to the ``KEEP``
+largest after every flush and expiring one hour after its minute began (so no key lives
+longer than an hour); a query adds up the live minutes in Redis (ZUNIONSTORE into a
+short-lived key of the same slot). Counts are approximate at the edges: the window is the
+last 59 to 60 minutes, a subject outside a minute's top ``KEEP`` loses that minute's count,
+and new subjects beyond ``max_pending`` between two flushes are not counted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +29,10 @@ __all__ = ["BUCKET_SECONDS", "LOOKBACK_SECONDS", "TopDenials"]
 
 log = logging.getLogger("ratekeeper.top")
 
-BUCKET_SECONDS = 300
+BUCKET_SECONDS = 60
 LOOKBACK_SECONDS = 3600
-KEEP = 1000  # subjects kept per rule and bucket in Redis
+KEEP = 200  # subjects kept per rule and minute in Redis
+QUERY_TTL_MS = 10_000  # the summed copy a query makes lives at most this long
 MAX_PENDING = 10_000  # distinct (rule, subject) pairs counted between two flushes
 FLUSH_SECONDS = 1.0
 
@@ -74,8 +77,10 @@ class TopDenials:
             return
         pending, rules = self._pending, self._rules
         self._pending, self._rules, self._size = {}, {}, 0
-        bucket = int(self.wall() // BUCKET_SECONDS)
-        ttl = LOOKBACK_SECONDS + 2 * BUCKET_SECONDS
+        now = self.wall()
+        bucket = int(now // BUCKET_SECONDS)
+        # relative, not EXPIREAT: the wall clock may be a test's, Redis's clock is real
+        ttl = max(1, int(bucket * BUCKET_SECONDS + LOOKBACK_SECONDS - now))
         try:
             async with store_call():
                 pipe = self.redis.pipeline(transaction=False)
@@ -106,18 +111,17 @@ class TopDenials:
         with contextlib.suppress(StoreUnavailable):  # the query below fails the same way
             await self.flush()
         now = self.wall()
-        first = int((now - LOOKBACK_SECONDS) // BUCKET_SECONDS)
         last = int(now // BUCKET_SECONDS)
+        keys = [self.keyspace.top_key(rule, bucket)
+                for bucket in range(last - LOOKBACK_SECONDS // BUCKET_SECONDS + 1, last + 1)]
+        total = self.keyspace.top_key(rule, f"q{secrets.token_hex(6)}")
         async with store_call():
             pipe = self.redis.pipeline(transaction=False)
-            for bucket in range(first, last + 1):
-                pipe.zrevrange(self.keyspace.top_key(rule, bucket), 0, KEEP - 1,
-                               withscores=True)
-            buckets = await pipe.execute()
-        totals: dict[str, int] = {}
-        for members in buckets:
-            for member, score in members:
-                subject = _text(member)
-                totals[subject] = totals.get(subject, 0) + int(score)
-        ranked = sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:limit]
-        return [TopEntry(subject=subject, denied=count) for subject, count in ranked]
+            pipe.zunionstore(total, keys)
+            pipe.pexpire(total, QUERY_TTL_MS)
+            pipe.zrevrange(total, 0, limit - 1, withscores=True)
+            pipe.delete(total)
+            ranked = (await pipe.execute())[2]
+        entries = [(_text(member), int(score)) for member, score in ranked]
+        entries.sort(key=lambda item: (-item[1], item[0]))  # ties in a stable order
+        return [TopEntry(subject=subject, denied=count) for subject, count in entries]
