@@ -40,7 +40,8 @@ __all__ = ["Event", "StateSync"]
 
 log = logging.getLogger("ratekeeper.sync")
 
-MAX_BACKOFF = 1.0
+MAX_BACKOFF = 1.0  # seconds between attempts to subscribe again
+SUBSCRIBE_TIMEOUT = 5.0
 
 
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -217,9 +218,9 @@ class StateSync:
     async def _subscribe(self, pubsub: Any) -> None:
         await pubsub.subscribe(self.channel)
         # wait for the confirmation, so no change after the refresh below can be missed
-        async with asyncio.timeout(max(self.interval, 1.0)):
+        async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
             while True:
-                message = await pubsub.get_message(timeout=self.interval)
+                message = await pubsub.get_message(timeout=SUBSCRIBE_TIMEOUT)
                 if message is not None and message.get("type") == "subscribe":
                     break
         connection = getattr(pubsub, "connection", None)
