@@ -168,6 +168,8 @@ class StateSync:
                 await self.resync()
             except StoreUnavailable:
                 log.debug("resync skipped: Redis is unavailable; keeping the last known flags")
+            except Exception:  # never let one bad round end the resyncs
+                log.exception("resync failed")
 
     async def _handle(self, data: Any) -> None:
         try:
@@ -177,7 +179,10 @@ class StateSync:
             return
         self.apply(event)
         if event.kind == "flags":
-            await self.refresh()
+            try:
+                await self.refresh()
+            except StoreUnavailable:
+                log.warning("could not re-read the flags after a change; the next resync will")
 
     async def _reconnected(self, connection: Any) -> None:
         # redis-py re-subscribes by itself after a dropped connection; what was published
@@ -207,6 +212,10 @@ class StateSync:
                 if self.subscribed:
                     log.warning("lost the %s channel (%s); the local cache is off until it "
                                 "is back", self.channel, type(exc).__name__)
+                self.subscribed = False
+                self.cache.active = False
+            except Exception:  # whatever went wrong, invalidations could now be missed
+                log.exception("the %s listener failed; subscribing again", self.channel)
                 self.subscribed = False
                 self.cache.active = False
             finally:

@@ -91,16 +91,18 @@ async def test_a_denial_at_a_high_cost_says_nothing_about_a_lower_one(
         "rate_limited")
 
 
+# Keys expire in real time (longest window + 1 s) while this test walks a fake clock; every
+# rule has a window longer than the test could ever take, so no key expires under it.
 RANDOM_CONFIG = """
 [rules.small]
-limit = "3 per 10 seconds, 5 per minute"
+limit = "3 per 10 seconds, 5 per minute, 40 per 10 minutes"
 key = ["ip"]
 [rules.counter]
-limit = "4 per 20 seconds"
+limit = "4 per 20 seconds, 60 per 10 minutes"
 key = ["user"]
 algorithm = "sliding-counter"
 [rules.boxed]
-limit = "6 per minute"
+limit = "6 per minute, 50 per 10 minutes"
 key = ["ip"]
 penalty = "1 hour"         # Redis times the box in real time: longer than this test's fake time
 [actions.a]
