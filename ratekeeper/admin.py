@@ -170,13 +170,16 @@ def admin_context(settings: Settings, wall: Callable[[], float]
         cache = runtime.checker.cache
         if cache is None:
             cache = LocalCache(0)
+        listen = runtime.store.kind != "memory"  # one process: nobody else to tell
         sync = StateSync(redis, keyspace.events_channel(), flagstore, runtime.flags, cache,
                          audit, wall=now, interval=settings.sync_interval_ms / 1000,
-                         listen=runtime.store.kind != "memory")
+                         listen=listen)
         app[ADMIN] = AdminState(auth=auth, flagstore=flagstore, audit=audit,
                                 bans=BanBook(redis, keyspace.ban_index_key()), sync=sync,
                                 wall=now)
         await sync.start()
+        if listen:
+            cache.announce = lambda pairs: sync.announce(Event(kind="refund", pairs=pairs))
         denials = runtime.denials
         flusher = asyncio.create_task(denials.flush_forever()) if denials is not None else None
         yield

@@ -9,9 +9,10 @@ request past a limit. It must not deny wrongly either:
   that cost (a denial at cost 5 says nothing about cost 1);
 - deadlines start from the moment *before* the Redis call, so they end no later than the
   real ones;
-- what can end an entry early is an admin lift or reset: those are applied at once by the
-  process that made them and sent to every other one on pub/sub; the cache is only consulted
-  while that channel is connected and is emptied whenever it reconnects (see ``sync.py``);
+- what can end an entry early is an admin lift or reset, or a refund: those are applied at
+  once by the process that made them and sent to every other one on pub/sub; the cache is
+  only consulted while that channel is connected and is emptied whenever it reconnects
+  (see ``sync.py``);
 - per-rule shadow rules are never cached, and nothing but bans is answered while global
   shadow mode is on; a config reload starts from an empty cache;
 - a request that could earn a penalty box (cost > 0 on an action with a penalty rule) is
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -81,6 +82,8 @@ class LocalCache:
         self.now_ms = now_ms or monotonic_ms
         # False while invalidations could be missed (the pub/sub channel is down)
         self.active = True
+        # tells the other processes that hits were given back (see sync.py)
+        self.announce: Callable[[list[tuple[str, str]]], Awaitable[object]] | None = None
         self.hits = 0
         self._entries: dict[CacheKey, Entry] = {}
 
@@ -143,6 +146,8 @@ class LocalCache:
         if not self.active or self.max_entries <= 0 or outcome.status is Status.ALLOWED:
             return
         if outcome.status is Status.BANNED:
+            if outcome.index > len(ban_subjects):
+                return  # a ban under the previous salt (rotation.py): lifted by its own id
             wait = outcome.wait_ms if outcome.wait_ms >= 0 else UNBOUNDED_MS
             self._put(ban_subjects[outcome.index - 1], Entry(BAN, started_ms + wait))
             return
@@ -185,6 +190,13 @@ class LocalCache:
         """Drop what is known about these (rule name, subject hash) pairs (a reset)."""
         for rule, subject in pairs:
             self._entries.pop((rule, subject), None)
+
+    async def gave_back(self, pairs: list[tuple[str, str]]) -> None:
+        """Hits of these (rule name, subject hash) pairs were refunded: forget them here and,
+        through ``announce`` (set when pub/sub runs), in every other process."""
+        self.forget_rules(pairs)
+        if self.announce is not None:
+            await self.announce(pairs)
 
     def clear(self) -> None:
         """Forget everything."""

@@ -316,4 +316,8 @@ class Checker:
                 raise
         except StoreUnavailable:
             return RefundResult(refunded=False, reason="unavailable", degraded=True)
+        if self.cache is not None:  # a denial remembered for these subjects may no longer hold
+            await self.cache.gave_back([(rule.name, subject)
+                                        for rule, subject in zip(rules, claim.subjects,
+                                                                 strict=True)])
         return RefundResult(refunded=True)

@@ -2,11 +2,12 @@
 
 A change is written to Redis first, applied by the process that made it, then announced on
 one channel (``<prefix>:events``). Every process subscribes: on a ``flags`` event it re-reads
-the flags HASH (so the order in which messages arrive cannot matter); on a ``ban``, ``lift``
-or ``reset`` it drops what its local cache knew about those subjects. Every ``interval`` it
-re-reads the flags anyway, so a lost message leaves a flag stale for that long at most, turns
-off flags past their expiry (once, whoever is first, with an audit event), and restores the
-flags HASH from its last known state if Redis lost it (a restart without persistence).
+the flags HASH (so the order in which messages arrive cannot matter); on a ``ban``,
+``lift``, ``reset`` or ``refund`` it drops what its local cache knew about those subjects.
+Every ``interval`` it re-reads the flags anyway, so a lost message leaves a flag stale for
+that long at most, turns off flags past their expiry (once, whoever is first, with an audit
+event), and restores the flags HASH from its last known state if Redis lost it (a restart
+without persistence).
 
 When Redis is unreachable nothing changes here: flags keep their last known state (only an
 expiry an admin set can turn one off) and the local cache stops answering, because lifts and
@@ -47,9 +48,9 @@ SUBSCRIBE_TIMEOUT = 5.0
 class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     """One announced change; subjects are hashes, never raw values."""
 
-    kind: str  # "flags", "ban", "lift" or "reset"
+    kind: str  # "flags", "ban", "lift", "reset" or "refund"
     subjects: list[str] = []  # ban, lift: the subject hashes
-    pairs: list[tuple[str, str]] = []  # reset: (rule name, subject hash)
+    pairs: list[tuple[str, str]] = []  # reset, refund: (rule name, subject hash)
 
 
 _encode = msgspec.json.Encoder().encode
@@ -140,7 +141,7 @@ class StateSync:
             self.cache.clear()
         elif event.kind == "lift":
             self.cache.forget_subjects(event.subjects)
-        elif event.kind == "reset":
+        elif event.kind in ("reset", "refund"):
             self.cache.forget_rules(event.pairs)
 
     async def announce(self, event: Event) -> bool:

@@ -166,6 +166,26 @@ async def test_lift_and_reset_reach_every_process_at_once(make_client: Any, sett
     assert took < 1.0
 
 
+async def test_a_refund_ends_remembered_denials_everywhere(make_client: Any,
+                                                           settings_for: Any) -> None:
+    """Both processes remember a subject as over its limit; a refund of one of its hits, made
+    in the first, lets the next request through in both (no stale denial)."""
+    settings = settings_for(sync_interval_ms=3_600_000)
+    first = await make_client(CONFIG, app_settings=settings)
+    second = await make_client(CONFIG, app_settings=settings)
+    await wait_until(lambda: _subscribed(second))
+    tokens = [(await check(first, action="register", ip=IP))["refund"] for _ in range(3)]
+    for client in (first, second):
+        assert await _reason_is(client, "rate_limited", action="register", ip=IP)
+    for client in (first, second):  # a look (cost 0) is answered from the cache too
+        assert await _reason_is(client, "rate_limited", action="register", ip=IP, cost=0)
+    response = await first.post("/v1/refund", json={"token": tokens[-1]})
+    assert (await response.json())["refunded"] is True
+    assert await _reason_is(first, None, action="register", ip=IP, cost=0)
+    took = await wait_until(lambda: _reason_is(second, None, action="register", ip=IP, cost=0))
+    assert took < 1.0
+
+
 async def test_the_cache_rests_while_its_channel_is_down(make_client: Any,
                                                          key_prefix: str) -> None:
     """While the pub/sub channel is down (lifts could be missed) the cache answers nothing;
