@@ -20,11 +20,14 @@ from admin_support import (
     CONFIG,
     VICTOR_TOKEN,
     VIEWER,
+    admin_of,
     admin_settings,
     call,
     check,
     dump,
     keys_under,
+    runtime_of,
+    wait_until,
 )
 from redis_servers import RedisServer, start_redis
 
@@ -266,3 +269,46 @@ def test_token_auth_knows_roles() -> None:
     assert victor is not None and (victor.name, victor.can_write) == ("victor", False)
     assert auth.authenticate("Bearer t3") is None
     assert auth.authenticate(None) is None
+
+
+async def test_the_admin_api_on_a_redis_cluster(make_client: Any, redis_cluster: Any,
+                                                key_prefix: str) -> None:
+    """On a real 3-master cluster: a flag reaches a second process over plain pub/sub, a ban
+    and its lift work and reach the other process's cache, reset and top work, and the audit
+    trail has every change."""
+    settings = admin_settings(redis_cluster.url, key_prefix, sync_interval_ms=3_600_000)
+    first = await make_client(CONFIG, app_settings=settings)
+    second = await make_client(CONFIG, app_settings=settings)
+    assert runtime_of(second).store.kind == "cluster"
+
+    async def second_says(reason: str | None, **fields: Any) -> bool:
+        return bool((await check(second, **fields))["reason"] == reason)
+
+    await wait_until(lambda: _subscribed(second))
+    await call(first, "PUT", "/v1/admin/flags/read-only", json={"enabled": True})
+    await wait_until(lambda: second_says("disabled", action="signup-page"))
+    await call(first, "PUT", "/v1/admin/flags/read-only", json={"enabled": False})
+    await wait_until(lambda: second_says(None, action="signup-page"))
+
+    ban = await call(first, "POST", "/v1/admin/bans", expect=201,
+                     json={"ip": IP, "duration": 600, "reason": "spam"})
+    assert await second_says("banned", action="login", ip=IP, user="u")
+    assert [b["id"] for b in (await call(second, "GET", "/v1/admin/bans"))["bans"]] == [ban["id"]]
+    await call(first, "DELETE", f"/v1/admin/bans/{ban['id']}")
+    await wait_until(lambda: second_says(None, action="login", ip=IP, user="u", cost=0))
+
+    for _ in range(4):
+        await check(first, action="login", ip=IP, user="v")
+    top = await call(first, "GET", "/v1/admin/top?rule=per-ip")
+    assert [s["denied"] for s in top["subjects"]] == [1]
+    cleared = await call(first, "POST", "/v1/admin/reset",
+                         json={"action": "login", "ip": IP, "user": "v"})
+    assert [c["deleted"] for c in cleared["cleared"]] == [1, 1]
+    assert (await check(first, action="login", ip=IP, user="v"))["allowed"]
+
+    kinds = [e["kind"] for e in (await call(second, "GET", "/v1/admin/audit"))["events"]]
+    assert kinds == ["reset", "lift", "ban", "flag", "flag"]
+
+
+async def _subscribed(client: Any) -> bool:
+    return bool(admin_of(client).sync.subscribed)
