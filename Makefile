@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/pypi.toml
-APT_PACKAGES ?= redis-server nginx
+APT_PACKAGES ?= redis-server nginx chromium
 # `make bench` also needs wrk; `make test` does not
 BENCH_APT_PACKAGES ?= redis-server wrk
 

@@ -30,18 +30,18 @@ from .admin_common import (
 )
 from .admin_wire import AuditEvent, AuditList, FlagList, FlagUpdate, FlagView
 from .audit import AuditLog
-from .auth import TokenAuth
+from .auth import Principal, TokenAuth
 from .bans import BanBook
 from .config import NAME_RE
 from .errors import BadRequest, StoreUnavailable
 from .flags import FlagBoard, FlagState
 from .flagstore import FlagStore
 from .localcache import LocalCache
-from .server import RUNTIME, Handler, error_response, json_response
+from .server import RUNTIME, Handler, Runtime, error_response, json_response
 from .settings import Settings
 from .sync import Event, StateSync
 
-__all__ = ["ADMIN", "AdminState", "admin_app", "admin_context"]
+__all__ = ["ADMIN", "AdminState", "admin_app", "admin_context", "flag_views", "set_flag"]
 
 log = logging.getLogger("ratekeeper.admin")
 
@@ -85,6 +85,11 @@ async def list_flags(request: web.Request) -> web.Response:
     """GET /v1/admin/flags: every flag; this process's view when Redis cannot be asked."""
     runtime, admin, _ = parts(request)
     query(request, set())
+    return json_response(await flag_views(runtime, admin))
+
+
+async def flag_views(runtime: Runtime, admin: AdminState) -> FlagList:
+    """Every flag, fresh from Redis, or this process's last known state marked stale."""
     stale = False
     try:
         await admin.sync.refresh()
@@ -92,19 +97,24 @@ async def list_flags(request: web.Request) -> web.Response:
         stale = True
     now = admin.wall()
     board = runtime.flags
-    return json_response(FlagList(flags=[_flag_view(board, s, now) for s in board.all()],
-                                  stale=stale))
+    return FlagList(flags=[_flag_view(board, s, now) for s in board.all()], stale=stale)
 
 
 async def put_flag(request: web.Request) -> web.Response:
     """PUT /v1/admin/flags/{name}: turn a kill switch on or off."""
     runtime, admin, principal = parts(request)
     name = request.match_info["name"]
-    board = runtime.flags
-    if name not in board.declared:
+    if name not in runtime.flags.declared:
         shown = f" '{name}'" if NAME_RE.match(name) else ""
         return error_response(404, f"unknown flag{shown}")
     update = decode(_flag_update, await request.read())
+    return json_response(await set_flag(runtime, admin, principal, name, update))
+
+
+async def set_flag(runtime: Runtime, admin: AdminState, principal: Principal, name: str,
+                   update: FlagUpdate) -> FlagView:
+    """Turn the declared flag ``name`` on or off, for the API and the admin page alike."""
+    board = runtime.flags
     check_text(admin, message=update.message, reason=update.reason)
     if update.expires_in is not None and not update.enabled:
         raise BadRequest("expires_in only applies when turning a flag on")
@@ -125,7 +135,7 @@ async def put_flag(request: web.Request) -> web.Response:
                                         detail=detail, reason=update.reason or ""))
     await admin.sync.announce(Event(kind="flags"))
     log.info("flag %s turned %s by %s", name, "on" if update.enabled else "off", principal.name)
-    return json_response(_flag_view(board, state, now))
+    return _flag_view(board, state, now)
 
 
 # -- audit -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from .admin_common import check_text, decode, limit_param, parts, query
+from .admin_common import AdminState, check_text, decode, limit_param, parts, query
 from .admin_wire import (
     SUBJECT_HASH_FIELD,
     AuditEvent,
@@ -20,16 +20,17 @@ from .admin_wire import (
     ResetResult,
     TopResult,
 )
+from .auth import Principal
 from .config import NAME_RE, Rule
 from .errors import BadRequest
 from .keys import Keyspace, is_subject_hash
-from .server import error_response, json_response
+from .server import Runtime, error_response, json_response
 from .service import Checker
 from .storecall import store_call
 from .sync import Event
 from .top import KEEP, LOOKBACK_SECONDS
 
-__all__ = ["add_ban", "lift_ban", "list_bans", "reset", "top"]
+__all__ = ["add_ban", "ban_subject", "lift_ban", "lift_subject", "list_bans", "reset", "top"]
 
 log = logging.getLogger("ratekeeper.admin")
 
@@ -58,9 +59,15 @@ def _ban_subject(keyspace: Keyspace, field: str, value: str) -> tuple[str, str]:
 async def add_ban(request: web.Request) -> web.Response:
     """POST /v1/admin/bans: ban one subject for ``duration`` seconds."""
     runtime, admin, principal = parts(request)
+    body = decode(admin.codecs_for(runtime.checker).ban, await request.read())
+    return json_response(await ban_subject(runtime, admin, principal, body), status=201)
+
+
+async def ban_subject(runtime: Runtime, admin: AdminState, principal: Principal,
+                      body: Any) -> BanView:
+    """Ban the one subject of a decoded ban request, for the API and the admin page alike."""
     checker = runtime.checker
     codecs = admin.codecs_for(checker)
-    body = decode(codecs.ban, await request.read())
     given = _given_subjects(body, codecs.subject_fields)
     if len(given) != 1:
         raise BadRequest("give exactly one subject to ban: " + ", ".join(codecs.subject_fields))
@@ -77,7 +84,7 @@ async def add_ban(request: web.Request) -> web.Response:
     await admin.sync.announce(Event(kind="ban", subjects=[subject]))
     log.info("subject %s:%s banned for %d s by %s", field or "hash", subject, body.duration,
              principal.name)
-    return json_response(ban, status=201)
+    return ban
 
 
 async def list_bans(request: web.Request) -> web.Response:
@@ -91,18 +98,26 @@ async def lift_ban(request: web.Request) -> web.Response:
     """DELETE /v1/admin/bans/{id}: lift a ban, everywhere at once."""
     runtime, admin, principal = parts(request)
     ban_id = request.match_info["id"]
-    if not is_subject_hash(ban_id):
-        raise BadRequest("a ban id is the 22-character subject hash GET /v1/admin/bans lists")
     raw = await request.read()
     lift = decode(_lift_request, raw) if raw.strip() else LiftRequest()
+    if not await lift_subject(runtime, admin, principal, ban_id, lift):
+        return error_response(404, f"no active ban with id '{ban_id}'")
+    return json_response(LiftResult(id=ban_id))
+
+
+async def lift_subject(runtime: Runtime, admin: AdminState, principal: Principal,
+                       ban_id: str, lift: LiftRequest) -> bool:
+    """Lift the ban ``ban_id`` (a subject hash) everywhere; False when there was none."""
+    if not is_subject_hash(ban_id):
+        raise BadRequest("a ban id is the 22-character subject hash GET /v1/admin/bans lists")
     check_text(admin, reason=lift.reason)
     if not await admin.bans.lift(ban_id, runtime.checker.keyspace.ban_key(ban_id)):
-        return error_response(404, f"no active ban with id '{ban_id}'")
+        return False
     await admin.audit.record(AuditEvent(at=admin.wall(), actor=principal.name, kind="lift",
                                         target=f"ban:{ban_id}", reason=lift.reason))
     await admin.sync.announce(Event(kind="lift", subjects=[ban_id]))
     log.info("ban %s lifted by %s", ban_id, principal.name)
-    return json_response(LiftResult(id=ban_id))
+    return True
 
 
 # -- reset -----------------------------------------------------------------------------------

@@ -215,6 +215,19 @@ class Keyspace:
         """A ZSET of denials per subject hash of one rule in one minute (or a query's sum)."""
         return f"{self.prefix}:{{top.{self.rule_tag(rule)}}}:{bucket}"
 
+    def session_key(self, session_id: str) -> str:
+        """An admin page session (a STRING with a TTL), named by a hash of its id.
+
+        The cookie holds the id; Redis only its SHA-256, so reading Redis yields no session.
+        """
+        digest = hashlib.sha256(session_id.encode("ascii", "replace")).digest()[:DIGEST_BYTES]
+        name = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+        return f"{self.prefix}:{{session}}:{name}"
+
+    def decisions_key(self, second: int) -> str:
+        """A counter of the decisions every process made in one Unix second (admin page)."""
+        return f"{self.prefix}:{{decisions}}:{second}"
+
     def events_channel(self) -> str:
         """The pub/sub channel on which admin changes reach every process."""
         return f"{self.prefix}:events"

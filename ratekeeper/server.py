@@ -195,6 +195,10 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     app.cleanup_ctx.append(lifecycle)
     app.cleanup_ctx.append(admin_context(settings, wall))
     app.add_subapp("/v1/admin", admin_app())
+    from .webadmin import webadmin_app, webadmin_context  # it imports this module
+
+    app.cleanup_ctx.append(webadmin_context(settings))
+    app.add_subapp("/admin", webadmin_app())
     app.router.add_post("/v1/check", check)
     app.router.add_post("/v1/check/batch", check_batch)
     app.router.add_post("/v1/refund", refund)

@@ -141,6 +141,7 @@ class Checker:
         # while a previous IP salt is honoured: its bans and counters (see rotation.py)
         self.rotation = Rotation(keyspace) if keyspace.previous is not None else None
         self._shadow_all = False
+        self.decided = 0  # decisions made by this checker (the admin page's rate)
 
     @property
     def shadow_all(self) -> bool:
@@ -204,6 +205,7 @@ class Checker:
 
     async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
         """Flags, then bans, penalty boxes and limits in one script call."""
+        self.decided += 1
         action = plan.action
         blocking = self.flags.blocking(action.flags, self.wall())
         if blocking is not None:
