@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from ratekeeper.settings import AdminToken
-from ratekeeper.webadmin import WEBADMIN
+from ratekeeper.webadmin_common import WEBADMIN
 from ratekeeper.webadmin_session import SESSION_COOKIE, SESSION_SECONDS, SIGNIN_COOKIE
 
 from admin_support import (
@@ -322,12 +322,15 @@ async def test_ban_and_lift_from_the_page(client: Client, redis: aioredis.Redis,
      "reason must not contain an IP address"),
 ])
 async def test_bad_ban_forms_change_nothing(client: Client, form: dict[str, str],
-                                            said: str) -> None:
-    """Bad ban forms are explained, ban nothing and record nothing."""
+                                            said: str, redis: aioredis.Redis,
+                                            key_prefix: str) -> None:
+    """Bad ban forms are explained (without repeating an IP, in the page or in the message
+    the session keeps in Redis), ban nothing and record nothing."""
     csrf = await sign_in(client)
     await post(client, "/admin/bans", {"csrf": csrf, **form})
     assert (await call(client, "GET", "/v1/admin/bans"))["bans"] == []
     assert await audit(client) == []
+    assert IP.encode() not in await dump(redis, key_prefix)
     html = await page(client)
     assert said in html and IP not in html
 
@@ -470,9 +473,9 @@ async def test_health_line_counts_decisions_per_second(
     assert await rate.everywhere() == 2.5
     html = await page(client)
     assert "Redis reachable (redis)" in html and "circuit closed" in html
-    assert "<strong>2.5</strong> decisions/s" in html
+    assert '<strong class="rate">2.5</strong> decisions/s' in html
     clock.advance(20)
-    assert "<strong>0.0</strong> decisions/s" in await page(client)
+    assert '<strong class="rate">0.0</strong> decisions/s' in await page(client)
 
 
 async def test_redis_outage_is_a_clear_page_not_an_error(
