@@ -513,3 +513,26 @@ async def test_changes_announce_to_other_processes(
 
     await wait_until(blocked)
     assert (await check(other, action="register", ip=IP))["reason"] == "disabled"
+
+
+async def test_the_page_on_a_redis_cluster(make_client: Callable[..., Any],
+                                           redis_cluster: Any, key_prefix: str,
+                                           clock: FakeClock) -> None:
+    """On a Redis Cluster: sessions, a flag, a ban, the top lists and the decision rate (one
+    MGET of per-second counters that share a slot) all work from the page."""
+    client = await make_client(CONFIG, clock=clock,
+                               app_settings=admin_settings(redis_cluster.url, key_prefix))
+    csrf = await sign_in(client)
+    await post(client, "/admin/flags/read-only", {"csrf": csrf, "enabled": "on"})
+    await post(client, "/admin/bans", {"csrf": csrf, "field": "user", "value": "bob",
+                                       "duration": "1h"})
+    for _ in range(5):
+        await check(client, action="login", ip=IP, user="carol")
+    rate = client.app[WEBADMIN].rate  # type: ignore[index]
+    await rate.flush()
+    clock.advance(3)
+    assert await rate.everywhere() == 0.5
+    html = await page(client)
+    assert "Banned user" in html and "Redis reachable (cluster)" in html
+    assert (await check(client, action="register", ip=IP))["reason"] == "disabled"
+    assert (await check(client, action="login", ip="192.0.2.1", user="bob"))["reason"] == "banned"
