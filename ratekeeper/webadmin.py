@@ -152,6 +152,9 @@ async def signin(request: web.Request) -> web.Response:
     if principal is None:
         log.warning("admin page: sign-in with an unknown token refused")
         return redirect(url_for(request, "signin") + "?note=failed")
+    previous = await current_session(request)
+    if previous is not None:  # signing in again replaces the session, never adds one
+        await state.sessions.end(previous.id)
     session = await state.sessions.create(principal, token)
     log.info("admin page: %s signed in (%s)", principal.name, principal.role)
     response = redirect(url_for(request, "page"))

@@ -199,6 +199,22 @@ async def test_sign_out_ends_the_session_everywhere(client: Client, redis: aiore
     assert (replay.status, replay.headers["Location"]) == (303, "/admin/signin")
 
 
+async def test_signing_in_again_replaces_the_session(client: Client, redis: aioredis.Redis,
+                                                     key_prefix: str) -> None:
+    """A new sign-in gets a new session id (no fixation) and ends the one before it."""
+    await sign_in(client)
+    first = client.session.cookie_jar.filter_cookies(client.make_url("/admin"))[SESSION_COOKIE]
+    # a signed-in browser is sent past the form, so post the double-submit pair directly
+    pair = "k" * 43
+    response = await client.post("/admin/signin", allow_redirects=False,
+                                 headers={"Cookie": f"{SIGNIN_COOKIE}={pair}; "
+                                                    f"{SESSION_COOKIE}={first.value}"},
+                                 data={"csrf": pair, "token": ALICE_TOKEN})
+    assert response.status == 303
+    assert response.cookies[SESSION_COOKIE].value != first.value
+    assert len([k for k in await keys_under(redis, key_prefix) if b"{session}" in k]) == 1
+
+
 async def test_sign_out_needs_the_sessions_csrf_token(client: Client) -> None:
     """A forged sign-out post (wrong token) is refused and the session goes on."""
     await sign_in(client)
