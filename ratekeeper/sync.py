@@ -94,6 +94,13 @@ class StateSync:
         """Stop listening and resyncing."""
         for task in self._tasks:
             task.cancel()
+        # redis-py (8.1) can swallow a cancellation that lands inside get_message(timeout=)
+        # and go on listening; cancel again until every task has really ended
+        while pending := [task for task in self._tasks if not task.done()]:
+            await asyncio.wait(pending, timeout=0.1)
+            for task in pending:
+                if not task.done():
+                    task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
