@@ -76,7 +76,9 @@ def test_ip_parsing_only_ever_raises_bad_request(text: str) -> None:
     try:
         KEYSPACE.ip_value(text)
     except BadRequest as exc:
-        assert len(text.strip()) < 3 or text not in str(exc)
+        # one fixed sentence, whatever the input ("add" is in "address", so a substring
+        # check fails on inputs that are not echoed at all)
+        assert str(exc) == "ip is not a valid IPv4 or IPv6 address"
 
 
 @given(st.text(max_size=400))
