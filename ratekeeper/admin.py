@@ -28,7 +28,7 @@ from .admin_common import (
     parts,
     query,
 )
-from .admin_wire import AuditEvent, AuditList, FlagList, FlagUpdate, FlagView
+from .admin_wire import MAX_AUDIT_LIMIT, AuditEvent, AuditList, FlagList, FlagUpdate, FlagView
 from .audit import AuditLog
 from .auth import Principal, TokenAuth
 from .bans import BanBook
@@ -47,7 +47,6 @@ log = logging.getLogger("ratekeeper.admin")
 
 READ_METHODS = frozenset({"GET", "HEAD"})
 DEFAULT_AUDIT_LIMIT = 50
-MAX_AUDIT_LIMIT = 1000
 
 _flag_update = msgspec.json.Decoder(FlagUpdate)
 

@@ -16,6 +16,7 @@ from msgspec import Meta
 from .wire import IPText, SubjectValue
 
 __all__ = [
+    "MAX_AUDIT_LIMIT",
     "MAX_BAN_SECONDS",
     "MAX_FLAG_SECONDS",
     "AuditEvent",
@@ -35,6 +36,7 @@ __all__ = [
     "reset_request_type",
 ]
 
+MAX_AUDIT_LIMIT = 1000  # events one GET /v1/admin/audit may ask for
 MAX_FLAG_SECONDS = 366 * 86400
 MAX_BAN_SECONDS = 10 * 366 * 86400
 SUBJECT_HASH_FIELD = "subject_hash"

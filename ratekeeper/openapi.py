@@ -15,10 +15,13 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["BATCH_REQUEST", "CHECK_REQUEST", "Endpoint", "Param", "Reply", "build_spec"]
+__all__ = ["BAN_REQUEST", "BATCH_REQUEST", "CHECK_REQUEST", "RESET_REQUEST", "Endpoint", "Param",
+           "Reply", "build_spec"]
 
 CHECK_REQUEST = "<check request>"  # stands for the type generated from the config
 BATCH_REQUEST = "<batch request>"
+BAN_REQUEST = "<ban request>"  # the admin API's, whose subject fields come from the config too
+RESET_REQUEST = "<reset request>"
 RATE_LIMIT_HEADERS = {
     "RateLimit-Policy": "IETF RateLimit-Policy: the rules' quota policies",
     "RateLimit": "IETF RateLimit: remaining quota and seconds until it goes up",
@@ -54,26 +57,26 @@ class Endpoint:
     summary: str
     tag: str
     replies: Mapping[int, Reply]
-    request: Any = None  # a msgspec type, CHECK_REQUEST, BATCH_REQUEST or None
+    request: Any = None  # a msgspec type, one of the *_REQUEST stand-ins, or None
     params: Sequence[Param] = ()
     auth: bool = False
-
-
-def _request_type(request: Any, check_type: Any, batch_type: Any) -> Any:
-    if request == CHECK_REQUEST:
-        return check_type
-    if request == BATCH_REQUEST:
-        return batch_type
-    return request
+    body_required: bool = True
 
 
 def build_spec(endpoints: Iterable[Endpoint], *, check_type: Any, batch_type: Any,
+               ban_type: Any = None, reset_type: Any = None,
                title: str = "ratekeeper", version: str = "0") -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``endpoints`` (types resolved for the current config)."""
     endpoints = list(endpoints)
+    generated = {CHECK_REQUEST: check_type, BATCH_REQUEST: batch_type, BAN_REQUEST: ban_type,
+                 RESET_REQUEST: reset_type}
+
+    def _request_type(request: Any) -> Any:
+        return generated[request] if isinstance(request, str) else request
+
     types: list[Any] = []
     for endpoint in endpoints:
-        request = _request_type(endpoint.request, check_type, batch_type)
+        request = _request_type(endpoint.request)
         if request is not None:
             types.append(request)
         types += [reply.body for reply in endpoint.replies.values() if reply.body is not None]
@@ -93,10 +96,10 @@ def build_spec(endpoints: Iterable[Endpoint], *, check_type: Any, batch_type: An
         params = [*endpoint.params, *_path_params(endpoint)]
         if params:
             operation["parameters"] = [_param(p) for p in params]
-        request = _request_type(endpoint.request, check_type, batch_type)
+        request = _request_type(endpoint.request)
         if request is not None:
             operation["requestBody"] = {
-                "required": True,
+                "required": endpoint.body_required,
                 "content": {"application/json": {"schema": schema_of[request]}},
             }
         if endpoint.auth:

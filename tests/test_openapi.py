@@ -14,15 +14,20 @@ from conftest import EXAMPLE
 CONFIG = EXAMPLE.read_text()
 
 
-def served_routes(app: web.Application, prefix: str = "") -> set[tuple[str, str]]:
-    """(method, path) of every route of ``app`` and its sub-apps, in OpenAPI's notation."""
+# The admin web page (HTML forms for people, see README) is not part of the HTTP API.
+NOT_API = ("/admin",)
+
+
+def served_routes(app: web.Application) -> set[tuple[str, str]]:
+    """(method, path) of every API route of ``app`` and its sub-apps, in OpenAPI's notation."""
     routes: set[tuple[str, str]] = set()
     for resource in app.router.resources():
         info = resource.get_info()
-        if "app" in info:  # a sub-application mounted under a prefix
-            routes |= served_routes(info["app"], prefix + info["prefix"])
+        if "app" in info:  # a sub-application: its resources already carry its prefix
+            if info["prefix"] not in NOT_API:
+                routes |= served_routes(info["app"])
             continue
-        path = prefix + (info.get("path") or info.get("formatter", ""))
+        path = info.get("path") or info.get("formatter", "")
         path = re.sub(r"{(\w+)(:[^}]*)?}", r"{\1}", path)
         path = path.replace("/v1/authz/envoy{path}", "/v1/authz/envoy/{path}")
         for route in resource:
