@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from . import admin_cli
 from .config import Config, load_config
 from .errors import ConfigError, SettingsError
+from .logs import configure_logging
 from .settings import Settings
 
 __all__ = ["main"]
@@ -25,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-format", choices=("text", "json"),
+                       help="text or JSON lines (default: $RATEKEEPER_LOG_FORMAT or text)")
     check = commands.add_parser("check-config", help="validate a rules file offline")
     check.add_argument("file")
     admin_cli.add_commands(commands)
@@ -45,8 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in admin_cli.COMMANDS:
         return admin_cli.run(args)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("text")
     if args.command == "check-config":
         config = _load(args.file)
         if config is None:
@@ -63,6 +68,9 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"ratekeeper: {exc}", file=sys.stderr)
         return 2
+    if args.log_format:
+        settings = dataclasses.replace(settings, log_format=args.log_format)
+    configure_logging(settings.log_format, settings.log_level)
     path = args.config or settings.config_path
     if not path:
         print("ratekeeper: give --config FILE or set RATEKEEPER_CONFIG", file=sys.stderr)
@@ -82,6 +90,9 @@ def _serve(args: argparse.Namespace) -> int:
                     "shared with other processes nor durable")
     if settings.ephemeral_salt:
         log.warning("RATEKEEPER_IP_SALT is not set: using a random salt for this process only")
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # before anything imports prometheus_client: workers then share their metrics
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ratekeeper-metrics-")
     from .runner import serve
 
     return serve(settings, config, args.host, args.port, args.workers)

@@ -39,6 +39,8 @@ from aiohttp import web
 
 from .config import Config, load_config
 from .errors import ConfigError
+from .logs import configure_logging
+from .metrics import mark_worker_dead
 from .server import create_app, reload_config
 from .settings import Settings
 
@@ -46,7 +48,6 @@ __all__ = ["run_worker", "serve"]
 
 log = logging.getLogger("ratekeeper.runner")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DRAIN_SECONDS = 3.0  # longest wait for open connections to take their "Connection: close"
 SHUTDOWN_TIMEOUT = 10.0  # then the longest wait for requests still in flight
 READY_TIMEOUT = 30.0  # a new worker must serve within this
@@ -65,7 +66,7 @@ def run_worker(settings: Settings, config: Config, host: str, port: int, *,
                sock: socket.socket | None = None, ready: Event | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain; on ``sock`` when a supervisor made one."""
     if sock is not None:  # a spawned worker: nothing of the parent's logging set-up survives
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        configure_logging(settings.log_format, settings.log_level)
     _use_uvloop()
     asyncio.run(_serve(settings, config, host, port, sock, ready))
 
@@ -250,6 +251,7 @@ class Supervisor:
             log.warning("worker pid %d did not drain in time; killing it", worker.pid)
             worker.process.kill()
             worker.process.join(5)
+        mark_worker_dead(worker.pid)
 
     def _stop_all(self) -> None:
         for worker in self.workers:
@@ -264,6 +266,7 @@ class Supervisor:
                 continue
             log.warning("worker pid %d exited with %s; starting another", worker.pid,
                         worker.process.exitcode)
+            mark_worker_dead(worker.pid)
             if time.monotonic() - worker.started < 1.0:
                 time.sleep(1.0)  # a worker that dies at once would otherwise spin
             self.workers[index] = self._start()

@@ -63,7 +63,8 @@ def build_checker(config: Config, settings: Settings, limiter: Limiter,
                         previous_salt=settings.ip_salt_previous or None)
     if cache is not None:
         cache.clear()  # what it knew was decided under the previous rules
-    return Checker(config, keyspace, limiter, flags, cache=cache, denials=denials, wall=wall)
+    return Checker(config, keyspace, limiter, flags, cache=cache, denials=denials,
+                   metrics=limiter.metrics, wall=wall)
 
 
 def reload_config(app: web.Application, path: str) -> bool:
@@ -152,7 +153,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text, summed over every worker."""
-    body, content_type = request.app[RUNTIME].metrics.exposition()
+    runtime = request.app[RUNTIME]
+    now = runtime.checker.wall()
+    for state in runtime.flags.all():  # flag state as this process knows it, at scrape time
+        runtime.metrics.flag_state(state.name, runtime.flags.is_on(state.name, now))
+    body, content_type = runtime.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

@@ -24,6 +24,8 @@ from .flags import SHADOW_FLAG, FlagBoard
 from .keys import Keyspace
 from .limiter import Limiter, Outcome, Status
 from .localcache import LocalCache
+from .metrics import Metrics
+from .observe import observe
 from .refunds import RefundSigner
 from .rotation import Rotation
 from .top import TopDenials
@@ -121,7 +123,7 @@ class Checker:
 
     def __init__(self, config: Config, keyspace: Keyspace, limiter: Limiter,
                  flags: FlagBoard, *, cache: LocalCache | None = None,
-                 denials: TopDenials | None = None,
+                 denials: TopDenials | None = None, metrics: Metrics | None = None,
                  wall: Callable[[], float] = time.time) -> None:
         self.config = config
         self.keyspace = keyspace
@@ -129,6 +131,7 @@ class Checker:
         self.flags = flags
         self.cache = cache  # banned / over-limit subjects this process already knows
         self.denials = denials  # counts for GET /v1/admin/top
+        self.metrics = metrics
         self.wall = wall  # Unix seconds, for flag expiry (tests inject their clock)
         self.request_type = check_request_type(config.subjects)
         self.decoder = msgspec.json.Decoder(self.request_type)
@@ -204,8 +207,14 @@ class Checker:
             for (plan, values), r in zip(prepared, requests, strict=True))))
 
     async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
-        """Flags, then bans, penalty boxes and limits in one script call."""
+        """Flags, then bans, penalty boxes and limits in one script call; counted and logged."""
         self.decided += 1
+        decision = await self._decide(plan, values, cost)
+        if self.metrics is not None or not decision.allowed or decision.shadow:
+            observe(self, plan.action, values, cost, decision)
+        return decision
+
+    async def _decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
         action = plan.action
         blocking = self.flags.blocking(action.flags, self.wall())
         if blocking is not None:
@@ -219,6 +228,8 @@ class Checker:
         if cache is not None:
             hit = cache.lookup(action, ban_subjects, subjects, cost, shadow_all)
             if hit is not None:
+                if self.metrics is not None:
+                    self.metrics.cache_hit(hit.decision.reason or "allowed")
                 if hit.rule >= 0 and self.denials is not None:
                     self.denials.add(action.rules[hit.rule], subjects[hit.rule])
                 return hit.decision

@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .errors import SettingsError
 
@@ -56,6 +57,10 @@ class Settings:
     sync_interval_ms: int = 1000
     # RATEKEEPER_LOCAL_CACHE_SIZE: banned / over-limit subjects each process remembers; 0 = off.
     local_cache_size: int = 50_000
+    # RATEKEEPER_LOG_FORMAT: "text" for people, "json" for one JSON object per line.
+    log_format: Literal["text", "json"] = "text"
+    # RATEKEEPER_LOG_LEVEL: INFO logs one line per denial; WARNING keeps only problems.
+    log_level: str = "INFO"
 
     @property
     def is_memory(self) -> bool:
@@ -121,6 +126,9 @@ class Settings:
             redis_timeout_ms=_parse_int(env, "RATEKEEPER_REDIS_TIMEOUT_MS", 50, low=1),
             sync_interval_ms=_parse_int(env, "RATEKEEPER_SYNC_INTERVAL_MS", 1000, low=10),
             local_cache_size=_parse_int(env, "RATEKEEPER_LOCAL_CACHE_SIZE", 50_000, low=0),
+            log_format=_parse_choice(env, "RATEKEEPER_LOG_FORMAT", ("text", "json")),  # type: ignore[arg-type]
+            log_level=_parse_choice(env, "RATEKEEPER_LOG_LEVEL",
+                                    ("INFO", "WARNING", "ERROR", "DEBUG")),
         )
 
 
@@ -154,6 +162,14 @@ def _parse_prefix(text: str) -> str:
     if not text or not all(c.isalnum() or c in "-_." for c in text) or len(text) > 32:
         raise SettingsError("RATEKEEPER_KEY_PREFIX must be 1-32 letters, digits, '-', '_' or '.'")
     return text
+
+
+def _parse_choice(env: Mapping[str, str], name: str, options: tuple[str, ...]) -> str:
+    raw = (env.get(name) or options[0]).strip()
+    for option in options:
+        if raw.lower() == option.lower():
+            return option
+    raise SettingsError(f"{name} must be one of " + ", ".join(options))
 
 
 def _parse_int(env: Mapping[str, str], name: str, default: int, *, low: int) -> int:

@@ -1,0 +1,100 @@
+"""Metrics summed over workers with no subject labels; JSON-lines logs without raw IPs."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import aiohttp
+
+from redis_servers import RedisServer
+
+CONFIG = """
+[rules.per-ip]
+limit = "3 per minute"
+key = ["ip"]
+[actions.login]
+rules = ["per-ip"]
+flags = ["stop"]
+[flags.stop]
+description = "stop logins"
+"""
+TOKEN = "observability-admin-token"
+
+
+def env(redis_server: RedisServer, prefix: str, **extra: str) -> dict[str, str]:
+    return {"RATEKEEPER_REDIS_URL": redis_server.url, "RATEKEEPER_IP_SALT": "observe-salt-0123456",
+            "RATEKEEPER_KEY_PREFIX": prefix, "RATEKEEPER_ADMIN_TOKENS": f"alice:{TOKEN}",
+            "RATEKEEPER_REDIS_TIMEOUT_MS": "2000", **extra}
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_metrics_sum_over_two_workers_and_carry_no_subject(
+        serve_process: Any, redis_server: RedisServer, key_prefix: str) -> None:
+    """Decisions counted by action, rule and outcome across both workers; no IP or hash."""
+    server = serve_process(CONFIG, env(redis_server, key_prefix), workers=2)
+    ips = [f"198.51.100.{i}" for i in range(10)]
+    connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for ip in ips:
+            for _ in range(5):  # 3 allowed, 2 rate limited per IP
+                async with session.post(f"{server.url}/v1/check",
+                                        json={"action": "login", "ip": ip}) as resp:
+                    assert resp.status == 200
+        pids = set()
+        for _ in range(20):
+            async with session.get(f"{server.url}/healthz") as resp:
+                pids.add((await resp.json())["pid"])
+        async with session.get(f"{server.url}/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    assert len(pids) == 2
+    allowed = sample(text, "ratekeeper_decisions_total", action="login", outcome="allowed")
+    limited = sample(text, "ratekeeper_decisions_total", action="login", rule="per-ip",
+                     outcome="rate_limited")
+    assert (allowed, limited) == (30, 20)
+    assert sample(text, "ratekeeper_redis_seconds_count", op="check") >= 30
+    assert "ratekeeper_circuit_breaker_state" in text
+    assert sample(text, "ratekeeper_flag_enabled", flag="stop") == 0
+    for ip in ips:
+        assert ip not in text
+    assert not re.search(r'"[A-Za-z0-9_-]{22}"', text)  # no subject hash as a label value
+
+
+async def test_json_logs_one_line_per_denial_hashed_and_admin_actor(
+        serve_process: Any, redis_server: RedisServer, key_prefix: str) -> None:
+    """JSON lines: each denial names action, rule and hashed subject; admin changes the actor."""
+    server = serve_process(CONFIG, env(redis_server, key_prefix, RATEKEEPER_LOG_FORMAT="json"))
+    ip = "2001:db8:77::5"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(5):
+            async with session.post(f"{server.url}/v1/check",
+                                    json={"action": "login", "ip": ip}) as resp:
+                assert resp.status == 200
+        async with session.put(f"{server.url}/v1/admin/flags/stop",
+                               json={"enabled": True, "reason": "spam wave"},
+                               headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            assert resp.status == 200
+        async with session.post(f"{server.url}/v1/check",
+                                json={"action": "login", "ip": ip}) as resp:
+            assert (await resp.json())["reason"] == "disabled"
+    log = server.stop()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    denials = [line for line in lines if line["logger"] == "ratekeeper.decisions"]
+    assert [d["reason"] for d in denials] == ["rate_limited", "rate_limited", "disabled"]
+    assert denials[0]["rule"] == "per-ip" and denials[0]["action"] == "login"
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", denials[0]["subjects"]["ip"])
+    assert denials[2]["flag"] == "stop"
+    assert any("alice" in line["msg"] for line in lines if "flag" in line["msg"])
+    assert "2001:db8" not in log and TOKEN not in log
