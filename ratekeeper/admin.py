@@ -39,7 +39,7 @@ from .flagstore import FlagStore
 from .localcache import LocalCache
 from .server import RUNTIME, Handler, Runtime, error_response, json_response
 from .settings import Settings
-from .sync import Event, StateSync
+from .sync import Event, StateSync, stop_tasks
 
 __all__ = ["ADMIN", "AdminState", "admin_app", "admin_context", "flag_views", "set_flag"]
 
@@ -65,7 +65,9 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(403, f"token '{principal.name}' may only read")
     try:
         return await handler(request)
-    except StoreUnavailable:
+    except StoreUnavailable as exc:
+        log.warning("%s %s by %s: %s (%s)", request.method, request.path, principal.name, exc,
+                    type(exc.__cause__).__name__)
         return error_response(503, "Redis is unavailable; retry the request (every admin "
                                    "change is safe to repeat)")
 
@@ -193,9 +195,7 @@ def admin_context(settings: Settings, wall: Callable[[], float]
         flusher = asyncio.create_task(denials.flush_forever()) if denials is not None else None
         yield
         if flusher is not None:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            await stop_tasks([flusher])
         if denials is not None:
             with contextlib.suppress(StoreUnavailable):
                 await denials.flush()  # the last second's counts

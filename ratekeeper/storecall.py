@@ -27,4 +27,5 @@ async def store_call(timeout: float = ADMIN_TIMEOUT) -> AsyncIterator[None]:
         async with asyncio.timeout(timeout):
             yield
     except (RedisError, OSError, TimeoutError) as exc:
-        raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+        # the class and redis-py's own words (about the server, never about a client)
+        raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}"[:200]) from exc

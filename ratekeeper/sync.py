@@ -37,7 +37,7 @@ from .flagstore import EXPIRY_ACTOR, FlagStore
 from .localcache import LocalCache
 from .storecall import store_call
 
-__all__ = ["Event", "StateSync"]
+__all__ = ["Event", "StateSync", "stop_tasks"]
 
 log = logging.getLogger("ratekeeper.sync")
 
@@ -55,6 +55,24 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Event).decode
+
+
+async def stop_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended.
+
+    Cancelled again until they do: a cancel that lands inside redis-py's
+    ``get_message(timeout=)``, or just as an ``asyncio.timeout`` in the task fires (Python
+    3.11), can be swallowed, and the task would go on.
+    """
+    for task in tasks:
+        task.cancel()
+    while pending := [task for task in tasks if not task.done()]:
+        await asyncio.wait(pending, timeout=0.1)
+        for task in pending:
+            task.cancel()
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a background task ended with %r", task.exception())
 
 
 class StateSync:
@@ -76,6 +94,7 @@ class StateSync:
         self.subscriptions = 0  # how many times the channel was (re)established
         self._tasks: list[asyncio.Task[None]] = []
         self._lost = False
+        self._stopping = False
 
     async def start(self) -> None:
         """Load the flags (if Redis answers) and start listening and resyncing."""
@@ -92,18 +111,8 @@ class StateSync:
 
     async def stop(self) -> None:
         """Stop listening and resyncing."""
-        for task in self._tasks:
-            task.cancel()
-        # redis-py (8.1) can swallow a cancellation that lands inside get_message(timeout=)
-        # and go on listening; cancel again until every task has really ended
-        while pending := [task for task in self._tasks if not task.done()]:
-            await asyncio.wait(pending, timeout=0.1)
-            for task in pending:
-                if not task.done():
-                    task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._stopping = True
+        await stop_tasks(self._tasks)
         self._tasks.clear()
 
     async def refresh(self) -> None:
@@ -170,7 +179,7 @@ class StateSync:
         self.cache.sweep()
 
     async def _resync_forever(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.interval)
             try:
                 await self.resync()
@@ -200,12 +209,12 @@ class StateSync:
 
     async def _listen_forever(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._stopping:
             pubsub = self.redis.pubsub()
             try:
                 await self._subscribe(pubsub)
                 backoff = 0.05
-                while True:
+                while not self._stopping:
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                        timeout=self.interval)
                     if self._lost:

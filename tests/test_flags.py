@@ -265,20 +265,26 @@ def _request(conn: http.client.HTTPConnection, method: str, path: str,
 
 
 def _pin_workers(port: int, workers: int) -> dict[int, http.client.HTTPConnection]:
-    """One keep-alive connection per worker process, found by the pid /healthz reports."""
+    """One keep-alive connection per worker process, found by the pid /healthz reports.
+
+    The workers accept from one shared socket, so which one takes a new connection is up to
+    the scheduler: keep opening connections, a little apart, until every worker took one.
+    """
     pinned: dict[int, http.client.HTTPConnection] = {}
-    for _ in range(200):
+    deadline = time.monotonic() + 20
+    while len(pinned) < workers and time.monotonic() < deadline:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         _, health = _request(conn, "GET", "/healthz")
         if health["pid"] in pinned:
             conn.close()
+            time.sleep(0.01)
         else:
             pinned[health["pid"]] = conn
-        if len(pinned) == workers:
-            return pinned
-    for conn in pinned.values():
-        conn.close()
-    raise AssertionError(f"only reached workers {sorted(pinned)}")
+    if len(pinned) < workers:
+        for conn in pinned.values():
+            conn.close()
+        raise AssertionError(f"only reached workers {sorted(pinned)}")
+    return pinned
 
 
 @pytest.mark.slow
