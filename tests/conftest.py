@@ -36,6 +36,7 @@ from redis_servers import (
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "pypi.toml"
 SALT = b"test-salt-that-is-long-enough"
+TEST_DEADLINE_MS = 2000  # see the settings fixture
 
 
 class FakeClock:
@@ -110,8 +111,13 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def settings(redis_server: RedisServer, key_prefix: str) -> Settings:
-    """Settings pointing at the session's Redis with this test's prefix."""
-    return Settings(redis_url=redis_server.url, ip_salt=SALT, key_prefix=key_prefix)
+    """Settings pointing at the session's Redis with this test's prefix.
+
+    The deadline is generous: on a loaded 2-core CI box the 50 ms default can pass from CPU lag
+    alone and turn a check into a fail-mode answer; tests about deadlines set their own.
+    """
+    return Settings(redis_url=redis_server.url, ip_salt=SALT, key_prefix=key_prefix,
+                    redis_timeout_ms=TEST_DEADLINE_MS)
 
 
 def config_from(text: str) -> Config:
@@ -142,7 +148,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = config_path.parent / f"serve-{self.port}.log"
-        full_env = {**os.environ, **env}
+        full_env = {**os.environ, "RATEKEEPER_REDIS_TIMEOUT_MS": str(TEST_DEADLINE_MS), **env}
         self._log_file = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ratekeeper", "serve", "--config", str(config_path),
