@@ -19,6 +19,7 @@ from .keys import contains_ip
 from .server import RUNTIME, Runtime
 from .service import Checker
 from .sync import StateSync
+from .wire import decode
 
 __all__ = ["ADMIN", "AdminState", "Codecs", "check_text", "decode", "limit_param",
            "parts", "query"]
@@ -61,14 +62,6 @@ class AdminState:
 ADMIN = web.AppKey("admin", AdminState)
 
 
-def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
-    """Decode a body; raise BadRequest with msgspec's sentence."""
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
 
 
 def query(request: web.Request, allowed: set[str]) -> dict[str, str]:

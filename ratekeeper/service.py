@@ -36,6 +36,7 @@ from .wire import (
     RefundResult,
     batch_request_type,
     check_request_type,
+    decode,
 )
 
 __all__ = ["Checker"]
@@ -87,15 +88,6 @@ def _plan(action: Action) -> ActionPlan:
         shadow_args=tuple(shadow),
         fail_closed=any(r.fail == "closed" and not r.shadow for r in action.rules),
     )
-
-
-def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(str(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
 
 
 def _seconds(ms: int) -> int:
@@ -157,11 +149,11 @@ class Checker:
 
     def decode(self, body: bytes) -> Any:
         """Decode one check request; raise BadRequest with msgspec's sentence."""
-        return _decode(self.decoder, body)
+        return decode(self.decoder, body)
 
     def decode_batch(self, body: bytes) -> list[Any]:
         """Decode a batch request; raise BadRequest with msgspec's sentence."""
-        return list(_decode(self.batch_decoder, body).checks)
+        return list(decode(self.batch_decoder, body).checks)
 
     def subjects(self, request: Any) -> dict[str, bytes]:
         """The normalised value of every subject the request carries."""
@@ -296,7 +288,7 @@ class Checker:
 
     def decode_refund(self, body: bytes) -> str:
         """The token of a ``POST /v1/refund`` body; raise BadRequest."""
-        request: RefundRequest = _decode(self.refund_decoder, body)
+        request: RefundRequest = decode(self.refund_decoder, body)
         return request.token
 
     async def refund(self, token: str) -> RefundResult:

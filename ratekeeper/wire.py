@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from .errors import BadRequest
+
 __all__ = [
     "MAX_BATCH",
     "MAX_COST",
@@ -28,6 +30,7 @@ __all__ = [
     "RefundResult",
     "batch_request_type",
     "check_request_type",
+    "decode",
 ]
 
 MAX_COST = 1_000_000
@@ -143,3 +146,13 @@ class Readiness(msgspec.Struct, frozen=True):
     status: str
     store: str
     breaker: str
+
+
+def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    """Decode a request body; bad input becomes BadRequest with msgspec's sentence."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
