@@ -49,9 +49,6 @@ class Metrics:
         self.cache_hits = prom.Counter(
             "ratekeeper_local_cache_hits", "Decisions answered from the local cache", ["kind"],
             **kwargs)
-        self.http = prom.Histogram(
-            "ratekeeper_http_seconds", "HTTP request time by route and status",
-            ["route", "status"], buckets=LATENCY_BUCKETS, **kwargs)
 
     def decision(self, action: str, rule: str, outcome: str) -> None:
         """Count one decision; ``rule`` is the rule that decided it, or ''."""
@@ -76,10 +73,6 @@ class Metrics:
     def cache_hit(self, kind: str) -> None:
         """Count a decision the local cache answered (``banned``, ``limited``...)."""
         self.cache_hits.labels(kind).inc()
-
-    def http_request(self, route: str, status: int, seconds: float) -> None:
-        """Observe one HTTP request (route is the route pattern, never the raw path)."""
-        self.http.labels(route, str(status)).observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric (all workers' in multiprocess mode)."""
