@@ -13,9 +13,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from redis.exceptions import RedisClusterException, RedisError
 
@@ -23,6 +22,7 @@ from . import slots
 from .breaker import Breaker
 from .errors import StoreUnavailable
 from .metrics import Metrics
+from .pipeline import Coalescer
 from .scripts import Scripts
 
 __all__ = ["Limiter", "Outcome", "Status", "WindowState"]
@@ -48,8 +48,7 @@ class Status(IntEnum):
     PENALTY = 3
 
 
-@dataclass(frozen=True, slots=True)
-class WindowState:
+class WindowState(NamedTuple):
     """One window after the decision: hits left, ms until fully reset, ms until retry."""
 
     remaining: int
@@ -57,9 +56,8 @@ class WindowState:
     retry_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The script's answer for one request."""
+class Outcome(NamedTuple):
+    """The script's answer for one request (a tuple: one is made per decision)."""
 
     status: Status
     now_ms: int
@@ -104,9 +102,7 @@ class Limiter:
         ``healthy`` tells the breaker whether a result that came back is a success; ``op``
         names the call in metrics.
         """
-        if not self.breaker.allow():
-            self._report(op, "CircuitOpen")
-            raise StoreUnavailable("redis: circuit open")
+        self._admit(op)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
@@ -115,10 +111,7 @@ class Limiter:
                         await self._learn_topology()
                     result = await make()
         except REDIS_FAILURES as exc:
-            self.breaker.failure(timed_out=isinstance(exc, TimeoutError))
-            self._log_failure(exc)
-            self._report(op, type(exc).__name__)
-            raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+            raise self._failed(op, exc) from exc
         except BaseException:
             self.breaker.abandon()
             raise
@@ -128,6 +121,36 @@ class Limiter:
             self.breaker.failure()
         self._report(op, None, time.perf_counter() - started)
         return result
+
+    async def _coalesced(self, coalescer: Coalescer, keys: Sequence[str],
+                         args: Sequence[str | int]) -> Any:
+        """``_call`` for a check the coalescer sends: the same breaker, errors and metrics,
+        with the coalescer's deadline (one timer per event-loop tick, not one per call)."""
+        self._admit("check")
+        started = time.perf_counter()
+        try:
+            result = await coalescer.queue(keys, args)
+        except REDIS_FAILURES as exc:
+            raise self._failed("check", exc) from exc
+        except BaseException:
+            self.breaker.abandon()
+            raise
+        self.breaker.success()
+        self._report("check", None, time.perf_counter() - started)
+        return result
+
+    def _admit(self, op: str) -> None:
+        """Raise StoreUnavailable at once while the circuit is open."""
+        if not self.breaker.allow():
+            self._report(op, "CircuitOpen")
+            raise StoreUnavailable("redis: circuit open")
+
+    def _failed(self, op: str, exc: BaseException) -> StoreUnavailable:
+        """Count a failed call (breaker, log, metrics); the error to raise instead."""
+        self.breaker.failure(timed_out=isinstance(exc, TimeoutError))
+        self._log_failure(exc)
+        self._report(op, type(exc).__name__)
+        return StoreUnavailable(f"redis: {type(exc).__name__}")
 
     def _report(self, op: str, error: str | None, seconds: float = 0.0) -> None:
         metrics = self.metrics
@@ -167,8 +190,10 @@ class Limiter:
             if len(plan.groups) > 1:
                 return await self._check_slots(plan, now, cost)
         args: list[str | int] = [now, cost, n_bans, n_rules, *rule_args]
-        raw = await self._call(lambda: self.scripts.check(keys=list(keys), args=args),
-                               op="check")
+        script = self.scripts.check
+        if type(script) is Coalescer and script.timeout is not None and self._topology_known:
+            return parse_outcome(await self._coalesced(script, keys, args))
+        raw = await self._call(lambda: script(keys=list(keys), args=args), op="check")
         return parse_outcome(raw)
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:
@@ -337,13 +362,15 @@ def _outcome(answer: slots.Answer) -> Outcome:
                    windows=tuple(WindowState(*w) for w in answer.windows))
 
 
+_STATUS = {int(status): status for status in Status}
+
+
 def parse_outcome(raw: Sequence[int]) -> Outcome:
     """Validate the flat array check.lua returns."""
-    values = [int(v) for v in raw]
-    head, tail = values[:5], values[5:]
-    windows = tuple(
-        WindowState(remaining=tail[i], reset_ms=tail[i + 1], retry_ms=tail[i + 2])
-        for i in range(0, len(tail), 3)
-    )
-    return Outcome(status=Status(head[0]), now_ms=head[1], shadowed=bool(head[2]),
-                   index=head[3], wait_ms=head[4], windows=windows)
+    n = len(raw)
+    if n < 5 or (n - 5) % 3:
+        raise ValueError(f"check.lua answered {n} values")
+    windows = tuple([WindowState(int(raw[i]), int(raw[i + 1]), int(raw[i + 2]))
+                     for i in range(5, n, 3)])
+    return Outcome(_STATUS[int(raw[0])], int(raw[1]), bool(raw[2]), int(raw[3]), int(raw[4]),
+                   windows)

@@ -49,18 +49,28 @@ class Metrics:
         self.cache_hits = prom.Counter(
             "ratekeeper_local_cache_hits", "Decisions answered from the local cache", ["kind"],
             **kwargs)
+        # labelled children by their label values: ``labels()`` validates and hashes its
+        # arguments on every call, and the hot path counts every decision
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def decision(self, action: str, rule: str, outcome: str) -> None:
         """Count one decision; ``rule`` is the rule that decided it, or ''."""
-        self.decisions.labels(action, rule, outcome).inc()
+        self._child(self.decisions, action, rule, outcome).inc()
 
     def redis_call(self, op: str, seconds: float) -> None:
         """Observe one Redis call's time."""
-        self.redis_seconds.labels(op).observe(seconds)
+        self._child(self.redis_seconds, op).observe(seconds)
 
     def redis_error(self, op: str, error: str) -> None:
         """Count a failed Redis call by the exception's class name."""
-        self.redis_errors.labels(op, error).inc()
+        self._child(self.redis_errors, op, error).inc()
 
     def breaker_state(self, state: str) -> None:
         """Record the circuit breaker's state (closed, half-open, open)."""
@@ -72,7 +82,7 @@ class Metrics:
 
     def cache_hit(self, kind: str) -> None:
         """Count a decision the local cache answered (``banned``, ``limited``...)."""
-        self.cache_hits.labels(kind).inc()
+        self._child(self.cache_hits, kind).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric (all workers' in multiprocess mode)."""

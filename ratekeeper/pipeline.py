@@ -7,9 +7,11 @@ every EVALSHA in a pipeline is still atomic on its own, and Redis runs them in t
 they were queued, which is the order the callers asked.
 
 ``Coalescer`` is a ``LuaScript`` (``sha``, ``script`` and an awaitable ``__call__(keys=...,
-args=...)``), so it stands in for one: ``coalesced(scripts, redis)`` swaps it in for the check
-script of a ``Scripts``. Errors reach each caller as
-redis-py raised them (a connection error fails every call of the batch, a script error
+args=...)``), so it stands in for one: ``coalesced(scripts, redis, timeout)`` swaps it in for
+the check script of a ``Scripts``. Each call's deadline is kept here, with one timer for the
+calls of one tick (``asyncio.timeout`` per call cost more than the rest of the limiter's
+Python); the limiter's breaker and metrics see the calls as before. Errors reach each caller
+as redis-py raised them (a connection error fails every call of the batch, a script error
 only its own call), so the limiter's translation of Redis errors stays where it is.
 
 On a plain ``redis.asyncio.Redis`` (single server or Sentinel) the batch is encoded here and
@@ -83,8 +85,8 @@ def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -
 class Coalescer(LuaScript):
     """Runs one Lua script for many callers: one pipeline per event-loop tick, few in flight."""
 
-    __slots__ = ("_direct", "_inflight", "_queue", "_scheduled", "_tasks", "batches", "calls",
-                 "dropped", "max_batch", "max_inflight", "redis", "timeout")
+    __slots__ = ("_direct", "_group", "_inflight", "_queue", "_scheduled", "_tasks", "batches",
+                 "calls", "dropped", "max_batch", "max_inflight", "redis", "timeout")
 
     def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,
                  max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
@@ -96,7 +98,9 @@ class Coalescer(LuaScript):
         # While this many pipelines are out, calls wait and go in the next, larger one: under
         # load batches grow instead of connections and syscalls.
         self.max_inflight = max_inflight
-        self.timeout = timeout  # one deadline for a whole batch, when the caller sets none
+        # each call's deadline (queued and sent), and a whole batch's
+        self.timeout = timeout
+        self._group: list[asyncio.Future[Any]] | None = None  # this tick's calls, one timer
         self.calls = 0  # script calls sent, for metrics and tests
         self.batches = 0  # pipelines sent
         self.dropped = 0  # calls whose caller gave up before they were sent
@@ -111,14 +115,28 @@ class Coalescer(LuaScript):
         return await self.queue(keys, args)
 
     def queue(self, keys: Sequence[str], args: Iterable[Arg]) -> asyncio.Future[Any]:
-        """Queue one call; the future resolves to what the script returned."""
+        """Queue one call; the future resolves to what the script returned.
+
+        With a ``timeout``, the future fails with TimeoutError once it has waited that long
+        (queued or sent): the calls queued in one tick share one timer.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((keys, tuple(args), future))
+        if self.timeout is not None:
+            group = self._group
+            if group is None:
+                group = self._group = []
+                loop.call_later(self.timeout, _expire, group)
+                loop.call_soon(self._close_group)
+            group.append(future)
         if not self._scheduled and self._inflight < self.max_inflight:
             self._scheduled = True
             loop.call_soon(self._flush)
         return future
+
+    def _close_group(self) -> None:
+        self._group = None  # the next tick's calls get a timer of their own
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -233,6 +251,13 @@ class Coalescer(LuaScript):
         return results
 
 
+def _expire(group: list[asyncio.Future[Any]]) -> None:
+    """A tick's calls reached their deadline: the ones still unanswered fail."""
+    for future in group:
+        if not future.done():
+            future.set_exception(TimeoutError())
+
+
 class _NothingAnswered(Exception):
     """The connection failed before the first reply of a batch."""
 
@@ -241,8 +266,9 @@ class _NothingAnswered(Exception):
         self.cause = cause
 
 
-def coalesced(scripts: Scripts, redis: Any) -> Scripts:
-    """``scripts`` with its check script called through a Coalescer.
+def coalesced(scripts: Scripts, redis: Any, timeout: float | None = None) -> Scripts:
+    """``scripts`` with its check script called through a Coalescer (``timeout``: each
+    call's deadline, in seconds).
 
     A Redis Cluster client is left as it is: the limiter splits a check across slots itself,
     and a pipeline there would be redis-py's cluster pipeline, which nothing here tests.
@@ -251,4 +277,5 @@ def coalesced(scripts: Scripts, redis: Any) -> Scripts:
 
     if isinstance(redis, RedisCluster):
         return scripts
-    return dataclasses.replace(scripts, check=Coalescer(redis, scripts.check))
+    return dataclasses.replace(scripts, check=Coalescer(redis, scripts.check,
+                                                         timeout=timeout))

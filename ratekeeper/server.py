@@ -183,7 +183,7 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock,
                           metrics=metrics)
         # one Redis pipeline per event-loop tick instead of one round trip per check
-        limiter.scripts = coalesced(limiter.scripts, live.redis)
+        limiter.scripts = coalesced(limiter.scripts, live.redis, limiter.timeout)
         flags = FlagBoard(config.flags)
         cache = LocalCache(settings.local_cache_size, now_ms=clock)
         keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip)

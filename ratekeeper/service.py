@@ -54,6 +54,8 @@ class ActionPlan:
     refund_args: tuple[str | int, ...]  # refund.lua ARGV per rule
     shadow_args: tuple[str | int, ...]  # the same with every rule in shadow mode
     fail_closed: bool
+    rule_keys: tuple[tuple[str, ...], ...]  # each rule's subject fields
+    boxes: tuple[bool, ...]  # each rule: has a penalty and is not in shadow mode
 
 
 def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
@@ -87,6 +89,8 @@ def _plan(action: Action) -> ActionPlan:
         refund_args=tuple(refund),
         shadow_args=tuple(shadow),
         fail_closed=any(r.fail == "closed" and not r.shadow for r in action.rules),
+        rule_keys=tuple(tuple(rule.key) for rule in action.rules),
+        boxes=tuple(bool(rule.penalty) and not rule.shadow for rule in action.rules),
     )
 
 
@@ -202,20 +206,30 @@ class Checker:
         """Flags, then bans, penalty boxes and limits in one script call; counted and logged."""
         self.decided += 1
         decision = await self._decide(plan, values, cost)
-        if self.metrics is not None or not decision.allowed or decision.shadow:
+        if decision.allowed and not decision.shadow and not decision.degraded:
+            if self.metrics is not None:
+                self.metrics.decision(plan.action.name, "", "allowed")
+        else:
             observe(self, plan.action, values, cost, decision)
         return decision
 
     async def _decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
         action = plan.action
-        blocking = self.flags.blocking(action.flags, self.wall())
-        if blocking is not None:
-            return Decision(allowed=False, reason="disabled", action=action.name,
-                            flag=blocking.name, message=self.flags.message_for(blocking))
+        now = self.wall()
+        if action.flags:
+            blocking = self.flags.blocking(action.flags, now)
+            if blocking is not None:
+                return Decision(allowed=False, reason="disabled", action=action.name,
+                                flag=blocking.name, message=self.flags.message_for(blocking))
         keyspace = self.keyspace
-        shadow_all = self.shadow_all
-        ban_subjects = [keyspace.subject(((f, v),)) for f, v in values.items()]
-        subjects = [keyspace.subject((f, values[f]) for f in rule.key) for rule in action.rules]
+        shadow_all = self._shadow_all or self.flags.is_on(SHADOW_FLAG, now)
+        subject = keyspace.subject
+        # one subject per field (its bans), then one per rule: a one-field rule's is the same
+        by_field = {field: subject(((field, value),)) for field, value in values.items()}
+        ban_subjects = list(by_field.values())
+        subjects = [by_field[fields[0]] if len(fields) == 1
+                    else subject(tuple([(f, values[f]) for f in fields]))
+                    for fields in plan.rule_keys]
         cache = self.cache
         if cache is not None:
             hit = cache.lookup(action, ban_subjects, subjects, cost, shadow_all)
@@ -225,14 +239,15 @@ class Checker:
                 if hit.rule >= 0 and self.denials is not None:
                     self.denials.add(action.rules[hit.rule], subjects[hit.rule])
                 return hit.decision
-        ban_keys = [keyspace.ban_key(subject) for subject in ban_subjects]
+        keys = [keyspace.ban_key(s) for s in ban_subjects]
+        n_bans = len(keys)
         if self.rotation is not None:
-            ban_keys += self.rotation.ban_keys(values)
-        keys = list(ban_keys)
-        for rule, subject in zip(action.rules, subjects, strict=True):
-            keys.append(keyspace.counter_key(subject, rule))
-            if rule.penalty and not (rule.shadow or shadow_all):
-                keys.append(keyspace.penalty_key(subject, rule))
+            keys += self.rotation.ban_keys(values)
+            n_bans = len(keys)
+        for rule, rule_subject, boxes in zip(action.rules, subjects, plan.boxes, strict=True):
+            keys.append(keyspace.counter_key(rule_subject, rule))
+            if boxes and not shadow_all:
+                keys.append(keyspace.penalty_key(rule_subject, rule))
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name)
         rule_args = plan.shadow_args if shadow_all else plan.rule_args
@@ -240,25 +255,29 @@ class Checker:
         try:
             if self.rotation is not None:
                 await self.rotation.carry_over(self.limiter, action.rules, values)
-            outcome = await self.limiter.check(keys, cost, len(ban_keys), len(action.rules),
+            outcome = await self.limiter.check(keys, cost, n_bans, len(action.rules),
                                                rule_args)
         except StoreUnavailable:
             return self.degraded(plan)
-        if cache is not None:
-            cache.remember(action, ban_subjects, subjects, cost, outcome, started)
-        if self.denials is not None and (outcome.status is not Status.ALLOWED
-                                         or outcome.shadowed):
+        if outcome.status is not Status.ALLOWED:
+            if cache is not None:
+                cache.remember(action, ban_subjects, subjects, cost, outcome, started)
+            if self.denials is not None:
+                count_denials(self.denials, action, subjects, outcome)
+            return self.decision(plan, outcome)
+        if outcome.shadowed and self.denials is not None:
             count_denials(self.denials, action, subjects, outcome)
-        decision = self.decision(plan, outcome)
-        if cost > 0 and subjects and outcome.status is Status.ALLOWED:
+        token = None
+        if cost > 0 and subjects:
             token = self.refunds.issue(action.name, subjects, cost, outcome.now_ms)
-            decision = msgspec.structs.replace(decision, refund=token)
-        return decision
+        return self.decision(plan, outcome, token)
 
-    def decision(self, plan: ActionPlan, outcome: Outcome) -> Decision:
-        """Turn the script's answer into the API's Decision."""
+    def decision(self, plan: ActionPlan, outcome: Outcome, refund: str | None = None
+                 ) -> Decision:
+        """Turn the script's answer into the API's Decision (``refund``: its token)."""
         action = plan.action
-        if outcome.status in (Status.BANNED, Status.PENALTY):
+        status = outcome.status
+        if status is Status.BANNED or status is Status.PENALTY:
             wait = outcome.wait_ms
             return Decision(allowed=False, reason="banned", action=action.name,
                             retry_after=_seconds(wait) if wait > 0 else 0)
@@ -271,13 +290,15 @@ class Checker:
                                          window=window.seconds,
                                          remaining=max(0, state.remaining),
                                          reset=_seconds(state.reset_ms)))
-        if outcome.status is Status.LIMITED:
+        if status is Status.LIMITED:
             return Decision(allowed=False, reason="rate_limited", action=action.name,
                             retry_after=max(1, _seconds(outcome.wait_ms)), limits=limits)
+        token: str | msgspec.UnsetType = msgspec.UNSET if refund is None else refund
         if outcome.shadowed:
             return Decision(allowed=True, reason="rate_limited", action=action.name,
-                            shadow=True, limits=limits)
-        return Decision(allowed=True, reason=None, action=action.name, limits=limits)
+                            shadow=True, limits=limits, refund=token)
+        return Decision(allowed=True, reason=None, action=action.name, limits=limits,
+                        refund=token)
 
     def degraded(self, plan: ActionPlan) -> Decision:
         """Redis could not be asked: fail closed if any enforced rule says so, else open."""
