@@ -62,7 +62,7 @@ class Outcome(NamedTuple):
     status: Status
     now_ms: int
     shadowed: bool
-    index: int
+    culprit: int  # check.lua's `index`: the ban key (BANNED) or rule (PENALTY), 1-based
     wait_ms: int
     windows: tuple[WindowState, ...]
 
@@ -351,14 +351,14 @@ def _answer(raw: Sequence[int]) -> slots.Answer:
     outcome = parse_outcome(raw)
     return slots.Answer(
         status=int(outcome.status), now_ms=outcome.now_ms, shadowed=outcome.shadowed,
-        index=outcome.index, wait_ms=outcome.wait_ms,
+        index=outcome.culprit, wait_ms=outcome.wait_ms,
         windows=tuple((w.remaining, w.reset_ms, w.retry_ms) for w in outcome.windows),
     )
 
 
 def _outcome(answer: slots.Answer) -> Outcome:
     return Outcome(status=Status(answer.status), now_ms=answer.now_ms,
-                   shadowed=answer.shadowed, index=answer.index, wait_ms=answer.wait_ms,
+                   shadowed=answer.shadowed, culprit=answer.index, wait_ms=answer.wait_ms,
                    windows=tuple(WindowState(*w) for w in answer.windows))
 
 

@@ -146,13 +146,13 @@ class LocalCache:
         if not self.active or self.max_entries <= 0 or outcome.status is Status.ALLOWED:
             return
         if outcome.status is Status.BANNED:
-            if outcome.index > len(ban_subjects):
+            if outcome.culprit > len(ban_subjects):
                 return  # a ban under the previous salt (rotation.py): lifted by its own id
             wait = outcome.wait_ms if outcome.wait_ms >= 0 else UNBOUNDED_MS
-            self._put(ban_subjects[outcome.index - 1], Entry(BAN, started_ms + wait))
+            self._put(ban_subjects[outcome.culprit - 1], Entry(BAN, started_ms + wait))
             return
         if outcome.status is Status.PENALTY:
-            index = outcome.index - 1
+            index = outcome.culprit - 1
             wait = outcome.wait_ms if outcome.wait_ms >= 0 else UNBOUNDED_MS
             self._put((action.rules[index].name, rule_subjects[index]),
                       Entry(PENALTY, started_ms + wait))

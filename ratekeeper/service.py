@@ -102,7 +102,7 @@ def count_denials(denials: TopDenials, action: Action, subjects: Sequence[str],
                   outcome: Outcome) -> None:
     """Count, per rule, the subject it denied (or would have, in shadow mode)."""
     if outcome.status is Status.PENALTY:
-        index = outcome.index - 1
+        index = outcome.culprit - 1
         denials.add(action.rules[index], subjects[index])
         return
     if outcome.status is Status.BANNED:

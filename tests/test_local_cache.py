@@ -240,7 +240,7 @@ def test_the_cache_is_bounded() -> None:
     cache = LocalCache(10, now_ms=clock)
     rule = Rule(name="r", windows=(Window(limit=1, seconds=60),), key=("ip",))
     action = Action(name="a", rules=(rule,), flags=())
-    outcome = Outcome(status=Status.LIMITED, now_ms=0, shadowed=False, index=0, wait_ms=5000,
+    outcome = Outcome(status=Status.LIMITED, now_ms=0, shadowed=False, culprit=0, wait_ms=5000,
                       windows=(WindowState(remaining=0, reset_ms=5000, retry_ms=5000),))
     for i in range(100):
         cache.remember(action, [], [f"subject-{i:016d}"], 1, outcome, clock.ms)
