@@ -1,11 +1,17 @@
-"""What every decision leaves behind: a metric, and for a denial one structured log line.
+"""What every decision leaves behind: a metric, and for a denial a structured log line.
 
 The log line carries the action, the rule that decided, the reason and the *hashed* subject
 (the same hash as in Redis and the admin lists); never an IP, a user name or a request body.
+
+Metrics count every decision. The log is sampled: each (action, rule, reason, flag, subjects)
+gets at most one line per ``LOG_EVERY_SECONDS``; the denials in between are not written but
+counted, and the next line of that kind says how many (``suppressed``). During a flood a
+few hundred abusers would otherwise cost a log line (and a write) per request each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from .logs import decision_log
@@ -15,7 +21,36 @@ if TYPE_CHECKING:
     from .config import Action
     from .service import Checker
 
-__all__ = ["deciding_rule", "observe", "outcome_of"]
+__all__ = ["LOG_EVERY_SECONDS", "DenialLog", "deciding_rule", "observe", "outcome_of"]
+
+LOG_EVERY_SECONDS = 10.0
+MAX_TRACKED = 20_000  # kinds of denial remembered at once; past that, counting starts over
+
+
+class DenialLog:
+    """Decides which denials get a log line: the first of each kind per ``every`` seconds."""
+
+    __slots__ = ("_clock", "_seen", "every", "max_tracked")
+
+    def __init__(self, clock: Callable[[], float], every: float = LOG_EVERY_SECONDS,
+                 max_tracked: int = MAX_TRACKED) -> None:
+        self._clock = clock
+        self.every = every
+        self.max_tracked = max_tracked
+        self._seen: dict[Hashable, list[float]] = {}  # kind -> [last logged at, suppressed]
+
+    def admit(self, kind: Hashable) -> int | None:
+        """None: don't log this one (it is counted); else log it, with this many suppressed
+        since the previous line of its kind."""
+        now = self._clock()
+        seen = self._seen.get(kind)
+        if seen is not None and now - seen[0] < self.every:
+            seen[1] += 1
+            return None
+        if seen is None and len(self._seen) >= self.max_tracked:
+            self._seen.clear()
+        self._seen[kind] = [now, 0]
+        return 0 if seen is None else int(seen[1])
 
 
 def outcome_of(decision: Decision) -> str:
@@ -56,9 +91,13 @@ def observe(checker: Checker, action: Action, values: dict[str, bytes], cost: in
     else:
         subjects = {field: keyspace.subject(((field, value),))
                     for field, value in values.items()}
+    suppressed = checker.denial_log.admit(
+        (action.name, rule, decision.reason, decision.flag, *subjects.values()))
+    if suppressed is None:
+        return
     decision_log.info(
         "denied" if not decision.allowed else "would deny (shadow)",
         extra={"action": action.name, "rule": rule, "reason": decision.reason,
                "outcome": outcome, "flag": decision.flag, "subjects": subjects,
-               "retry_after": decision.retry_after},
+               "retry_after": decision.retry_after, "suppressed": suppressed},
     )

@@ -30,7 +30,6 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
@@ -42,7 +41,7 @@ from .config import Config, load_config
 from .errors import ConfigError
 from .logs import configure_logging
 from .metrics import mark_worker_dead
-from .server import create_app, reload_config
+from .server import STOPPING, create_app, reload_config
 from .settings import Settings
 
 __all__ = ["run_worker", "serve"]
@@ -76,20 +75,7 @@ def run_worker(settings: Settings, config: Config, host: str, port: int, *,
 async def _serve(settings: Settings, config: Config, host: str, port: int,
                  sock: socket.socket | None, ready: Event | None) -> None:
     app = create_app(settings, config)
-    stopping = asyncio.Event()
-
-    @web.middleware
-    async def drain(request: web.Request,
-                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                    ) -> web.StreamResponse:
-        response = await handler(request)
-        if stopping.is_set():
-            # the client learns from the answer that this connection ends here, so it never
-            # sends another request into a connection we are about to close
-            response.force_close()
-        return response
-
-    app.middlewares.insert(0, drain)  # outermost: error answers are marked too
+    stopping = app[STOPPING]  # once set, every answer says "Connection: close"
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()

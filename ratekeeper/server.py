@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .config import Config, load_config
 from .errors import BadRequest, ConfigError
@@ -28,7 +30,7 @@ from .store import Store, open_store
 from .top import TopDenials
 from .wire import BatchResponse, ErrorBody, Health, Readiness
 
-__all__ = ["RUNTIME", "Runtime", "build_checker", "create_app", "reload_config"]
+__all__ = ["RUNTIME", "STOPPING", "Runtime", "build_checker", "create_app", "reload_config"]
 
 log = logging.getLogger("ratekeeper.server")
 
@@ -52,6 +54,7 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+STOPPING = web.AppKey("stopping", asyncio.Event)
 
 
 def build_checker(config: Config, settings: Settings, limiter: Limiter,
@@ -99,19 +102,33 @@ def error_response(status: int, message: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Client errors become JSON ``{"error": ...}``; nothing a client sends becomes a 5xx."""
-    try:
-        return await handler(request)
-    except BadRequest as exc:
-        return error_response(400, str(exc))
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, f"the request body is larger than {MAX_BODY // 1024} KiB")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(exc.status, exc.reason)
+def error_middleware(stopping: asyncio.Event) -> Middleware:
+    """Client errors become JSON ``{"error": ...}`` (nothing a client sends becomes a 5xx);
+    once ``stopping`` is set, every answer closes its connection.
+
+    One middleware for both: each one is another coroutine on every request's path.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except BadRequest as exc:
+            response = error_response(400, str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(
+                413, f"the request body is larger than {MAX_BODY // 1024} KiB")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error_response(exc.status, exc.reason)
+        if stopping.is_set():
+            # the client learns from the answer that this connection ends here, so it never
+            # sends another request into a connection we are about to close
+            response.force_close()
+        return response
+
+    return middleware
 
 
 async def check(request: web.Request) -> web.Response:
@@ -172,7 +189,9 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     """Build the application; connections open on startup and close on cleanup."""
     from .admin import admin_app, admin_context  # it imports this module
 
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware])
+    stopping = asyncio.Event()  # set by the runner when the worker drains
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[error_middleware(stopping)])
+    app[STOPPING] = stopping
     # a test clock (ms) drives flag expiry and the local cache too; else the real clocks
     wall: Callable[[], float] = time.time if clock is None else (lambda: clock() / 1000)
 

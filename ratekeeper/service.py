@@ -25,7 +25,7 @@ from .keys import Keyspace
 from .limiter import Limiter, Outcome, Status
 from .localcache import LocalCache
 from .metrics import Metrics
-from .observe import observe
+from .observe import DenialLog, observe
 from .refunds import RefundSigner
 from .rotation import Rotation
 from .top import TopDenials
@@ -140,6 +140,7 @@ class Checker:
         # while a previous IP salt is honoured: its bans and counters (see rotation.py)
         self.rotation = Rotation(keyspace) if keyspace.previous is not None else None
         self._shadow_all = False
+        self.denial_log = DenialLog(wall)  # which denials get a log line (observe.py)
         self.decided = 0  # decisions made by this checker (the admin page's rate)
 
     @property

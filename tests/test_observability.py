@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from ratekeeper.observe import DenialLog
+
 from redis_servers import RedisServer
 
 CONFIG = """
@@ -71,9 +73,11 @@ async def test_metrics_sum_over_two_workers_and_carry_no_subject(
     assert not re.search(r'"[A-Za-z0-9_-]{22}"', text)  # no subject hash as a label value
 
 
-async def test_json_logs_one_line_per_denial_hashed_and_admin_actor(
+async def test_json_logs_denials_hashed_sampled_and_admin_actor(
         serve_process: Any, redis_server: RedisServer, key_prefix: str) -> None:
-    """JSON lines: each denial names action, rule and hashed subject; admin changes the actor."""
+    """JSON lines: a denial names action, rule and hashed subject (one line per kind of
+    denial per 10 s: the second rate_limited denial is only counted); admin changes name
+    the actor."""
     server = serve_process(CONFIG, env(redis_server, key_prefix, RATEKEEPER_LOG_FORMAT="json"))
     ip = "2001:db8:77::5"
     async with aiohttp.ClientSession() as session:
@@ -92,9 +96,28 @@ async def test_json_logs_one_line_per_denial_hashed_and_admin_actor(
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
     denials = [line for line in lines if line["logger"] == "ratekeeper.decisions"]
-    assert [d["reason"] for d in denials] == ["rate_limited", "rate_limited", "disabled"]
+    assert [d["reason"] for d in denials] == ["rate_limited", "disabled"]
     assert denials[0]["rule"] == "per-ip" and denials[0]["action"] == "login"
+    assert denials[0]["suppressed"] == 0
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", denials[0]["subjects"]["ip"])
-    assert denials[2]["flag"] == "stop"
+    assert denials[1]["flag"] == "stop"
     assert any("alice" in line["msg"] for line in lines if "flag" in line["msg"])
     assert "2001:db8" not in log and TOKEN not in log
+
+
+def test_denial_log_writes_one_line_per_kind_per_interval_and_counts_the_rest() -> None:
+    """The first denial of a kind is logged; repeats within the interval are counted and
+    reported by the next line of that kind; other kinds are independent; memory is bounded."""
+    now = [1000.0]
+    sampler = DenialLog(lambda: now[0], every=10.0, max_tracked=3)
+    assert sampler.admit("a") == 0
+    assert [sampler.admit("a") for _ in range(4)] == [None] * 4
+    assert sampler.admit("b") == 0
+    now[0] += 9.9
+    assert sampler.admit("a") is None
+    now[0] += 0.1
+    assert sampler.admit("a") == 5  # the five not written since the first line
+    assert sampler.admit("a") is None
+    assert sampler.admit("c") == 0
+    assert sampler.admit("d") == 0  # a fourth kind: the table starts over
+    assert sampler.admit("a") == 0 and len(sampler._seen) == 2
