@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .pipeline import Coalescer
 from .scripts import Scripts
 
-__all__ = ["Limiter", "Outcome", "Status", "WindowState"]
+__all__ = ["CheckCall", "Limiter", "Outcome", "Status", "WindowState"]
 
 log = logging.getLogger("ratekeeper.limiter")
 
@@ -37,6 +37,10 @@ READY_TIMEOUT = 0.5  # seconds; readiness may wait longer than a check
 # Redis calls one process has in flight at most; more wait their turn within their deadline
 # (each call holds a connection, and redis-py's pools fail at once when they run out)
 MAX_IN_FLIGHT = 256
+
+
+# Limiter.check's arguments: keys, cost, number of ban keys, number of rules, rule ARGV
+CheckCall = tuple[list[str], int, int, int, Sequence[str | int]]
 
 
 class Status(IntEnum):
@@ -195,6 +199,49 @@ class Limiter:
             return parse_outcome(await self._coalesced(script, keys, args))
         raw = await self._call(lambda: script(keys=list(keys), args=args), op="check")
         return parse_outcome(raw)
+
+    async def check_many(self, calls: Sequence[CheckCall]) -> list[Outcome | StoreUnavailable]:
+        """``check`` for each call, in order; a failure is that call's StoreUnavailable.
+
+        On a coalescing limiter every call is queued at once (one submission, no task per
+        call), so they go to Redis together; elsewhere they run concurrently.
+        """
+        script = self.scripts.check
+        if not (type(script) is Coalescer and script.timeout is not None
+                and self._topology_known and calls):
+            results = await asyncio.gather(*(self.check(*call) for call in calls),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result,
+                                                                        StoreUnavailable):
+                    raise result
+            return results  # type: ignore[return-value]
+        try:
+            self._admit("check")
+        except StoreUnavailable as exc:
+            return [exc] * len(calls)
+        started = time.perf_counter()
+        now = "" if self._clock is None else str(self._clock())
+        futures = [script.queue(keys, [now, cost, n_bans, n_rules, *rule_args])
+                   for keys, cost, n_bans, n_rules, rule_args in calls]
+        answers: list[Outcome | StoreUnavailable] = []
+        failed = False
+        try:
+            for future in futures:
+                try:
+                    answers.append(parse_outcome(await future))
+                except REDIS_FAILURES as exc:
+                    answers.append(self._failed("check", exc))
+                    failed = True
+        except BaseException:
+            self.breaker.abandon()
+            for future in futures:
+                future.cancel()
+            raise
+        if not failed:
+            self.breaker.success()
+            self._report("check", None, time.perf_counter() - started)
+        return answers
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:
         """One check.lua call per slot; refund the slots that took if any denied.

@@ -8,13 +8,12 @@ cannot be asked, the rules' fail modes decide here, and only here.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -22,7 +21,7 @@ from .config import Action, Config, Rule
 from .errors import BadRequest, StoreUnavailable
 from .flags import SHADOW_FLAG, FlagBoard
 from .keys import Keyspace
-from .limiter import Limiter, Outcome, Status
+from .limiter import CheckCall, Limiter, Outcome, Status
 from .localcache import LocalCache
 from .metrics import Metrics
 from .observe import DenialLog, observe
@@ -92,6 +91,17 @@ def _plan(action: Action) -> ActionPlan:
         rule_keys=tuple(tuple(rule.key) for rule in action.rules),
         boxes=tuple(bool(rule.penalty) and not rule.shadow for rule in action.rules),
     )
+
+
+class _Pending(NamedTuple):
+    """A check staged up to its Redis call (``Checker._stage``), finished by ``_finish``."""
+
+    plan: ActionPlan
+    cost: int
+    ban_subjects: list[str]
+    subjects: list[str]
+    started_ms: int  # the local cache's clock before the call
+    call: CheckCall  # Limiter.check's arguments
 
 
 def _seconds(ms: int) -> int:
@@ -195,18 +205,45 @@ class Checker:
         return await self.decide(plan, values, request.cost)
 
     async def check_many(self, requests: Sequence[Any]) -> list[Decision]:
-        """Decide a batch; every request is validated before any is decided."""
+        """Decide a batch; every request is validated before any is decided.
+
+        Every request that needs Redis is queued at once, so the coalescer sends them in one
+        go; Redis decides them one after another in this order, so the answers are the ones
+        sequential checks would get.
+        """
         prepared = [self.prepare(r) for r in requests]
-        # concurrently, so a coalescing limiter sends them as one pipeline; Redis still runs
-        # them one after another in this order, so the answers are the sequential ones
-        return list(await asyncio.gather(*(
-            self.decide(plan, values, r.cost)
-            for (plan, values), r in zip(prepared, requests, strict=True))))
+        if self.rotation is not None:  # each check may first copy keys: one at a time
+            return [await self.decide(plan, values, r.cost)
+                    for (plan, values), r in zip(prepared, requests, strict=True)]
+        staged = [self._stage(plan, values, r.cost)
+                  for (plan, values), r in zip(prepared, requests, strict=True)]
+        pending = [stage for stage in staged if isinstance(stage, _Pending)]
+        outcomes = await self.limiter.check_many([stage.call for stage in pending])
+        answers = iter(outcomes)
+        decisions = []
+        for stage, (plan, values), request in zip(staged, prepared, requests, strict=True):
+            decision = (self._finish(stage, next(answers)) if isinstance(stage, _Pending)
+                        else stage)
+            decisions.append(self._observed(plan, values, request.cost, decision))
+        return decisions
 
     async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
         """Flags, then bans, penalty boxes and limits in one script call; counted and logged."""
+        stage = self._stage(plan, values, cost)
+        if not isinstance(stage, _Pending):
+            return self._observed(plan, values, cost, stage)
+        try:
+            if self.rotation is not None:
+                await self.rotation.carry_over(self.limiter, plan.action.rules, values)
+            outcome: Outcome | StoreUnavailable = await self.limiter.check(*stage.call)
+        except StoreUnavailable as exc:
+            outcome = exc
+        return self._observed(plan, values, cost, self._finish(stage, outcome))
+
+    def _observed(self, plan: ActionPlan, values: dict[str, bytes], cost: int,
+                  decision: Decision) -> Decision:
+        """Count ``decision`` (and log it if it denied)."""
         self.decided += 1
-        decision = await self._decide(plan, values, cost)
         if decision.allowed and not decision.shadow and not decision.degraded:
             if self.metrics is not None:
                 self.metrics.decision(plan.action.name, "", "allowed")
@@ -214,7 +251,9 @@ class Checker:
             observe(self, plan.action, values, cost, decision)
         return decision
 
-    async def _decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
+    def _stage(self, plan: ActionPlan, values: dict[str, bytes], cost: int
+               ) -> Decision | _Pending:
+        """Everything before Redis: a Decision when flags or the cache decide, else the call."""
         action = plan.action
         now = self.wall()
         if action.flags:
@@ -241,10 +280,9 @@ class Checker:
                     self.denials.add(action.rules[hit.rule], subjects[hit.rule])
                 return hit.decision
         keys = [keyspace.ban_key(s) for s in ban_subjects]
-        n_bans = len(keys)
         if self.rotation is not None:
             keys += self.rotation.ban_keys(values)
-            n_bans = len(keys)
+        n_bans = len(keys)
         for rule, rule_subject, boxes in zip(action.rules, subjects, plan.boxes, strict=True):
             keys.append(keyspace.counter_key(rule_subject, rule))
             if boxes and not shadow_all:
@@ -252,17 +290,20 @@ class Checker:
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name)
         rule_args = plan.shadow_args if shadow_all else plan.rule_args
-        started = cache.now_ms() if cache is not None else 0
-        try:
-            if self.rotation is not None:
-                await self.rotation.carry_over(self.limiter, action.rules, values)
-            outcome = await self.limiter.check(keys, cost, n_bans, len(action.rules),
-                                               rule_args)
-        except StoreUnavailable:
+        return _Pending(plan, cost, ban_subjects, subjects,
+                        cache.now_ms() if cache is not None else 0,
+                        (keys, cost, n_bans, len(action.rules), rule_args))
+
+    def _finish(self, stage: _Pending, outcome: Outcome | StoreUnavailable) -> Decision:
+        """Everything after Redis answered (or could not)."""
+        plan = stage.plan
+        if isinstance(outcome, StoreUnavailable):
             return self.degraded(plan)
+        action, subjects, cost = plan.action, stage.subjects, stage.cost
         if outcome.status is not Status.ALLOWED:
-            if cache is not None:
-                cache.remember(action, ban_subjects, subjects, cost, outcome, started)
+            if self.cache is not None:
+                self.cache.remember(action, stage.ban_subjects, subjects, cost, outcome,
+                                    stage.started_ms)
             if self.denials is not None:
                 count_denials(self.denials, action, subjects, outcome)
             return self.decision(plan, outcome)

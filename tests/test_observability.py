@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -48,15 +49,24 @@ async def test_metrics_sum_over_two_workers_and_carry_no_subject(
     ips = [f"198.51.100.{i}" for i in range(10)]
     connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
     async with aiohttp.ClientSession(connector=connector) as session:
-        for ip in ips:
-            for _ in range(5):  # 3 allowed, 2 rate limited per IP
-                async with session.post(f"{server.url}/v1/check",
-                                        json={"action": "login", "ip": ip}) as resp:
-                    assert resp.status == 200
-        pids = set()
-        for _ in range(20):
+
+        async def decide(ip: str) -> None:
+            async with session.post(f"{server.url}/v1/check",
+                                    json={"action": "login", "ip": ip}) as resp:
+                assert resp.status == 200
+
+        async def pid() -> int:
             async with session.get(f"{server.url}/healthz") as resp:
-                pids.add((await resp.json())["pid"])
+                return int((await resp.json())["pid"])
+
+        pids: set[int] = set()
+        for _ in range(100):  # until both workers have answered (the second may start late)
+            pids.update(await asyncio.gather(*(pid() for _ in range(8))))
+            if len(pids) == 2:
+                break
+            await asyncio.sleep(0.05)
+        # all at once, so both workers take some: 3 allowed, 2 rate limited per IP
+        await asyncio.gather(*(decide(ip) for ip in ips for _ in range(5)))
         async with session.get(f"{server.url}/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
