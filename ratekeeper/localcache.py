@@ -42,6 +42,7 @@ __all__ = ["CacheHit", "LocalCache"]
 BAN, PENALTY, LIMIT = 0, 1, 2
 # A ban key without a TTL (set by hand) is remembered this long only.
 UNBOUNDED_MS = 1000
+FOREVER = 1 << 62
 
 CacheKey = str | tuple[str, str]  # a ban: subject hash; a rule: (rule name, subject hash)
 
@@ -60,6 +61,9 @@ class Entry:
     want: int = 0  # LIMIT: answers only requests taking at least this many hits
     at_ms: int = 0
     windows: tuple[tuple[Window, int, int], ...] = ()  # (window, remaining, reset_ms) at at_ms
+    # the last answer given from this entry: (action, valid before this ms, the hit). Every
+    # figure in an answer is whole seconds, so it is the same answer until one of them ticks.
+    memo: tuple[str, int, CacheHit] | None = None
 
 
 class CacheHit(NamedTuple):
@@ -71,6 +75,47 @@ class CacheHit(NamedTuple):
 
 def _seconds(ms: int) -> int:
     return max(0, math.ceil(ms / 1000))
+
+
+def _banned(entry: Entry, action: str, now: int, index: int) -> CacheHit:
+    return CacheHit(Decision(allowed=False, reason="banned", action=action,
+                             retry_after=_seconds(entry.until_ms - now)), index)
+
+
+def _limited(entry: Entry, rule: str, action: str, now: int, index: int) -> CacheHit:
+    elapsed = now - entry.at_ms
+    limits = [LimitState(rule=rule, limit=window.limit, window=window.seconds,
+                         remaining=max(0, remaining),
+                         reset=_seconds(max(0, reset_ms - elapsed)))
+              for window, remaining, reset_ms in entry.windows]
+    return CacheHit(Decision(allowed=False, reason="rate_limited", action=action,
+                             retry_after=max(1, _seconds(entry.until_ms - now)),
+                             limits=limits), index)
+
+
+def _remembered(entry: Entry, action: str, now: int) -> CacheHit | None:
+    memo = entry.memo
+    if memo is not None and memo[1] > now and memo[0] == action:
+        return memo[2]
+    return None
+
+
+def _next_tick(remaining_ms: int, now: int) -> int:
+    """The first ms after ``now`` at which ceil(remaining/1000) changes (remaining counts
+    down by one per ms)."""
+    if remaining_ms <= 0:
+        return FOREVER  # it stays 0
+    return now + remaining_ms - 1000 * (math.ceil(remaining_ms / 1000) - 1)
+
+
+def _memo(entry: Entry, action: str, now: int, hit: CacheHit) -> CacheHit:
+    """Remember ``hit``, the answer at ``now``, until any of its seconds would change."""
+    valid = _next_tick(entry.until_ms - now, now)
+    elapsed = now - entry.at_ms
+    for _, _, reset_ms in entry.windows:
+        valid = min(valid, _next_tick(reset_ms - elapsed, now))
+    entry.memo = (action, valid, hit)
+    return hit
 
 
 class LocalCache:
@@ -102,8 +147,8 @@ class LocalCache:
             if entry is not None:
                 if entry.until_ms > now:
                     self.hits += 1
-                    return CacheHit(Decision(allowed=False, reason="banned", action=action.name,
-                                             retry_after=_seconds(entry.until_ms - now)), -1)
+                    return _remembered(entry, action.name, now) or _memo(
+                        entry, action.name, now, _banned(entry, action.name, now, -1))
                 del entries[subject]
         if shadow_all:
             return None
@@ -124,19 +169,12 @@ class LocalCache:
                 continue
             if entry.kind == PENALTY:
                 self.hits += 1
-                return CacheHit(Decision(allowed=False, reason="banned", action=action.name,
-                                         retry_after=_seconds(entry.until_ms - now)), index)
+                return _remembered(entry, action.name, now) or _memo(
+                    entry, action.name, now, _banned(entry, action.name, now, index))
             if want >= entry.want and not boxing:
                 self.hits += 1
-                elapsed = now - entry.at_ms
-                limits = [LimitState(rule=rule.name, limit=window.limit, window=window.seconds,
-                                     remaining=max(0, remaining),
-                                     reset=_seconds(max(0, reset_ms - elapsed)))
-                          for window, remaining, reset_ms in entry.windows]
-                return CacheHit(Decision(allowed=False, reason="rate_limited",
-                                         action=action.name,
-                                         retry_after=max(1, _seconds(entry.until_ms - now)),
-                                         limits=limits), index)
+                return _remembered(entry, action.name, now) or _memo(
+                    entry, action.name, now, _limited(entry, rule.name, action.name, now, index))
         return None
 
     def remember(self, action: Action, ban_subjects: Sequence[str],

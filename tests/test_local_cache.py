@@ -262,3 +262,34 @@ async def _subscribed(client: Any) -> bool:
 
 async def _unsubscribed(client: Any) -> bool:
     return not admin_of(client).sync.subscribed
+
+
+def test_a_remembered_answer_is_the_one_computed_afresh() -> None:
+    """Answers are reused while every whole-second figure in them stays the same: at every
+    ms they equal an answer built from nothing (random deadlines, random steps of time)."""
+    rng = random.Random(11)
+    rule = Rule(name="r", windows=(Window(limit=5, seconds=60), Window(limit=50, seconds=3600)),
+                key=("ip",))
+    actions = [Action(name=name, rules=(rule,), flags=()) for name in ("a", "b")]
+    for _ in range(40):
+        clock = FakeClock()
+        cache, fresh = LocalCache(100, now_ms=clock), LocalCache(100, now_ms=clock)
+        retry = rng.randrange(1, 9000)
+        outcome = Outcome(status=Status.LIMITED, now_ms=0, shadowed=False, culprit=0,
+                          wait_ms=retry, windows=(
+                              WindowState(remaining=0, reset_ms=rng.randrange(1, 9000),
+                                          retry_ms=retry),
+                              WindowState(remaining=rng.randrange(0, 40),
+                                          reset_ms=rng.randrange(0, 9000), retry_ms=0)))
+        start = clock.ms
+        cache.remember(actions[0], [], ["s" * 22], 1, outcome, start)
+        while True:
+            action = rng.choice(actions)
+            got = cache.lookup(action, [], ["s" * 22], 1, False)
+            fresh.clear()
+            fresh.remember(actions[0], [], ["s" * 22], 1, outcome, start)
+            want = fresh.lookup(action, [], ["s" * 22], 1, False)
+            assert got == want
+            if got is None:
+                break
+            clock.ms += rng.randrange(1, 400)
