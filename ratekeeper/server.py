@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -28,7 +28,7 @@ from .settings import Settings
 from .spec import openapi_document
 from .store import Store, open_store
 from .top import TopDenials
-from .wire import BatchResponse, ErrorBody, Health, Readiness
+from .wire import BatchResponse, Decision, ErrorBody, Health, Readiness
 
 __all__ = ["RUNTIME", "STOPPING", "Runtime", "build_checker", "create_app", "reload_config"]
 
@@ -51,6 +51,7 @@ class Runtime:
     metrics: Metrics
     cache: LocalCache | None = None  # known banned / over-limit subjects, shared by reloads
     denials: TopDenials | None = None  # counts for GET /v1/admin/top, shared by reloads
+    bodies: DenialBodies = field(default_factory=lambda: DenialBodies())  # encoded denials
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -131,12 +132,41 @@ def error_middleware(stopping: asyncio.Event) -> Middleware:
     return middleware
 
 
+class DenialBodies:
+    """The encoded body and headers of recent denials, by the Decision object itself.
+
+    The local cache hands out one Decision per subject until a figure in it changes, so a
+    flood of repeat offenders is answered with bytes encoded once (allowed answers are new
+    objects every time and are not kept). Entries hold their Decision, so an id is never
+    reused while it is here.
+    """
+
+    __slots__ = ("_known", "size")
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._known: dict[int, tuple[Decision, bytes, dict[str, str]]] = {}
+
+    def response(self, decision: Decision) -> web.Response:
+        """The HTTP answer for ``decision``."""
+        if decision.allowed:
+            return json_response(decision, headers=rate_limit_headers(decision))
+        known = self._known.get(id(decision))
+        if known is None or known[0] is not decision:
+            if len(self._known) >= self.size:
+                self._known.clear()
+            known = self._known[id(decision)] = (decision, _encode(decision),
+                                                 rate_limit_headers(decision))
+        return web.Response(body=known[1], content_type=JSON, headers=known[2])
+
+
 async def check(request: web.Request) -> web.Response:
     """POST /v1/check: decide one request."""
-    checker = request.app[RUNTIME].checker
+    runtime = request.app[RUNTIME]
+    checker = runtime.checker
     body = await request.read()
     decision = await checker.check(checker.decode(body))
-    return json_response(decision, headers=rate_limit_headers(decision))
+    return runtime.bodies.response(decision)
 
 
 async def check_batch(request: web.Request) -> web.Response:
