@@ -23,7 +23,7 @@ from . import slots
 from .breaker import Breaker
 from .errors import StoreUnavailable
 from .metrics import Metrics
-from .scripts import Scripts
+from .scripts import Scripts, check_args
 
 __all__ = ["Limiter", "Outcome", "Status", "WindowState"]
 
@@ -166,7 +166,7 @@ class Limiter:
             plan = slots.split(keys, n_bans, n_rules, rule_args)
             if len(plan.groups) > 1:
                 return await self._check_slots(plan, now, cost)
-        args: list[str | int] = [now, cost, n_bans, n_rules, *rule_args]
+        args = check_args(now, cost, len(keys), rule_args)
         raw = await self._call(lambda: self.scripts.check(keys=list(keys), args=args),
                                op="check")
         return parse_outcome(raw)
@@ -180,8 +180,9 @@ class Limiter:
         """
 
         def call(group: slots.SlotGroup, at: str) -> Any:
-            args = [at, cost, len(group.bans), len(group.rules), *plan.args(group)]
-            return self.scripts.check(keys=plan.keys(group), args=args)
+            keys = plan.keys(group)
+            args = check_args(at, cost, len(keys), plan.args(group))
+            return self.scripts.check(keys=keys, args=args)
 
         answered: dict[int, slots.Answer] = {}  # filled as the slots answer
 
