@@ -19,10 +19,13 @@ from ratekeeper.scripts import read_script
 
 from procs import ROOT
 
-__all__ = ["CheckCalls", "CommandStats", "cpu_per_decision", "fill_counter_subjects",
-           "log_bytes_per_entry", "script_commands", "snapshot"]
+__all__ = ["DEBUG_ARGS", "CheckCalls", "CommandStats", "cpu_per_decision",
+           "fill_counter_subjects", "log_bytes_per_entry", "rehashing", "script_commands",
+           "snapshot", "wait_for_rehash"]
 
 STAT = re.compile(r"calls=(\d+),usec=(\d+)")
+# redis-server arguments that let this process ask whether the keyspace is being rehashed
+DEBUG_ARGS = ("--enable-debug-command", "local")
 
 
 def script_commands() -> frozenset[str]:
@@ -216,6 +219,39 @@ def cpu_per_decision(client: redis.Redis, port: int, config: Config, keyspace: K
             "commandstats_usec": spent.usec["evalsha"] / decisions,
             "commandstats_usec_per_call": spent.usec["evalsha"] / n,
             "cpu_usec": cpu * 1e6 / decisions}
+
+
+def rehashing(client: redis.Redis) -> bool | None:
+    """Whether db 0's key or expiry table is being rehashed (None: DEBUG is not allowed)."""
+    try:
+        stats = client.execute_command("DEBUG", "HTSTATS", "0")
+    except redis.ResponseError:
+        return None
+    text = stats.decode() if isinstance(stats, bytes) else str(stats)
+    return "rehashing target" in text
+
+
+def wait_for_rehash(client: redis.Redis, *, timeout: float = 60.0) -> float | None:
+    """Wait until the keyspace's hash tables stop rehashing; seconds waited (None: unknown).
+
+    A table that outgrows a power of two (2**20 keys: just past 1,048,576) is moved to one
+    twice the size a bucket at a time, by every command that touches it and by a 1 ms slice
+    of each `hz` tick: at the default 10 ticks a second, a million keys take about a minute,
+    and every key lookup meanwhile costs two tables and a step of the move. Redis does this
+    once per doubling of the keyspace, so it is left out of the steady figure (and measured
+    on its own): while waiting, `hz` is raised to 100, and restored before returning.
+    """
+    if rehashing(client) is None:
+        return None
+    hz = client.config_get("hz").get("hz", "10")
+    started = time.monotonic()
+    client.config_set("hz", 100)
+    try:
+        while rehashing(client) and time.monotonic() - started < timeout:
+            time.sleep(0.2)
+    finally:
+        client.config_set("hz", hz)
+    return time.monotonic() - started
 
 
 def _main_thread_cpu(client: redis.Redis) -> float:

@@ -419,7 +419,12 @@ local function decide(cost, nk, set, k)
             out[o + 2] = rule[w + 5]
             o = o + 3
           end
-          redis.call('SET', key, value, 'PX', rule[10])
+          -- PSETEX, not SET .. PX: Redis 7.0 reuses a redis.call argument object of an
+          -- earlier call at the same position when it is large enough, and keeps a short
+          -- string in the object it was given. The MGET before left its keys at positions
+          -- 1 and 2, so a value in position 2 would be stored with a key's room (16 B more
+          -- per subject); position 3 only holds a key when the MGET read 3 keys or more.
+          redis.call('PSETEX', key, rule[10], value)
         end
       end
     end
