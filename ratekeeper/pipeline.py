@@ -43,7 +43,7 @@ Call = tuple[Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
 Command = tuple[list[str], list[Arg]]  # KEYS and ARGV of one script call
 
 # A tick rarely holds more than the server's concurrency; the cap bounds one write's size and
-# the KEYS and ARGV of one check.lua call (a few keys and about a dozen arguments per request).
+# one check.lua call (a few keys and three arguments per request, plus each action's rules).
 MAX_BATCH = 512
 MAX_INFLIGHT = 2
 # Encoded ARGV values that repeat (counts, algorithm letters, limits, windows), per process.
@@ -103,7 +103,7 @@ class Coalescer(CheckScript):
         self.max_inflight = max_inflight
         self.timeout = timeout  # one deadline for a whole batch, when the caller sets none
         self.calls = 0  # requests (callers) sent, for metrics and tests
-        self.batches = 0  # pipelines sent
+        self.batches = 0  # batches sent (one write each)
         self.script_calls = 0  # check.lua calls sent: one per batch, unless its now_ms differ
         self.dropped = 0  # calls whose caller gave up before they were sent
         self._queue: list[Call] = []
