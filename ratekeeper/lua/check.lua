@@ -3,7 +3,9 @@
 --
 -- KEYS     the requests' keys, concatenated in request order; per request: its ban keys (one
 --          per subject of the request; a present key means banned), then per rule of its rule
---          set, in order: the rule's state key, then its penalty key when the rule has one
+--          set, in order: the rule's state key, then its penalty key when the rule has one.
+--          On a Cluster a call's keys must share one slot: the limiter sends a call of one
+--          request per slot there (the coalescer only runs on a single Redis)
 --
 -- ARGV[1]  now_ms      '' = read Redis TIME, once for the whole call (production); an integer
 --                       in ms: a test clock, or on a Cluster the TIME the request's first slot
