@@ -19,10 +19,13 @@ from ratekeeper.scripts import read_script
 
 from procs import ROOT
 
-__all__ = ["CheckCalls", "CommandStats", "cpu_per_decision", "fill_counter_subjects",
-           "log_bytes_per_entry", "script_commands", "snapshot"]
+__all__ = ["DEBUG_ARGS", "CheckCalls", "CommandStats", "cpu_per_decision",
+           "fill_counter_subjects", "log_bytes_per_entry", "rehashing", "script_commands",
+           "snapshot", "wait_for_rehash"]
 
 STAT = re.compile(r"calls=(\d+),usec=(\d+)")
+# redis-server arguments that let this process ask whether the keyspace is being rehashed
+DEBUG_ARGS = ("--enable-debug-command", "local")
 
 
 def script_commands() -> frozenset[str]:
@@ -128,10 +131,11 @@ def _ipv4(i: int) -> bytes:
 
 
 class CheckCalls:
-    """The EVALSHA commands ``Checker.decide`` sends for one hit of an IP of the bench pool.
+    """The EVALSHA commands the sidecar sends for one hit of each IP of the bench pool.
 
-    The KEYS and ARGV are the ones the sidecar sends for ``action`` (one ban key per subject,
-    then each rule's state key), encoded as the coalescer encodes them.
+    The KEYS and ARGV are the ones ``Checker.decide`` builds for ``action`` (one ban key per
+    subject, then each rule's state key), ``per_call`` requests to a check.lua call as the
+    coalescer sends a batch of that many, encoded as the coalescer encodes them.
     """
 
     def __init__(self, pipe: RawPipe, config: Config, keyspace: Keyspace, action: str) -> None:
@@ -145,31 +149,41 @@ class CheckCalls:
         self.rules = plan.action.rules
         self.keyspace = keyspace
         self.sha = pipe.run([_resp("SCRIPT", "LOAD", read_script("check"))])[0].decode()
-        self.args: list[str | int] = ["", 1, 1, len(self.rules), *plan.rule_args]
+        self.rule_set: list[str | int] = [len(plan.rule_args), *plan.rule_args]
+        # one request: cost 1, its KEYS (one ban key and the rules' keys), rule set 1
+        self.request: list[str | int] = [1, 1 + len(self.rules), 1]
 
-    def commands(self, subjects: range) -> tuple[list[bytes], list[str]]:
-        """The commands for ``subjects`` and the counter keys they write."""
+    def commands(self, subjects: range, per_call: int = 1) -> tuple[list[bytes], list[str]]:
+        """The commands for ``subjects``, ``per_call`` of them a call, and the counter keys
+        they write."""
         from ratekeeper.pipeline import encode_evalsha
 
         keyspace, commands, written = self.keyspace, [], []
-        for i in subjects:
-            subject = keyspace.subject((("ip", _ipv4(i)),))
-            counters = [keyspace.counter_key(subject, rule) for rule in self.rules]
-            commands.append(encode_evalsha(self.sha, [keyspace.ban_key(subject), *counters],
-                                           self.args))
-            written.extend(counters)
+        for start in range(subjects.start, subjects.stop, per_call):
+            chunk = range(start, min(start + per_call, subjects.stop))
+            keys: list[str] = []
+            args: list[str | int] = ["", len(chunk), 1, *self.rule_set]
+            for i in chunk:
+                subject = keyspace.subject((("ip", _ipv4(i)),))
+                counters = [keyspace.counter_key(subject, rule) for rule in self.rules]
+                keys += [keyspace.ban_key(subject), *counters]
+                args += self.request
+                written.extend(counters)
+            commands.append(encode_evalsha(self.sha, keys, args))
         return commands, written
 
 
 def fill_counter_subjects(port: int, config: Config, keyspace: Keyspace, action: str,
-                          subjects: range, *, chunk: int = 4000) -> list[str]:
-    """Decide one hit for each IP of ``subjects`` with the real check.lua, as the sidecar
-    does; a chunk is built while Redis runs the one before. The counter keys written."""
+                          subjects: range, *, chunk: int = 4000, per_call: int = 16
+                          ) -> list[str]:
+    """Decide one hit for each IP of ``subjects`` with the real check.lua, ``per_call``
+    requests a call, as the sidecar does; a chunk is built while Redis runs the one before.
+    The counter keys written."""
     pipe = RawPipe(port)
     calls = CheckCalls(pipe, config, keyspace, action)
     written: list[str] = []
     for start in range(subjects.start, subjects.stop, chunk):
-        batch, keys = calls.commands(range(start, min(start + chunk, subjects.stop)))
+        batch, keys = calls.commands(range(start, min(start + chunk, subjects.stop)), per_call)
         pipe.send(batch)
         pipe.drain(keep=len(batch))  # one chunk stays in flight
         written.extend(keys)
@@ -179,25 +193,65 @@ def fill_counter_subjects(port: int, config: Config, keyspace: Keyspace, action:
 
 
 def cpu_per_decision(client: redis.Redis, port: int, config: Config, keyspace: Keyspace,
-                     action: str, subjects: range, *, chunk: int = 5000) -> dict[str, float]:
+                     action: str, subjects: range, *, per_call: int = 1,
+                     chunk: int = 5000) -> dict[str, float]:
     """Redis's cost of one decision for each IP of ``subjects``, the client idle meanwhile.
 
-    Every command is built first; then each chunk is sent and waited for, so Redis has a
-    core to itself as far as the machine allows. ``commandstats_usec`` is EVALSHA's usec per
-    call (wall time inside the command, inflated if Redis is descheduled);
-    ``cpu_usec`` is the main thread's CPU time per call, parsing and replying included.
+    The decisions go ``per_call`` to a check.lua call, as the coalescer sends a batch of
+    that many. Every command is built first; then each chunk of decisions is sent and
+    waited for, so Redis has a core to itself as far as the machine allows.
+    ``commandstats_usec`` is EVALSHA's usec per call (wall time inside the command, inflated
+    if Redis is descheduled) divided by the decisions per call; ``cpu_usec`` is the main
+    thread's CPU time per decision, parsing and replying included.
     """
     pipe = RawPipe(port)
     calls = CheckCalls(pipe, config, keyspace, action)
-    commands, _ = calls.commands(subjects)
+    commands, _ = calls.commands(subjects, per_call)
+    step = max(1, chunk // per_call)
     before, cpu_before = snapshot(client), _main_thread_cpu(client)
-    for start in range(0, len(commands), chunk):
-        pipe.run(commands[start:start + chunk])
+    for start in range(0, len(commands), step):
+        pipe.run(commands[start:start + step])
     spent, cpu = snapshot(client).minus(before), _main_thread_cpu(client) - cpu_before
     pipe.close()
     n = spent.calls["evalsha"]
-    return {"calls": n, "commandstats_usec": spent.usec["evalsha"] / n,
-            "cpu_usec": cpu * 1e6 / n}
+    decisions = len(subjects)
+    return {"calls": n, "decisions": decisions, "per_call": decisions / n,
+            "commandstats_usec": spent.usec["evalsha"] / decisions,
+            "commandstats_usec_per_call": spent.usec["evalsha"] / n,
+            "cpu_usec": cpu * 1e6 / decisions}
+
+
+def rehashing(client: redis.Redis) -> bool | None:
+    """Whether db 0's key or expiry table is being rehashed (None: DEBUG is not allowed)."""
+    try:
+        stats = client.execute_command("DEBUG", "HTSTATS", "0")
+    except redis.ResponseError:
+        return None
+    text = stats.decode() if isinstance(stats, bytes) else str(stats)
+    return "rehashing target" in text
+
+
+def wait_for_rehash(client: redis.Redis, *, timeout: float = 60.0) -> float | None:
+    """Wait until the keyspace's hash tables stop rehashing; seconds waited (None: unknown).
+
+    A table that outgrows a power of two (2**20 keys: just past 1,048,576) is moved to one
+    twice the size a bucket at a time, by every command that touches it and by a 1 ms slice
+    of each `hz` tick: at the default 10 ticks a second, a million keys take about a minute,
+    and every key lookup meanwhile costs two tables and a step of the move. Redis does this
+    once per doubling of the keyspace, so it is left out of the steady figure (and measured
+    on its own): while waiting, `hz` is raised to 100, and restored before returning.
+    """
+    if rehashing(client) is None:
+        return None
+    hz = client.config_get("hz").get("hz", "10")
+    started = time.monotonic()
+    client.config_set("hz", 100)
+    try:
+        while rehashing(client) and time.monotonic() - started < timeout:
+            time.sleep(0.2)
+    finally:
+        client.config_set("hz", hz)
+    return time.monotonic() - started
 
 
 def _main_thread_cpu(client: redis.Redis) -> float:
@@ -231,11 +285,12 @@ def log_bytes_per_entry(client: redis.Redis, port: int, config: Config, keyspace
     pipe = RawPipe(port)
     sha = pipe.run([_resp("SCRIPT", "LOAD", read_script("check"))])[0].decode()
     start = int(time.time() * 1000)
-    calls = [_resp("EVALSHA", sha, 1, key, start + 7 * i, 1, 0, 1, "l", "0", 0, 1, entries,
-                   window_ms) for i in range(entries)]
+    # one request a call: one rule set (6 arguments), then cost 1, one key, rule set 1
+    calls = [_resp("EVALSHA", sha, 1, key, start + 7 * i, 1, 1, 6, "l", "0", 0, 1, entries,
+                   window_ms, 1, 1, 1) for i in range(entries)]
     replies = pipe.run(calls)
     pipe.close()
-    if any(int(r[0]) != 1 for r in replies) or client.llen(key) != entries:
+    if any(int(r[0][0]) != 1 for r in replies) or client.llen(key) != entries:
         raise RuntimeError("the sliding log did not take every hit")
     usage = client.memory_usage(key, samples=0)
     return int(usage or 0) / entries

@@ -23,7 +23,7 @@ from .breaker import Breaker
 from .errors import StoreUnavailable
 from .metrics import Metrics
 from .pipeline import Coalescer
-from .scripts import Scripts
+from .scripts import Scripts, check_args
 
 __all__ = ["CheckCall", "Limiter", "Outcome", "Status", "WindowState"]
 
@@ -193,7 +193,7 @@ class Limiter:
             plan = slots.split(keys, n_bans, n_rules, rule_args)
             if len(plan.groups) > 1:
                 return await self._check_slots(plan, now, cost)
-        args: list[str | int] = [now, cost, n_bans, n_rules, *rule_args]
+        args = check_args(now, cost, len(keys), rule_args)
         script = self.scripts.check
         if type(script) is Coalescer and script.timeout is not None and self._topology_known:
             return parse_outcome(await self._coalesced(script, keys, args))
@@ -222,8 +222,8 @@ class Limiter:
             return [exc] * len(calls)
         started = time.perf_counter()
         now = "" if self._clock is None else str(self._clock())
-        futures = [script.queue(keys, [now, cost, n_bans, n_rules, *rule_args])
-                   for keys, cost, n_bans, n_rules, rule_args in calls]
+        futures = [script.queue(keys, check_args(now, cost, len(keys), rule_args))
+                   for keys, cost, _, _, rule_args in calls]
         answers: list[Outcome | StoreUnavailable] = []
         failed = False
         try:
@@ -252,8 +252,9 @@ class Limiter:
         """
 
         def call(group: slots.SlotGroup, at: str) -> Any:
-            args = [at, cost, len(group.bans), len(group.rules), *plan.args(group)]
-            return self.scripts.check(keys=plan.keys(group), args=args)
+            keys = plan.keys(group)
+            args = check_args(at, cost, len(keys), plan.args(group))
+            return self.scripts.check(keys=keys, args=args)
 
         answered: dict[int, slots.Answer] = {}  # filled as the slots answer
 

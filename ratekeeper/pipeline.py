@@ -1,25 +1,28 @@
-"""Coalescing: the script calls made in one event-loop tick go to Redis as one pipeline.
+"""Coalescing: the check calls made in one event-loop tick go to Redis as one check.lua call.
 
-Under load many requests reach their script call in the same tick of the event loop. Sent
-one by one, each takes a pooled connection, a write and a read of its own; coalesced, they
-share one write and one read, and Redis parses them in one go. Exactness is unchanged:
-every EVALSHA in a pipeline is still atomic on its own, and Redis runs them in the order
-they were queued, which is the order the callers asked.
+Under load many requests reach their check in the same tick of the event loop. Sent one by
+one, each takes a pooled connection, a write, a read and a script call of its own; coalesced,
+the tick's requests are one EVALSHA of check.lua, which decides them one after another (it
+reads TIME once, and Redis sets up the script once). Exactness is unchanged: the call is
+atomic, and check.lua decides its requests in the order they were queued, which is the order
+the callers asked, each seeing what the ones before it wrote.
 
-``Coalescer`` is a ``LuaScript`` (``sha``, ``script`` and an awaitable ``__call__(keys=...,
-args=...)``), so it stands in for one: ``coalesced(scripts, redis, timeout)`` swaps it in for
-the check script of a ``Scripts``. Each call's deadline is kept here, with one timer for the
-calls of one tick (``asyncio.timeout`` per call cost more than the rest of the limiter's
-Python); the limiter's breaker and metrics see the calls as before. Errors reach each caller
-as redis-py raised them (a connection error fails every call of the batch, a script error
-only its own call), so the limiter's translation of Redis errors stays where it is.
+``Coalescer`` is a ``CheckScript`` (``sha``, ``script`` and an awaitable ``__call__(keys=...,
+args=...)`` taking one request, ``scripts.check_args``), so it stands in for one:
+``coalesced(scripts, redis, timeout)`` swaps it in for the check script of a ``Scripts``.
+Each caller gets its own request's reply. Each call's deadline is kept here, with one timer
+for the calls of one tick (``asyncio.timeout`` per call cost more than the rest of the
+limiter's Python); the limiter's breaker and metrics see the calls as before. Errors reach
+each caller as redis-py raised them (a connection error fails every call of the batch; an
+error check.lua met deciding one request fails only that request's call, as a
+ResponseError), so the limiter's translation of Redis errors stays where it is.
 
-On a plain ``redis.asyncio.Redis`` (single server or Sentinel) the batch is encoded here and
-written on one pooled connection: redis-py's own command packing costs more than the
-script call itself in Redis. The embedded fakeredis gets a redis-py pipeline; a cluster
-client is not coalesced at all (``coalesced``). A batch is sent again only when its pooled
-connection turns out dead before the first answer (Redis restarted): one that broke after
-some answers is not, so a hit is never taken twice.
+On a plain ``redis.asyncio.Redis`` (single server or Sentinel) the call is encoded here and
+written on one pooled connection: redis-py's own command packing costs more than deciding
+in Redis. The embedded fakeredis gets a redis-py pipeline; a cluster client is not coalesced
+at all (``coalesced``). A batch is sent again only when its pooled connection turns out dead
+before the first answer (Redis restarted): one that broke after some answers is not, so a hit
+is never taken twice.
 """
 
 from __future__ import annotations
@@ -33,14 +36,16 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from .scripts import LuaScript, Scripts
+from .scripts import CheckScript, LuaScript, Scripts, check_replies
 
 __all__ = ["Coalescer", "coalesced"]
 
 Arg = str | int | bytes
 Call = tuple[Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
+Command = tuple[list[str], list[Arg]]  # KEYS and ARGV of one script call
 
-# A tick rarely holds more than the server's concurrency; the cap bounds one write's size.
+# A tick rarely holds more than the server's concurrency; the cap bounds one write's size and
+# one check.lua call (a few keys and three arguments per request, plus each action's rules).
 MAX_BATCH = 512
 MAX_INFLIGHT = 2
 # Encoded ARGV values that repeat (counts, algorithm letters, limits, windows), per process.
@@ -82,11 +87,12 @@ def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -
                      *[_arg(arg) for arg in args]])
 
 
-class Coalescer(LuaScript):
-    """Runs one Lua script for many callers: one pipeline per event-loop tick, few in flight."""
+class Coalescer(CheckScript):
+    """Runs check.lua for many callers: one call per event-loop tick, few in flight."""
 
     __slots__ = ("_direct", "_group", "_inflight", "_queue", "_scheduled", "_tasks", "batches",
-                 "calls", "dropped", "max_batch", "max_inflight", "redis", "timeout")
+                 "calls", "dropped", "max_batch", "max_inflight", "redis", "script_calls",
+                 "timeout")
 
     def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,
                  max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
@@ -101,8 +107,9 @@ class Coalescer(LuaScript):
         # each call's deadline (queued and sent), and a whole batch's
         self.timeout = timeout
         self._group: list[asyncio.Future[Any]] | None = None  # this tick's calls, one timer
-        self.calls = 0  # script calls sent, for metrics and tests
-        self.batches = 0  # pipelines sent
+        self.calls = 0  # requests (callers) sent, for metrics and tests
+        self.batches = 0  # batches sent (one write each)
+        self.script_calls = 0  # check.lua calls sent: one per batch, unless its now_ms differ
         self.dropped = 0  # calls whose caller gave up before they were sent
         self._queue: list[Call] = []
         self._scheduled = False
@@ -111,7 +118,7 @@ class Coalescer(LuaScript):
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
                        client: Any = None) -> Any:
-        """Run the script in the next pipeline; what it returned (``client`` is ignored)."""
+        """Decide one request in the next batch; its flat reply (``client`` is ignored)."""
         return await self.queue(keys, args)
 
     def queue(self, keys: Sequence[str], args: Iterable[Arg]) -> asyncio.Future[Any]:
@@ -189,28 +196,43 @@ class Coalescer(LuaScript):
                 future.set_result(result)
 
     async def _send(self, batch: Sequence[Call]) -> list[Any]:
-        results = await self._pipeline(batch, by_sha=True)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        """Each call's own reply (or exception), in batch order."""
+        results: list[Any] = [None] * len(batch)
+        commands, callers = _merged(batch, results)
+        replies = await self._pipeline(commands, by_sha=True)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             # Redis lost its script cache (a restart, a failover, SCRIPT FLUSH): those calls
             # did not run. EVAL carries the source, so it runs whatever the cache holds (a
             # second flush racing a reload cannot fail it) and caches the script again.
-            again = await self._pipeline([batch[i] for i in missing], by_sha=False)
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
+            again = await self._pipeline([commands[i] for i in missing], by_sha=False)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for indexes, reply in zip(callers, replies, strict=True):
+            if isinstance(reply, Exception):  # the whole call failed: so did each request
+                for i in indexes:
+                    results[i] = reply
+                continue
+            answers = check_replies(reply)
+            if len(answers) != len(indexes):
+                error = ResponseError(f"check.lua answered {len(answers)} requests of "
+                                      f"{len(indexes)}")
+                answers = [error] * len(indexes)
+            for i, answer in zip(indexes, answers, strict=True):
+                results[i] = answer
         return results
 
-    async def _pipeline(self, batch: Sequence[Call], *, by_sha: bool) -> list[Any]:
+    async def _pipeline(self, commands: Sequence[Command], *, by_sha: bool) -> list[Any]:
+        self.script_calls += len(commands)
         if self._direct:
             if by_sha:
-                data = b"".join([encode_evalsha(self.sha, keys, args)
-                                 for keys, args, _ in batch])
+                data = b"".join([encode_evalsha(self.sha, keys, args) for keys, args in commands])
             else:
                 data = b"".join([encode_eval(self.script, keys, args)
-                                 for keys, args, _ in batch])
-            return await self._write_and_read(data, len(batch))
+                                 for keys, args in commands])
+            return await self._write_and_read(data, len(commands))
         pipe = self.redis.pipeline(transaction=False)
-        for keys, args, _ in batch:
+        for keys, args in commands:
             if by_sha:
                 pipe.evalsha(self.sha, len(keys), *keys, *args)
             else:
@@ -256,6 +278,58 @@ def _expire(group: list[asyncio.Future[Any]]) -> None:
     for future in group:
         if not future.done():
             future.set_exception(TimeoutError())
+
+
+class _Run:
+    """Consecutive calls of a batch that go as one check.lua call."""
+
+    __slots__ = ("callers", "keys", "now", "requests", "set_args", "sets")
+
+    def __init__(self, now: Arg) -> None:
+        self.now = now
+        self.callers: list[int] = []  # indexes into the batch
+        self.keys: list[str] = []
+        self.sets: dict[tuple[Arg, ...], int] = {}  # a rule set: its number in the call
+        self.set_args: list[Arg] = []
+        self.requests: list[Arg] = []
+
+    def add(self, index: int, keys: Sequence[str], rule_set: tuple[Arg, ...], cost: Arg,
+            n_keys: Arg) -> None:
+        number = self.sets.get(rule_set)
+        if number is None:
+            number = self.sets[rule_set] = len(self.sets) + 1
+            self.set_args.append(len(rule_set))
+            self.set_args += rule_set
+        self.keys += keys
+        self.requests += (cost, n_keys, number)
+        self.callers.append(index)
+
+    def command(self) -> Command:
+        return self.keys, [self.now, len(self.callers), len(self.sets), *self.set_args,
+                           *self.requests]
+
+
+def _merged(batch: Sequence[Call], results: list[Any]) -> tuple[list[Command], list[list[int]]]:
+    """The batch as check.lua calls of many requests, and which callers each call answers.
+
+    Consecutive calls with one now_ms (ARGV[1]; always '' in production) become one call, in
+    order; a rule set that several of them carry (the same action) is sent once. A call that
+    is not one request (``scripts.check_args``) gets a ValueError in ``results`` and is not
+    sent.
+    """
+    runs: list[_Run] = []
+    for i, (keys, args, _) in enumerate(batch):
+        # [now, 1, 1, na, *rule set, cost, nk, 1]
+        na = args[3] if len(args) > 3 else -1
+        if (type(na) is not int or len(args) != 7 + na or args[1] != 1 or args[2] != 1
+                or args[-1] != 1):
+            results[i] = ValueError("a coalesced check.lua call carries one request with "
+                                    "one rule set (scripts.check_args)")
+            continue
+        if not runs or args[0] != runs[-1].now:
+            runs.append(_Run(args[0]))
+        runs[-1].add(i, keys, tuple(args[4:4 + na]), args[-3], args[-2])
+    return [run.command() for run in runs], [run.callers for run in runs]
 
 
 class _NothingAnswered(Exception):

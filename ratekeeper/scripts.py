@@ -1,4 +1,9 @@
-"""The Lua scripts in ``lua/``: read once from package data, bound to a client."""
+"""The Lua scripts in ``lua/``: read once from package data, bound to a client.
+
+check.lua decides many requests per call (see its contract); ``check_args`` builds the ARGV
+of a call of one request, ``check_replies`` takes a call's answer apart per request, and
+``CheckScript`` runs a call of one request and answers as a one-request script would.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ["LuaScript", "Scripts", "read_script"]
+__all__ = ["CheckScript", "LuaScript", "Scripts", "check_args", "check_replies", "read_script"]
 
 
 def read_script(name: str) -> str:
@@ -44,17 +49,56 @@ class LuaScript:
             return await target.eval(self.script, len(keys), *keys, *args)
 
 
+def check_args(now: str | int, cost: int, n_keys: int,
+               rule_args: Sequence[str | int]) -> list[str | int]:
+    """check.lua's ARGV for a call of one request (``now``: '' for Redis TIME).
+
+    One request, one rule set (``rule_args``), then the request: its cost, its number of
+    KEYS, and its set.
+    """
+    return [now, 1, 1, len(rule_args), *rule_args, cost, n_keys, 1]
+
+
+def check_replies(raw: Sequence[Any]) -> list[Any]:
+    """One entry per request of a check.lua call: its flat reply, or a ResponseError.
+
+    A request whose decision raised an error in Lua is answered with the error's message
+    (a string among arrays); it becomes that request's own ResponseError here.
+    """
+    return [ResponseError(reply.decode("utf-8", "replace")) if isinstance(reply, bytes)
+            else ResponseError(reply) if isinstance(reply, str) else reply for reply in raw]
+
+
+class CheckScript(LuaScript):
+    """check.lua called with one request per call (``check_args``): that request's reply.
+
+    The call answers the request's flat reply, or raises the request's own ResponseError, so
+    a caller cannot tell this from the coalesced path (``pipeline.Coalescer``), which sends
+    many such calls as one.
+    """
+
+    __slots__ = ()
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
+                       client: Any = None) -> Any:
+        """Run one request; its flat reply (``client``: default the bound one)."""
+        [reply] = check_replies(await super().__call__(keys, args, client))
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+
 @dataclass(frozen=True, slots=True)
 class Scripts:
     """Every script of the package, bound to one client."""
 
-    check: LuaScript
+    check: CheckScript  # one request per call
     refund: LuaScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
         """Bind every script to ``redis`` (a client, cluster client or fakeredis)."""
-        return cls(check=LuaScript(redis, "check", read_script("check")),
+        return cls(check=CheckScript(redis, "check", read_script("check")),
                    refund=LuaScript(redis, "refund", read_script("refund")))
 
     @property

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from ratekeeper.flags import FlagBoard
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter
+from ratekeeper.scripts import LuaScript, read_script
 from ratekeeper.service import Checker
 
 from conftest import SALT, FakeClock, config_from
@@ -96,3 +97,17 @@ async def test_refund_finds_the_window_after_the_rule_changed(
     given = await both.limiter.refund([key.decode()], 1, clock.ms, plan.refund_args)
     assert given == [1]
     assert (await ask(hourly, cost=0)).limits[0].remaining == 2
+
+
+async def test_requests_of_one_call_write_the_same_state(redis: aioredis.Redis,
+                                                         key_prefix: str, clock: FakeClock
+                                                         ) -> None:
+    """Two hits of one subject decided in one check.lua call leave the value two calls
+    leave: one segment per window, both hits counted."""
+    key = f"{key_prefix}:{{s}}:r"
+    rule_set: list[str | int] = ["c", "0", 0, 2, 3, 3_600_000, 10, 86_400_000]
+    args: list[str | int] = [clock.ms, 2, 1, len(rule_set), *rule_set, 1, 1, 1, 1, 1, 1]
+    replies = await LuaScript(redis, "check", read_script("check"))(keys=[key, key], args=args)
+    assert [reply[5] for reply in replies] == [2, 1]
+    hour, day = clock.ms // 3_600_000, clock.ms // 86_400_000
+    assert (await redis.get(key)).decode() == f"{hour}:2:0,{day}:2:0"

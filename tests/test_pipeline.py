@@ -20,7 +20,7 @@ from ratekeeper.flags import FlagBoard
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter, Status, parse_outcome
 from ratekeeper.pipeline import Coalescer, coalesced, encode_eval, encode_evalsha
-from ratekeeper.scripts import Scripts
+from ratekeeper.scripts import Scripts, check_args
 from ratekeeper.service import Checker
 
 from conftest import SALT, FakeClock, config_from
@@ -58,10 +58,10 @@ async def ask(checker: Checker, **fields: Any) -> Any:
 
 def counter_call(prefix: str, subject: str, *, cost: int = 1, limit: int = 100,
                  now_ms: int = 1_700_000_000_000) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV of check.lua for one sliding-counter rule of one window of a minute."""
+    """KEYS and ARGV of a one-request check.lua call: one sliding-counter rule of one window
+    of a minute."""
     keys = [f"{prefix}:{{{subject}}}:r"]
-    args: list[str | int] = [now_ms, cost, 0, 1, "c", "0", 0, 1, limit, 60_000]
-    return keys, args
+    return keys, check_args(now_ms, cost, len(keys), ["c", "0", 0, 1, limit, 60_000])
 
 
 @pytest.mark.parametrize("transport", ["direct", "redis-py pipeline"])
@@ -114,18 +114,19 @@ async def test_max_batch_splits_a_large_tick(redis: aioredis.Redis, key_prefix: 
 
 async def test_a_script_error_fails_only_its_own_call(redis: aioredis.Redis,
                                                       key_prefix: str) -> None:
-    """A call whose ARGV the script rejects raises ResponseError; its batch-mates succeed."""
+    """A call whose ARGV the script rejects raises ResponseError; its batch-mates, decided
+    in the same check.lua call, succeed."""
     coalescer = Coalescer(redis, Scripts.register(redis).check)
     good = coalescer.queue(*counter_call(key_prefix, "good"))
     keys, args = counter_call(key_prefix, "bad")
-    args[3] = "not-a-number"  # the rule count
+    args[7] = "not-a-number"  # the rule's window count
     bad = coalescer.queue(keys, args)
     also_good = coalescer.queue(*counter_call(key_prefix, "good"))
     first, error, second = await asyncio.gather(good, bad, also_good, return_exceptions=True)
     assert isinstance(error, ResponseError)
     assert parse_outcome(first).windows[0].remaining == 99
     assert parse_outcome(second).windows[0].remaining == 98
-    assert coalescer.batches == 1
+    assert coalescer.batches == 1 and coalescer.script_calls == 1
 
 
 async def test_script_flush_is_recovered_within_the_batch(redis: aioredis.Redis,
@@ -156,7 +157,7 @@ async def test_connection_failure_fails_every_call_and_the_limiter_translates_it
         limiter.scripts = coalesced(limiter.scripts, dead)
         keys, args = counter_call("p", "s")
         with pytest.raises(StoreUnavailable):
-            await limiter.check(keys, 1, 0, 1, args[4:])
+            await limiter.check(keys, 1, 0, 1, args[4:-3])
     finally:
         await dead.aclose()
 
