@@ -14,6 +14,7 @@ under the hashes of the old salt, which ``rotation`` still honours for a grace p
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -38,6 +39,15 @@ SUBJECT_HASH_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
 # Runs of characters an IP literal can be made of; each is then parsed to be sure.
 _IP_CANDIDATE_RE = re.compile(r"[0-9A-Fa-f:.%]*[:.][0-9A-Fa-f:.%]*")
 _HEX = frozenset("0123456789abcdefABCDEF")
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def b64url(raw: bytes) -> str:
+    """``raw`` in unpadded base64url (``base64.urlsafe_b64encode`` without the padding)."""
+    return binascii.b2a_base64(raw, newline=False).rstrip(b"=").translate(_URLSAFE).decode(
+        "ascii")
 
 
 def is_subject_hash(text: str) -> bool:
@@ -147,10 +157,8 @@ class Keyspace:
             return cached
         mac = self._mac.copy()
         for field, value in key:
-            mac.update(b"%s\x00%d\x00" % (field.encode(), len(value)))
-            mac.update(value)
-        digest = mac.digest()[:DIGEST_BYTES]
-        subject = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+            mac.update(b"%s\x00%d\x00%s" % (field.encode(), len(value), value))
+        subject = b64url(mac.digest()[:DIGEST_BYTES])
         if len(self._subjects) >= CACHE_ENTRIES:
             self._subjects.clear()
         self._subjects[key] = subject

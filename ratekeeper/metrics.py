@@ -60,9 +60,9 @@ class Metrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
-    def decision(self, action: str, rule: str, outcome: str) -> None:
-        """Count one decision; ``rule`` is the rule that decided it, or ''."""
-        self._child(self.decisions, action, rule, outcome).inc()
+    def decision(self, action: str, rule: str, outcome: str, count: int = 1) -> None:
+        """Count ``count`` decisions; ``rule`` is the rule that decided them, or ''."""
+        self._child(self.decisions, action, rule, outcome).inc(count)
 
     def redis_call(self, op: str, seconds: float) -> None:
         """Observe one Redis call's time."""

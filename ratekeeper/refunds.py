@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import msgspec
 
 from .errors import BadRequest
+from .keys import b64url
 
 __all__ = ["RefundClaim", "RefundSigner"]
 
@@ -48,8 +49,7 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(RefundClaim).decode
 
 
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+_b64 = b64url
 
 
 def _unb64(text: str) -> bytes:

@@ -221,10 +221,19 @@ class Checker:
         outcomes = await self.limiter.check_many([stage.call for stage in pending])
         answers = iter(outcomes)
         decisions = []
+        allowed: dict[str, int] = {}  # counted once per action below, not once per check
         for stage, (plan, values), request in zip(staged, prepared, requests, strict=True):
             decision = (self._finish(stage, next(answers)) if isinstance(stage, _Pending)
                         else stage)
-            decisions.append(self._observed(plan, values, request.cost, decision))
+            if decision.allowed and not decision.shadow and not decision.degraded:
+                allowed[decision.action] = allowed.get(decision.action, 0) + 1
+            else:
+                self._observed(plan, values, request.cost, decision)
+            decisions.append(decision)
+        self.decided += sum(allowed.values())
+        if self.metrics is not None:
+            for action, count in allowed.items():
+                self.metrics.decision(action, "", "allowed", count)
         return decisions
 
     async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:

@@ -94,3 +94,22 @@ def test_network_bytes_never_hold_host_bits() -> None:
     """What ip_value returns for IPv6 carries only the /64 network."""
     value = Keyspace(SALT).ip_value("2001:db8:1:2:aaaa:bbbb:cccc:dddd")
     assert value[2:] == ipaddress.IPv6Address("2001:db8:1:2::").packed
+
+
+def test_subject_hashes_never_change_between_releases() -> None:
+    """Pinned vectors (HMAC-SHA256 over length-prefixed field=value parts, 128 bits, base64url):
+    a change here would rename every counter, ban and penalty key at the next deploy."""
+    import base64
+    import hashlib
+    import hmac
+
+    salt = b"pinned-salt-for-a-test-vector-01"
+    keyspace = Keyspace(salt)
+    ip = keyspace.ip_value("192.0.2.1")
+    assert keyspace.subject((("ip", ip),)) == "F-hNpXx_GZejF0OOPbMOAQ"
+    pair = (("user", b"alice"), ("project", b"numpy"))
+    assert keyspace.subject(pair) == "ym2BTqi6cACF6rwBaRILNg"
+    # and the definition, written out
+    mac = hmac.new(salt, b"user\x005\x00alice" b"project\x005\x00numpy", hashlib.sha256)
+    assert base64.urlsafe_b64encode(mac.digest()[:16]).rstrip(b"=").decode() == (
+        "ym2BTqi6cACF6rwBaRILNg")

@@ -131,3 +131,18 @@ def test_denial_log_writes_one_line_per_kind_per_interval_and_counts_the_rest() 
     assert sampler.admit("c") == 0
     assert sampler.admit("d") == 0  # a fourth kind: the table starts over
     assert sampler.admit("a") == 0 and len(sampler._seen) == 2
+
+
+async def test_a_batch_counts_every_decision(make_client: Any) -> None:
+    """Every decision of a batch reaches the metrics: 3 allowed and 2 limited per IP, by
+    action, deciding rule and outcome."""
+    client = await make_client(CONFIG)
+    checks = [{"action": "login", "ip": f"192.0.2.{i}"} for i in (1, 2) for _ in range(5)]
+    resp = await client.post("/v1/check/batch", json={"checks": checks})
+    assert resp.status == 200
+    assert [r["allowed"] for r in (await resp.json())["results"]] == [True] * 3 + [False] * 2 + [
+        True] * 3 + [False] * 2
+    text = await (await client.get("/metrics")).text()
+    assert sample(text, "ratekeeper_decisions_total", action="login", outcome="allowed") == 6
+    assert sample(text, "ratekeeper_decisions_total", action="login", rule="per-ip",
+                  outcome="rate_limited") == 4
