@@ -418,7 +418,8 @@ def parse_outcome(raw: Sequence[int]) -> Outcome:
     n = len(raw)
     if n < 5 or (n - 5) % 3:
         raise ValueError(f"check.lua answered {n} values")
-    windows = tuple([WindowState(int(raw[i]), int(raw[i + 1]), int(raw[i + 2]))
-                     for i in range(5, n, 3)])
-    return Outcome(_STATUS[int(raw[0])], int(raw[1]), bool(raw[2]), int(raw[3]), int(raw[4]),
-                   windows)
+    # Lua numbers come back as Redis integers: ints already
+    values = iter(raw[5:])
+    windows = tuple([WindowState(remaining, reset_ms, retry_ms)
+                     for remaining, reset_ms, retry_ms in zip(values, values, values, strict=True)])
+    return Outcome(_STATUS[raw[0]], raw[1], raw[2] == 1, raw[3], raw[4], windows)

@@ -9,7 +9,6 @@ cannot be asked, the rules' fail modes decide here, and only here.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ class ActionPlan:
     shadow_args: tuple[str | int, ...]  # the same with every rule in shadow mode
     fail_closed: bool
     rule_keys: tuple[tuple[str, ...], ...]  # each rule's subject fields
+    windows: tuple[tuple[str, int, int], ...]  # (rule, limit, seconds) of every window, in order
     boxes: tuple[bool, ...]  # each rule: has a penalty and is not in shadow mode
 
 
@@ -89,6 +89,8 @@ def _plan(action: Action) -> ActionPlan:
         shadow_args=tuple(shadow),
         fail_closed=any(r.fail == "closed" and not r.shadow for r in action.rules),
         rule_keys=tuple(tuple(rule.key) for rule in action.rules),
+        windows=tuple((rule.name, w.limit, w.seconds) for rule in action.rules
+                      for w in rule.windows),
         boxes=tuple(bool(rule.penalty) and not rule.shadow for rule in action.rules),
     )
 
@@ -105,7 +107,7 @@ class _Pending(NamedTuple):
 
 
 def _seconds(ms: int) -> int:
-    return max(0, math.ceil(ms / 1000))
+    return -(-ms // 1000) if ms > 0 else 0  # whole seconds, rounded up
 
 
 def count_denials(denials: TopDenials, action: Action, subjects: Sequence[str],
@@ -332,15 +334,10 @@ class Checker:
             wait = outcome.wait_ms
             return Decision(allowed=False, reason="banned", action=action.name,
                             retry_after=_seconds(wait) if wait > 0 else 0)
-        limits = []
-        states = iter(outcome.windows)
-        for rule in action.rules:
-            for window in rule.windows:
-                state = next(states)
-                limits.append(LimitState(rule=rule.name, limit=window.limit,
-                                         window=window.seconds,
-                                         remaining=max(0, state.remaining),
-                                         reset=_seconds(state.reset_ms)))
+        limits = [LimitState(rule, limit, seconds, max(0, state.remaining),
+                             _seconds(state.reset_ms))
+                  for (rule, limit, seconds), state in zip(plan.windows, outcome.windows,
+                                                           strict=True)]
         if status is Status.LIMITED:
             return Decision(allowed=False, reason="rate_limited", action=action.name,
                             retry_after=max(1, _seconds(outcome.wait_ms)), limits=limits)
