@@ -225,22 +225,23 @@ class Limiter:
         futures = [script.queue(keys, check_args(now, cost, len(keys), rule_args))
                    for keys, cost, _, _, rule_args in calls]
         answers: list[Outcome | StoreUnavailable] = []
-        failed = False
         try:
-            for future in futures:
+            for future in futures:  # each answered call counts as _call would count it
                 try:
-                    answers.append(parse_outcome(await future))
+                    raw = await future
                 except REDIS_FAILURES as exc:
                     answers.append(self._failed("check", exc))
-                    failed = True
+                    continue
+                self.breaker.success()
+                self._report("check", None, time.perf_counter() - started)
+                answers.append(parse_outcome(raw))
         except BaseException:
             self.breaker.abandon()
             for future in futures:
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: no "never retrieved" warning
                 future.cancel()
             raise
-        if not failed:
-            self.breaker.success()
-            self._report("check", None, time.perf_counter() - started)
         return answers
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:

@@ -90,9 +90,9 @@ def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -
 class Coalescer(CheckScript):
     """Runs check.lua for many callers: one call per event-loop tick, few in flight."""
 
-    __slots__ = ("_direct", "_group", "_inflight", "_queue", "_scheduled", "_tasks", "batches",
-                 "calls", "dropped", "max_batch", "max_inflight", "redis", "script_calls",
-                 "timeout")
+    __slots__ = ("_direct", "_group", "_inflight", "_loop", "_queue", "_scheduled", "_tasks",
+                 "batches", "calls", "dropped", "max_batch", "max_inflight", "redis",
+                 "script_calls", "timeout")
 
     def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,
                  max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
@@ -115,6 +115,7 @@ class Coalescer(CheckScript):
         self._scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the state above is of
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
                        client: Any = None) -> Any:
@@ -128,6 +129,8 @@ class Coalescer(CheckScript):
         (queued or sent): the calls queued in one tick share one timer.
         """
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._adopt(loop)
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((keys, tuple(args), future))
         if self.timeout is not None:
@@ -141,6 +144,17 @@ class Coalescer(CheckScript):
             self._scheduled = True
             loop.call_soon(self._flush)
         return future
+
+    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start afresh on another event loop: what was pending belonged to the old one (its
+        timers, flushes and tasks will never run), and its callers are gone with it."""
+        self._loop = loop
+        self._group = None
+        self._scheduled = False
+        self._inflight = 0
+        self._tasks = set()
+        self.dropped += len(self._queue)
+        self._queue = []
 
     def _close_group(self) -> None:
         self._group = None  # the next tick's calls get a timer of their own

@@ -65,8 +65,18 @@ def check_replies(raw: Sequence[Any]) -> list[Any]:
     A request whose decision raised an error in Lua is answered with the error's message
     (a string among arrays); it becomes that request's own ResponseError here.
     """
-    return [ResponseError(reply.decode("utf-8", "replace")) if isinstance(reply, bytes)
-            else ResponseError(reply) if isinstance(reply, str) else reply for reply in raw]
+    return [_error(reply.decode("utf-8", "replace")) if isinstance(reply, bytes)
+            else _error(reply) if isinstance(reply, str) else reply for reply in raw]
+
+
+def _error(text: str) -> ResponseError:
+    """The error redis-py would raise for this error reply (its class by the reply's prefix)."""
+    try:
+        from redis._parsers.base import BaseParser
+    except ImportError:  # pragma: no cover - a redis-py that moved its parser
+        return ResponseError(text)
+    error = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
+    return error if isinstance(error, ResponseError) else ResponseError(text)
 
 
 class CheckScript(LuaScript):

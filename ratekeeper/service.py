@@ -152,7 +152,8 @@ class Checker:
         # while a previous IP salt is honoured: its bans and counters (see rotation.py)
         self.rotation = Rotation(keyspace) if keyspace.previous is not None else None
         self._shadow_all = False
-        self.denial_log = DenialLog(wall)  # which denials get a log line (observe.py)
+        # which denials get a log line (observe.py), on a clock that never steps back
+        self.denial_log = DenialLog(time.monotonic if wall is time.time else wall)
         self.decided = 0  # decisions made by this checker (the admin page's rate)
 
     @property

@@ -283,3 +283,81 @@ async def test_a_call_of_several_requests_is_refused_by_the_coalescer(
     error, reply = await asyncio.gather(bad, good, return_exceptions=True)
     assert isinstance(error, ValueError)
     assert reply[5] == 2
+
+
+async def test_one_bad_request_in_a_batch_does_not_open_the_circuit(
+        redis: aioredis.Redis, key_prefix: str) -> None:
+    """A batch whose one request fails (WRONGTYPE) and the rest succeed counts as _call
+    counts: the answered requests are successes, so the breaker stays closed."""
+    from ratekeeper.errors import StoreUnavailable
+    from ratekeeper.limiter import Limiter, Outcome
+    from ratekeeper.pipeline import coalesced
+
+    rule = ["l", "0", 0, 1, 1000, 60000]
+    await redis.set(f"{key_prefix}:bad:s", "not a list")
+    limiter = Limiter(redis, timeout=2.0)
+    limiter.scripts = coalesced(limiter.scripts, redis, limiter.timeout)
+
+    def call(name: str) -> Any:
+        return ([f"{key_prefix}:{name}:b", f"{key_prefix}:{name}:s"], 1, 1, 1, rule)
+
+    for round_ in range(8):
+        answers = await limiter.check_many([call("bad")] + [call(f"ok{round_}-{j}")
+                                                            for j in range(10)])
+        assert isinstance(answers[0], StoreUnavailable)
+        assert all(isinstance(a, Outcome) for a in answers[1:])
+    assert limiter.breaker.state == "closed"
+
+
+def test_a_coalescer_moved_to_another_loop_keeps_its_deadlines(
+        redis_server: RedisServer, key_prefix: str) -> None:
+    """A call queued in an event loop's last iteration leaves no state that a later loop
+    inherits: a check on the next loop is answered (or times out) within its deadline."""
+    from ratekeeper.limiter import Limiter
+    from ratekeeper.pipeline import coalesced
+
+    rule = ["l", "0", 0, 1, 1000, 60000]
+    client = aioredis.Redis.from_url(redis_server.url)
+    limiter = Limiter(client, timeout=0.3)
+    limiter.scripts = coalesced(limiter.scripts, client, limiter.timeout)
+    coalescer = limiter.scripts.check
+    assert isinstance(coalescer, Coalescer)
+    first = asyncio.new_event_loop()
+    first.call_soon(coalescer.queue, [f"{key_prefix}:a:b", f"{key_prefix}:a:s"],
+                    check_args("", 1, 2, rule))
+    first.call_soon(first.stop)
+    first.run_forever()
+    first.close()
+
+    async def on_the_next_loop() -> Any:
+        fresh = aioredis.Redis.from_url(redis_server.url)
+        coalescer.redis = limiter.redis = fresh
+        try:
+            return await asyncio.wait_for(
+                limiter.check([f"{key_prefix}:b:b", f"{key_prefix}:b:s"], 1, 1, 1, rule), 2)
+        finally:
+            await fresh.aclose()
+
+    outcome = asyncio.run(on_the_next_loop())
+    assert outcome.status == 1
+
+
+async def test_readonly_is_the_calls_error_so_clients_find_the_new_master(
+        redis_server: RedisServer, key_prefix: str) -> None:
+    """On a replica a request's write fails READONLY: that is the whole call's error, with
+    redis-py's ReadOnlyError (which makes a Sentinel client look for the master again)."""
+    from redis.exceptions import ReadOnlyError
+
+    from redis_servers import start_redis
+
+    replica = start_redis()
+    client = aioredis.Redis.from_url(replica.url)
+    try:
+        await client.replicaof("127.0.0.1", redis_server.port)
+        script = raw_check(client)
+        with pytest.raises(ReadOnlyError):
+            await script(keys=[f"{key_prefix}:r:b", f"{key_prefix}:r:s"],
+                         args=check_args("", 1, 2, ["c", "0", 0, 1, 10, 60000]))
+    finally:
+        await client.aclose()
+        replica.stop()

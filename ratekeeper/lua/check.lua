@@ -46,8 +46,9 @@
 --             nothing is counted); retry_ms: until this cost would pass (0 when it passes now)
 -- or, when deciding that request raised an error (a key of another type, a malformed rule
 -- set), the error's message as a string; the other requests are decided as usual. The whole
--- call fails, before anything is written, only when its counts (n, s, na, nk) do not add up
--- to its KEYS and ARGV.
+-- call fails, before anything is written, when its counts (n, s, na, nk) do not add up to
+-- its KEYS and ARGV; and with READONLY when a request's write meets a replica (nothing can
+-- have been written there), so that the client reconnects to the master.
 --
 -- Requests are decided in order, so a request sees what the ones before it wrote: n requests
 -- in one call answer exactly as n calls of one request each, sent in the same order.
@@ -448,6 +449,9 @@ for i = 1, n do
       -- a request's error is its own answer; redis.call raises a table on some versions
       if type(reply) == 'table' and reply.err then reply = reply.err end
       reply = tostring(reply)
+      -- except READONLY: this node is a replica (nothing can have been written by anyone
+      -- here), and the client must see it as the call's error to find the new master
+      if find(reply, 'READONLY', 1, true) == 1 then return redis.error_reply(reply) end
     end
   else
     reply = 'check.lua: no rule set ' .. tostring(ARGV[a + 2])
