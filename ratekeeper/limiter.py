@@ -225,15 +225,16 @@ class Limiter:
         futures = [script.queue(keys, check_args(now, cost, len(keys), rule_args))
                    for keys, cost, _, _, rule_args in calls]
         answers: list[Outcome | StoreUnavailable] = []
+        answered = False
         try:
-            for future in futures:  # each answered call counts as _call would count it
+            for future in futures:  # each answered check counts as _call would count it
                 try:
                     raw = await future
                 except REDIS_FAILURES as exc:
                     answers.append(self._failed("check", exc))
                     continue
                 self.breaker.success()
-                self._report("check", None, time.perf_counter() - started)
+                answered = True
                 answers.append(parse_outcome(raw))
         except BaseException:
             self.breaker.abandon()
@@ -242,6 +243,8 @@ class Limiter:
                     future.exception()  # retrieved: no "never retrieved" warning
                 future.cancel()
             raise
+        if answered:  # the batch's wait, once: it went to Redis as one script call
+            self._report("check", None, time.perf_counter() - started)
         return answers
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:
