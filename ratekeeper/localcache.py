@@ -67,19 +67,21 @@ class Entry:
 
 
 class CacheHit(NamedTuple):
-    """A denial answered from the cache; ``rule`` is the index of the denying rule, or -1."""
+    """A denial answered from the cache; ``rule`` is the index of the denying rule, or -1;
+    ``banned`` the banned subject's hash when a ban denied."""
 
     decision: Decision
     rule: int
+    banned: str = ""
 
 
 def _seconds(ms: int) -> int:
     return max(0, math.ceil(ms / 1000))
 
 
-def _banned(entry: Entry, action: str, now: int, index: int) -> CacheHit:
+def _banned(entry: Entry, action: str, now: int, index: int, subject: str = "") -> CacheHit:
     return CacheHit(Decision(allowed=False, reason="banned", action=action,
-                             retry_after=_seconds(entry.until_ms - now)), index)
+                             retry_after=_seconds(entry.until_ms - now)), index, subject)
 
 
 def _limited(entry: Entry, rule: str, action: str, now: int, index: int) -> CacheHit:
@@ -148,7 +150,7 @@ class LocalCache:
                 if entry.until_ms > now:
                     self.hits += 1
                     return _remembered(entry, action.name, now) or _memo(
-                        entry, action.name, now, _banned(entry, action.name, now, -1))
+                        entry, action.name, now, _banned(entry, action.name, now, -1, subject))
                 del entries[subject]
         if shadow_all:
             return None

@@ -74,8 +74,13 @@ def deciding_rule(action: Action, decision: Decision, cost: int) -> str:
 
 
 def observe(checker: Checker, action: Action, values: dict[str, bytes], cost: int,
-            decision: Decision) -> None:
-    """Count ``decision``; log it when it denied (or would have, in shadow mode)."""
+            decision: Decision, culprit: tuple[str, str] | None = None) -> None:
+    """Count ``decision``; log it when it denied (or would have, in shadow mode).
+
+    ``culprit`` is the (fields, hash) of the subject whose ban or penalty box denied, when
+    known: the line names that subject alone. A kill switch's denials are one kind per action
+    and flag, whoever sends them: the subjects play no part in them.
+    """
     outcome = outcome_of(decision)
     rule = deciding_rule(action, decision, cost)
     if checker.metrics is not None:
@@ -84,15 +89,19 @@ def observe(checker: Checker, action: Action, values: dict[str, bytes], cost: in
         return
     keyspace = checker.keyspace
     subjects: dict[str, Any]
-    if rule:
+    if culprit is not None:
+        subjects = {culprit[0]: culprit[1]}
+    elif rule:
         fields = next(r.key for r in action.rules if r.name == rule)
         subjects = {"+".join(fields) or "global":
                     keyspace.subject((f, values[f]) for f in fields)}
     else:
         subjects = {field: keyspace.subject(((field, value),))
                     for field, value in values.items()}
-    suppressed = checker.denial_log.admit(
-        (action.name, rule, decision.reason, decision.flag, *subjects.values()))
+    kind: tuple[Any, ...] = (action.name, rule, decision.reason, decision.flag)
+    if decision.reason != "disabled":
+        kind += tuple(subjects.values())
+    suppressed = checker.denial_log.admit(kind)
     if suppressed is None:
         return
     decision_log.info(

@@ -95,15 +95,25 @@ def _plan(action: Action) -> ActionPlan:
     )
 
 
+# What decided a ban or penalty-box denial: (the subject's fields, its hash), for the log
+Culprit = tuple[str, str] | None
+Answer = tuple[Decision, Culprit]
+
+
 class _Pending(NamedTuple):
     """A check staged up to its Redis call (``Checker._stage``), finished by ``_finish``."""
 
     plan: ActionPlan
     cost: int
+    ban_fields: list[str]  # the field of each ban subject
     ban_subjects: list[str]
     subjects: list[str]
     started_ms: int  # the local cache's clock before the call
     call: CheckCall  # Limiter.check's arguments
+
+
+def _rule_culprit(rule: Rule, subject: str) -> Culprit:
+    return "+".join(rule.key) or "global", subject
 
 
 def _seconds(ms: int) -> int:
@@ -226,12 +236,12 @@ class Checker:
         decisions = []
         allowed: dict[str, int] = {}  # counted once per action below, not once per check
         for stage, (plan, values), request in zip(staged, prepared, requests, strict=True):
-            decision = (self._finish(stage, next(answers)) if isinstance(stage, _Pending)
-                        else stage)
+            decision, culprit = (self._finish(stage, next(answers))
+                                 if isinstance(stage, _Pending) else stage)
             if decision.allowed and not decision.shadow and not decision.degraded:
                 allowed[decision.action] = allowed.get(decision.action, 0) + 1
             else:
-                self._observed(plan, values, request.cost, decision)
+                self._observed(plan, values, request.cost, (decision, culprit))
             decisions.append(decision)
         self.decided += sum(allowed.values())
         if self.metrics is not None:
@@ -253,26 +263,28 @@ class Checker:
         return self._observed(plan, values, cost, self._finish(stage, outcome))
 
     def _observed(self, plan: ActionPlan, values: dict[str, bytes], cost: int,
-                  decision: Decision) -> Decision:
-        """Count ``decision`` (and log it if it denied)."""
+                  answer: Answer) -> Decision:
+        """Count the decision (and log it if it denied)."""
+        decision, culprit = answer
         self.decided += 1
         if decision.allowed and not decision.shadow and not decision.degraded:
             if self.metrics is not None:
                 self.metrics.decision(plan.action.name, "", "allowed")
         else:
-            observe(self, plan.action, values, cost, decision)
+            observe(self, plan.action, values, cost, decision, culprit)
         return decision
 
     def _stage(self, plan: ActionPlan, values: dict[str, bytes], cost: int
-               ) -> Decision | _Pending:
-        """Everything before Redis: a Decision when flags or the cache decide, else the call."""
+               ) -> Answer | _Pending:
+        """Everything before Redis: the answer when flags or the cache decide, else the call."""
         action = plan.action
         now = self.wall()
         if action.flags:
             blocking = self.flags.blocking(action.flags, now)
             if blocking is not None:
                 return Decision(allowed=False, reason="disabled", action=action.name,
-                                flag=blocking.name, message=self.flags.message_for(blocking))
+                                flag=blocking.name,
+                                message=self.flags.message_for(blocking)), None
         keyspace = self.keyspace
         shadow_all = self._shadow_all or self.flags.is_on(SHADOW_FLAG, now)
         subject = keyspace.subject
@@ -288,9 +300,15 @@ class Checker:
             if hit is not None:
                 if self.metrics is not None:
                     self.metrics.cache_hit(hit.decision.reason or "allowed")
-                if hit.rule >= 0 and self.denials is not None:
-                    self.denials.add(action.rules[hit.rule], subjects[hit.rule])
-                return hit.decision
+                culprit: Culprit = None
+                if hit.rule >= 0:
+                    if self.denials is not None:
+                        self.denials.add(action.rules[hit.rule], subjects[hit.rule])
+                    culprit = _rule_culprit(action.rules[hit.rule], subjects[hit.rule])
+                elif hit.banned:
+                    culprit = next(((f, s) for f, s in by_field.items() if s == hit.banned),
+                                   None)
+                return hit.decision, culprit
         keys = [keyspace.ban_key(s) for s in ban_subjects]
         if self.rotation is not None:
             keys += self.rotation.ban_keys(values)
@@ -300,17 +318,17 @@ class Checker:
             if boxes and not shadow_all:
                 keys.append(keyspace.penalty_key(rule_subject, rule))
         if not keys:
-            return Decision(allowed=True, reason=None, action=action.name)
+            return Decision(allowed=True, reason=None, action=action.name), None
         rule_args = plan.shadow_args if shadow_all else plan.rule_args
-        return _Pending(plan, cost, ban_subjects, subjects,
+        return _Pending(plan, cost, list(by_field), ban_subjects, subjects,
                         cache.now_ms() if cache is not None else 0,
                         (keys, cost, n_bans, len(action.rules), rule_args))
 
-    def _finish(self, stage: _Pending, outcome: Outcome | StoreUnavailable) -> Decision:
+    def _finish(self, stage: _Pending, outcome: Outcome | StoreUnavailable) -> Answer:
         """Everything after Redis answered (or could not)."""
         plan = stage.plan
         if isinstance(outcome, StoreUnavailable):
-            return self.degraded(plan)
+            return self.degraded(plan), None
         action, subjects, cost = plan.action, stage.subjects, stage.cost
         if outcome.status is not Status.ALLOWED:
             if self.cache is not None:
@@ -318,13 +336,19 @@ class Checker:
                                     stage.started_ms)
             if self.denials is not None:
                 count_denials(self.denials, action, subjects, outcome)
-            return self.decision(plan, outcome)
+            culprit: Culprit = None
+            at = outcome.culprit - 1
+            if outcome.status is Status.BANNED and 0 <= at < len(stage.ban_subjects):
+                culprit = (stage.ban_fields[at], stage.ban_subjects[at])
+            elif outcome.status is Status.PENALTY and 0 <= at < len(subjects):
+                culprit = _rule_culprit(action.rules[at], subjects[at])
+            return self.decision(plan, outcome), culprit
         if outcome.shadowed and self.denials is not None:
             count_denials(self.denials, action, subjects, outcome)
         token = None
         if cost > 0 and subjects:
             token = self.refunds.issue(action.name, subjects, cost, outcome.now_ms)
-        return self.decision(plan, outcome, token)
+        return self.decision(plan, outcome, token), None
 
     def decision(self, plan: ActionPlan, outcome: Outcome, refund: str | None = None
                  ) -> Decision:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Any
 
 import aiohttp
+import pytest
 
 from ratekeeper.observe import DenialLog
 
@@ -146,3 +148,51 @@ async def test_a_batch_counts_every_decision(make_client: Any) -> None:
     assert sample(text, "ratekeeper_decisions_total", action="login", outcome="allowed") == 6
     assert sample(text, "ratekeeper_decisions_total", action="login", rule="per-ip",
                   outcome="rate_limited") == 4
+
+
+SPAM_CONFIG = """
+[rules.signup-ip]
+limit = "1 per minute"
+key = ["ip"]
+penalty = "1 hour"
+[rules.signup-user]
+limit = "5 per minute"
+key = ["user"]
+[actions.signup]
+rules = ["signup-ip", "signup-user"]
+flags = ["stop-signups"]
+[flags.stop-signups]
+description = "stop signups"
+"""
+
+
+async def test_a_wave_with_rotating_names_logs_one_line_per_culprit(
+        make_client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A boxed IP sending 30 signups under 30 user names is one `banned` line naming the IP's
+    hash alone (not one line per name); a kill switch's denials are one line per flag."""
+    from ratekeeper.flags import FlagState
+    from ratekeeper.server import RUNTIME
+
+    client = await make_client(SPAM_CONFIG)
+    caplog.set_level(logging.INFO, logger="ratekeeper.decisions")
+
+    async def signup(i: int) -> dict[str, Any]:
+        resp = await client.post("/v1/check", json={"action": "signup", "ip": "192.0.2.7",
+                                                    "user": f"spam-{i}"})
+        body: dict[str, Any] = await resp.json()
+        return body
+
+    reasons = [(await signup(i))["reason"] for i in range(32)]
+    assert reasons[:3] == [None, "rate_limited", "banned"] and set(reasons[2:]) == {"banned"}
+    lines = [r for r in caplog.records if r.name == "ratekeeper.decisions"]
+    assert [(r.reason, r.rule) for r in lines] == [("rate_limited", "signup-ip"),  # type: ignore[attr-defined]
+                                                   ("banned", "")]
+    banned = lines[1]
+    assert list(banned.subjects) == ["ip"]  # type: ignore[attr-defined]
+    assert banned.subjects["ip"] == lines[0].subjects["ip"]  # type: ignore[attr-defined]
+
+    caplog.clear()
+    client.app[RUNTIME].flags.update(FlagState("stop-signups", enabled=True))
+    assert {(await signup(100 + i))["reason"] for i in range(20)} == {"disabled"}
+    lines = [r for r in caplog.records if r.name == "ratekeeper.decisions"]
+    assert len(lines) == 1 and lines[0].flag == "stop-signups"  # type: ignore[attr-defined]
