@@ -192,6 +192,10 @@ class Keyspace:
         """Present while a subject is banned; its TTL is the ban's remaining time."""
         return f"{self.prefix}:{{{subject}}}:b"
 
+    def signin_key(self, subject: str) -> str:
+        """Failed admin-page sign-ins from one client (a counter with the window's TTL)."""
+        return f"{self.prefix}:{{{subject}}}:signin"
+
     def refund_key(self, subject: str, token_id: str) -> str:
         """Present once a refund token was used; lives as long as the hits it gave back."""
         return f"{self.prefix}:{{{subject}}}:r:{token_id}"

@@ -54,6 +54,7 @@ from .webadmin_session import (
     same_token,
     set_cookie,
 )
+from .webadmin_throttle import SignInThrottle
 from .webadmin_view import FILTERS, gather
 
 __all__ = ["webadmin_app", "webadmin_context"]
@@ -147,11 +148,23 @@ async def signin(request: web.Request) -> web.Response:
         return refuse(request, 403, "Sign-in refused",
                        "This sign-in form has expired or did not come from this page. "
                        "Open the sign-in page again.")
+    client = state.proxies.client_ip(request.remote, real_ip=request.headers.get("X-Real-IP"),
+                                     forwarded_for=request.headers.get("X-Forwarded-For"))
+    wait_ms = await state.throttle.wait_ms(client)
+    if wait_ms:
+        minutes = -(-wait_ms // 60_000)
+        response = refuse(request, 429, "Too many failed sign-ins",
+                          f"Too many failed sign-ins came from your network. Try again in "
+                          f"{minutes} minute{'s' if minutes != 1 else ''}.")
+        response.headers["Retry-After"] = str(-(-wait_ms // 1000))
+        return response
     token = field(form, "token").strip()
     principal = admin.auth.authenticate(f"Bearer {token}") if token else None
     if principal is None:
         log.warning("admin page: sign-in with an unknown token refused")
+        await state.throttle.failed(client)
         return redirect(url_for(request, "signin") + "?note=failed")
+    await state.throttle.succeeded(client)
     previous = await current_session(request)
     if previous is not None:  # signing in again replaces the session, never adds one
         await state.sessions.end(previous.id)
@@ -219,7 +232,9 @@ def webadmin_context(settings: Settings) -> Callable[[web.Application], AsyncIte
                             settings.admin_tokens, settings.viewer_tokens, admin.wall)
         rate = DecisionRate(runtime, admin.wall)
         app[WEBADMIN] = WebAdminState(sessions=sessions, rate=rate,
-                                      proxies=TrustedProxies(settings.trusted_proxies))
+                                      proxies=TrustedProxies(settings.trusted_proxies),
+                                      throttle=SignInThrottle(runtime.store.redis,
+                                                              runtime.checker.keyspace))
         # nobody can sign in without a token, so nobody would read the counts
         flusher = asyncio.create_task(rate.flush_forever()) if admin.auth.configured else None
         yield

@@ -15,6 +15,7 @@ from .forwarded import TrustedProxies
 from .server import RUNTIME, Runtime
 from .webadmin_health import DecisionRate
 from .webadmin_session import SESSION_COOKIE, Session, Sessions
+from .webadmin_throttle import SignInThrottle
 
 __all__ = ["WEBADMIN", "WebAdminState", "current_session", "field", "parts", "redirect",
            "refuse", "render", "url_for"]
@@ -29,6 +30,7 @@ class WebAdminState:
     sessions: Sessions
     rate: DecisionRate
     proxies: TrustedProxies
+    throttle: SignInThrottle
 
 
 WEBADMIN = web.AppKey("webadmin", WebAdminState)

@@ -552,3 +552,44 @@ async def test_the_page_on_a_redis_cluster(make_client: Callable[..., Any],
     assert "Banned user" in html and "Redis reachable (cluster)" in html
     assert (await check(client, action="register", ip=IP))["reason"] == "disabled"
     assert (await check(client, action="login", ip="192.0.2.1", user="bob"))["reason"] == "banned"
+
+
+async def _try_sign_in(client: Client, token: str, ip: str) -> Any:
+    headers = {"X-Forwarded-For": ip}  # the test client's peer is loopback: a trusted proxy
+    form = await client.get("/admin/signin", headers=headers)
+    return await client.post("/admin/signin", allow_redirects=False, headers=headers,
+                             data={"csrf": csrf_of(await form.text()), "token": token})
+
+
+async def test_failed_sign_ins_are_throttled_per_client_network(
+        client: Client, redis: aioredis.Redis, key_prefix: str) -> None:
+    """Ten failed sign-ins from one network and it is refused (429, even with a good token)
+    for the window; another network is not; the count is under a hash with a TTL."""
+    attacker, neighbour, other = "2001:db8:66::1", "2001:db8:66::2", "203.0.113.50"
+    for i in range(10):
+        response = await _try_sign_in(client, f"guess-{i}", attacker)
+        assert response.headers["Location"] == "/admin/signin?note=failed"
+    for ip in (attacker, neighbour):  # the same /64
+        refused = await _try_sign_in(client, ALICE_TOKEN, ip)
+        assert refused.status == 429, await refused.text()
+        assert 14 * 60 < int(refused.headers["Retry-After"]) <= 15 * 60
+        assert "Too many failed sign-ins" in await refused.text()
+        assert SESSION_COOKIE not in refused.cookies
+    welcome = await _try_sign_in(client, ALICE_TOKEN, other)
+    assert (welcome.status, welcome.headers["Location"]) == (303, "/admin")
+    counters = [k for k in await keys_under(redis, key_prefix) if k.endswith(b":signin")]
+    assert len(counters) == 1 and 0 < await redis.pttl(counters[0]) <= 15 * 60 * 1000
+    blob = await dump(redis, key_prefix)
+    assert b"2001:db8" not in blob and b"203.0.113" not in blob
+
+
+async def test_a_good_sign_in_clears_the_failures(client: Client) -> None:
+    """Nine failures then a success: the count starts over, so nine more are still answered."""
+    ip = "198.51.100.77"
+    for round_ in range(2):
+        for i in range(9):
+            response = await _try_sign_in(client, f"typo-{round_}-{i}", ip)
+            assert response.headers["Location"] == "/admin/signin?note=failed"
+        good = await _try_sign_in(client, ALICE_TOKEN, ip)
+        assert good.status == 303 and good.headers["Location"] == "/admin"
+        client.session.cookie_jar.clear()  # a signed-in browser gets the page, not the form
