@@ -194,11 +194,19 @@ class Limiter:
             if len(plan.groups) > 1:
                 return await self._check_slots(plan, now, cost)
         args = check_args(now, cost, len(keys), rule_args)
+        coalescer = self._coalescer()
+        if coalescer is not None:
+            return parse_outcome(await self._coalesced(coalescer, keys, args))
         script = self.scripts.check
-        if type(script) is Coalescer and script.timeout is not None and self._topology_known:
-            return parse_outcome(await self._coalesced(script, keys, args))
         raw = await self._call(lambda: script(keys=list(keys), args=args), op="check")
         return parse_outcome(raw)
+
+    def _coalescer(self) -> Coalescer | None:
+        """The coalescer that keeps each check's deadline itself, when checks go through one."""
+        script = self.scripts.check
+        if type(script) is Coalescer and script.timeout is not None and self._topology_known:
+            return script
+        return None
 
     async def check_many(self, calls: Sequence[CheckCall]) -> list[Outcome | StoreUnavailable]:
         """``check`` for each call, in order; a failure is that call's StoreUnavailable.
@@ -206,9 +214,8 @@ class Limiter:
         On a coalescing limiter every call is queued at once (one submission, no task per
         call), so they go to Redis together; elsewhere they run concurrently.
         """
-        script = self.scripts.check
-        if not (type(script) is Coalescer and script.timeout is not None
-                and self._topology_known and calls):
+        script = self._coalescer()
+        if script is None or not calls:
             results = await asyncio.gather(*(self.check(*call) for call in calls),
                                            return_exceptions=True)
             for result in results:

@@ -12,7 +12,6 @@ and new subjects beyond ``max_pending`` between two flushes are not counted.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
@@ -23,7 +22,7 @@ from .admin_wire import TopEntry
 from .config import Rule
 from .errors import StoreUnavailable
 from .keys import Keyspace
-from .storecall import store_call
+from .storecall import flush_every, store_call
 
 __all__ = ["BUCKET_SECONDS", "LOOKBACK_SECONDS", "TopDenials"]
 
@@ -99,12 +98,7 @@ class TopDenials:
 
     async def flush_forever(self, interval: float = FLUSH_SECONDS) -> None:
         """Flush every ``interval`` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.flush()
-            except StoreUnavailable:
-                log.debug("top denials not flushed: Redis is unavailable")
+        await flush_every(interval, self.flush, "top denials", log)
 
     async def top(self, rule: Rule, limit: int) -> list[TopEntry]:
         """The ``limit`` subjects ``rule`` denied most over the last hour (all processes)."""

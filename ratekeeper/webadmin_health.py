@@ -9,7 +9,6 @@ whichever worker serves the page; when Redis cannot be asked it shows this proce
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from .errors import StoreUnavailable
 from .server import Runtime
 from .service import Checker
-from .storecall import store_call
+from .storecall import flush_every, store_call
 from .sync import StateSync
 
 __all__ = ["DecisionRate", "Health", "health"]
@@ -75,12 +74,7 @@ class DecisionRate:
 
     async def flush_forever(self, interval: float = FLUSH_SECONDS) -> None:
         """Flush every ``interval`` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.flush()
-            except StoreUnavailable:
-                log.debug("decision counts not flushed: Redis is unavailable")
+        await flush_every(interval, self.flush, "decision counts", log)
 
     def _seconds(self) -> range:
         # the current and the previous second may still be missing other processes' counts

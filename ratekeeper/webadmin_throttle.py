@@ -12,13 +12,13 @@ When Redis cannot be asked, nothing is refused here (signing in needs Redis anyw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from .errors import BadRequest
+from .errors import BadRequest, StoreUnavailable
 from .keys import Keyspace
+from .storecall import store_call
 
 __all__ = ["SignInThrottle"]
 
@@ -26,19 +26,17 @@ log = logging.getLogger("ratekeeper.webadmin")
 
 FAILURES = 10
 WINDOW_MS = 15 * 60 * 1000
-FAILURES_TO_STORE = (RedisError, OSError, TimeoutError)
 
 
 class SignInThrottle:
     """Counts failed sign-ins per client and says how long a client must wait."""
 
     def __init__(self, redis: Any, keyspace: Keyspace, *, limit: int = FAILURES,
-                 window_ms: int = WINDOW_MS, timeout: float = 0.5) -> None:
+                 window_ms: int = WINDOW_MS) -> None:
         self.redis = redis
         self.keyspace = keyspace
         self.limit = limit
         self.window_ms = window_ms
-        self.timeout = timeout
 
     def _key(self, client_ip: str | None) -> str | None:
         if client_ip is None:
@@ -55,11 +53,12 @@ class SignInThrottle:
         if key is None:
             return 0
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.get(key)
-            pipe.pttl(key)
-            count, ttl = await pipe.execute()
-        except FAILURES_TO_STORE:
+            async with store_call():
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.get(key)
+                pipe.pttl(key)
+                count, ttl = await pipe.execute()
+        except StoreUnavailable:
             return 0
         if count is None or int(count) < self.limit:
             return 0
@@ -71,11 +70,12 @@ class SignInThrottle:
         if key is None:
             return
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.incr(key)
-            pipe.pexpire(key, self.window_ms, nx=True)
-            count, _ = await pipe.execute()
-        except FAILURES_TO_STORE:
+            async with store_call():
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.incr(key)
+                pipe.pexpire(key, self.window_ms, nx=True)
+                count, _ = await pipe.execute()
+        except StoreUnavailable:
             return
         if int(count) == self.limit:
             log.warning("admin page: %d failed sign-ins from one client network; refusing it "
@@ -86,7 +86,6 @@ class SignInThrottle:
         key = self._key(client_ip)
         if key is None:
             return
-        try:
-            await self.redis.delete(key)
-        except FAILURES_TO_STORE:
-            return
+        with contextlib.suppress(StoreUnavailable):
+            async with store_call():
+                await self.redis.delete(key)

@@ -36,6 +36,15 @@ from redis_servers import (
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "pypi.toml"
 SALT = b"test-salt-that-is-long-enough"
+# One rule on ip in one action; format it with the limit and the algorithm.
+ONE_RULE = """
+[rules.r]
+limit = "{limit}"
+key = ["ip"]
+algorithm = "{algorithm}"
+[actions.a]
+rules = ["r"]
+"""
 TEST_DEADLINE_MS = 2000  # see the settings fixture
 
 

@@ -17,7 +17,7 @@ from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter
 from ratekeeper.service import Checker
 
-from conftest import SALT, FakeClock, config_from
+from conftest import ONE_RULE, SALT, FakeClock, config_from
 
 SLACK_MS = 1000
 
@@ -40,14 +40,6 @@ def _json(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields).encode()
 
 
-ONE_RULE = """
-[rules.r]
-limit = "{limit}"
-key = ["ip"]
-algorithm = "{algorithm}"
-[actions.a]
-rules = ["r"]
-"""
 
 
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])

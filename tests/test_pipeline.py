@@ -23,17 +23,8 @@ from ratekeeper.pipeline import Coalescer, coalesced, encode_eval, encode_evalsh
 from ratekeeper.scripts import Scripts, check_args
 from ratekeeper.service import Checker
 
-from conftest import SALT, FakeClock, config_from
+from conftest import ONE_RULE, SALT, FakeClock, config_from
 from redis_servers import RedisServer, free_port, running_redis
-
-ONE_RULE = """
-[rules.r]
-limit = "{limit}"
-key = ["ip"]
-algorithm = "{algorithm}"
-[actions.a]
-rules = ["r"]
-"""
 
 
 class PipelinedRedis(aioredis.Redis):
