@@ -84,8 +84,9 @@ class Limiter:
                  clock: Callable[[], int] | None = None, breaker: Breaker | None = None,
                  sharded: bool | None = None, metrics: Metrics | None = None) -> None:
         self.redis = redis
-        self.scripts = Scripts.register(redis)
         self.timeout = timeout
+        self._fast: Coalescer | None = None
+        self._scripts = Scripts.register(redis)
         self.breaker = breaker or Breaker(timeout_window=timeout)
         # on a cluster, keys of different hash tags may live in different slots
         self.sharded = _is_cluster(redis) if sharded is None else sharded
@@ -97,6 +98,23 @@ class Limiter:
         self._background: set[asyncio.Future[None]] = set()
         self.metrics = metrics
         self._reported_state = ""
+
+    @property
+    def scripts(self) -> Scripts:
+        """The scripts checks run; a ``pipeline.coalesced`` one sends them per tick."""
+        return self._scripts
+
+    @scripts.setter
+    def scripts(self, scripts: Scripts) -> None:
+        self._scripts = scripts
+        check = scripts.check
+        # a coalescer that keeps each check's deadline itself is called directly (``_coalesced``)
+        self._fast = check if type(check) is Coalescer and check.timeout is not None else None
+        if self._fast is not None:
+            self._fast.observe = self._observe_batch
+
+    def _observe_batch(self, seconds: float) -> None:
+        self._report("check", None, seconds)
 
     async def _call(self, make: Callable[[], Awaitable[T]], *, op: str,
                     timeout: float | None = None,
@@ -126,21 +144,20 @@ class Limiter:
         self._report(op, None, time.perf_counter() - started)
         return result
 
-    async def _coalesced(self, coalescer: Coalescer, keys: Sequence[str],
-                         args: Sequence[str | int]) -> Any:
-        """``_call`` for a check the coalescer sends: the same breaker, errors and metrics,
-        with the coalescer's deadline (one timer per event-loop tick, not one per call)."""
+    async def _coalesced(self, coalescer: Coalescer, keys: Sequence[str], now: str, cost: int,
+                         rule_args: Sequence[str | int]) -> Any:
+        """``_call`` for a check the coalescer sends: the same breaker and errors, with the
+        coalescer's deadline (one timer per event-loop tick, not one per call) and its
+        metrics (one observation per script call, not per check)."""
         self._admit("check")
-        started = time.perf_counter()
         try:
-            result = await coalescer.queue(keys, args)
+            result = await coalescer.request(keys, now, cost, tuple(rule_args))
         except REDIS_FAILURES as exc:
             raise self._failed("check", exc) from exc
         except BaseException:
             self.breaker.abandon()
             raise
         self.breaker.success()
-        self._report("check", None, time.perf_counter() - started)
         return result
 
     def _admit(self, op: str) -> None:
@@ -193,20 +210,17 @@ class Limiter:
             plan = slots.split(keys, n_bans, n_rules, rule_args)
             if len(plan.groups) > 1:
                 return await self._check_slots(plan, now, cost)
-        args = check_args(now, cost, len(keys), rule_args)
         coalescer = self._coalescer()
         if coalescer is not None:
-            return parse_outcome(await self._coalesced(coalescer, keys, args))
+            return parse_outcome(await self._coalesced(coalescer, keys, now, cost, rule_args))
+        args = check_args(now, cost, len(keys), rule_args)
         script = self.scripts.check
         raw = await self._call(lambda: script(keys=list(keys), args=args), op="check")
         return parse_outcome(raw)
 
     def _coalescer(self) -> Coalescer | None:
         """The coalescer that keeps each check's deadline itself, when checks go through one."""
-        script = self.scripts.check
-        if type(script) is Coalescer and script.timeout is not None and self._topology_known:
-            return script
-        return None
+        return self._fast if self._topology_known else None
 
     async def check_many(self, calls: Sequence[CheckCall]) -> list[Outcome | StoreUnavailable]:
         """``check`` for each call, in order; a failure is that call's StoreUnavailable.
@@ -227,12 +241,10 @@ class Limiter:
             self._admit("check")
         except StoreUnavailable as exc:
             return [exc] * len(calls)
-        started = time.perf_counter()
         now = "" if self._clock is None else str(self._clock())
-        futures = [script.queue(keys, check_args(now, cost, len(keys), rule_args))
+        futures = [script.request(keys, now, cost, tuple(rule_args))
                    for keys, cost, _, _, rule_args in calls]
         answers: list[Outcome | StoreUnavailable] = []
-        answered = False
         try:
             for future in futures:  # each answered check counts as _call would count it
                 try:
@@ -241,7 +253,6 @@ class Limiter:
                     answers.append(self._failed("check", exc))
                     continue
                 self.breaker.success()
-                answered = True
                 answers.append(parse_outcome(raw))
         except BaseException:
             self.breaker.abandon()
@@ -250,8 +261,6 @@ class Limiter:
                     future.exception()  # retrieved: no "never retrieved" warning
                 future.cancel()
             raise
-        if answered:  # the batch's wait, once: it went to Redis as one script call
-            self._report("check", None, time.perf_counter() - started)
         return answers
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -41,7 +42,8 @@ from .scripts import CheckScript, LuaScript, Scripts, check_replies
 __all__ = ["Coalescer", "coalesced"]
 
 Arg = str | int | bytes
-Call = tuple[Sequence[str], Sequence[Arg], "asyncio.Future[Any]"]
+# one request: its KEYS, now (ARGV[1]), cost, rule set (scripts.check_args), its caller
+Call = tuple[Sequence[str], Arg, Arg, tuple[Arg, ...], "asyncio.Future[Any]"]
 Command = tuple[list[str], list[Arg]]  # KEYS and ARGV of one script call
 
 # A tick rarely holds more than the server's concurrency; the cap bounds one write's size and
@@ -90,9 +92,9 @@ def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -
 class Coalescer(CheckScript):
     """Runs check.lua for many callers: one call per event-loop tick, few in flight."""
 
-    __slots__ = ("_direct", "_group", "_inflight", "_loop", "_queue", "_scheduled", "_tasks",
-                 "batches", "calls", "dropped", "max_batch", "max_inflight", "redis",
-                 "script_calls", "timeout")
+    __slots__ = ("_direct", "_group", "_idle", "_inflight", "_loop", "_queue", "_scheduled",
+                 "_tasks", "batches", "calls", "dropped", "max_batch", "max_inflight",
+                 "observe", "redis", "script_calls", "timeout")
 
     def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,
                  max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
@@ -115,7 +117,12 @@ class Coalescer(CheckScript):
         self._scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # pooled connections this coalescer keeps between batches (at most max_inflight):
+        # taking one from redis-py's pool and giving it back cost more than a batch's write
+        self._idle: list[Any] = []
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the state above is of
+        # called with each batch's seconds once Redis answered it (the limiter's metrics)
+        self.observe: Callable[[float], None] | None = None
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
                        client: Any = None) -> Any:
@@ -123,7 +130,24 @@ class Coalescer(CheckScript):
         return await self.queue(keys, args)
 
     def queue(self, keys: Sequence[str], args: Iterable[Arg]) -> asyncio.Future[Any]:
-        """Queue one call; the future resolves to what the script returned.
+        """Queue one call of one request (``scripts.check_args``); the future resolves to
+        what the script returned for it. Arguments that are not one request fail the future
+        with a ValueError, and nothing is sent for it.
+        """
+        args = tuple(args)
+        # [now, 1, 1, na, *rule set, cost, nk, 1]
+        na = args[3] if len(args) > 3 else -1
+        if (type(na) is not int or len(args) != 7 + na or args[1] != 1 or args[2] != 1
+                or args[-1] != 1):
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(ValueError("a coalesced check.lua call carries one request "
+                                            "with one rule set (scripts.check_args)"))
+            return future
+        return self.request(keys, args[0], args[-3], args[4:4 + na])
+
+    def request(self, keys: Sequence[str], now: Arg, cost: Arg,
+                rule_set: tuple[Arg, ...]) -> asyncio.Future[Any]:
+        """Queue one request: ``queue`` without building and taking apart its ARGV.
 
         With a ``timeout``, the future fails with TimeoutError once it has waited that long
         (queued or sent): the calls queued in one tick share one timer.
@@ -132,7 +156,7 @@ class Coalescer(CheckScript):
         if loop is not self._loop:
             self._adopt(loop)
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((keys, tuple(args), future))
+        self._queue.append((keys, now, cost, rule_set, future))
         if self.timeout is not None:
             group = self._group
             if group is None:
@@ -153,6 +177,7 @@ class Coalescer(CheckScript):
         self._scheduled = False
         self._inflight = 0
         self._tasks = set()
+        self._idle = []  # connections of the old loop's transports: never used again
         self.dropped += len(self._queue)
         self._queue = []
 
@@ -166,7 +191,7 @@ class Coalescer(CheckScript):
             del self._queue[:self.max_batch]
             # a caller that already gave up (its deadline passed) is not sent: it has had
             # its answer, and the hit it asked for must not be taken behind its back
-            live = [call for call in batch if not call[2].done()]
+            live = [call for call in batch if not call[4].done()]
             self.dropped += len(batch) - len(live)
             if not live:
                 continue
@@ -186,6 +211,7 @@ class Coalescer(CheckScript):
     async def _run(self, batch: list[Call]) -> None:
         self.calls += len(batch)
         self.batches += 1
+        started = time.perf_counter()
         try:
             if self.timeout is None:
                 results = await self._send(batch)
@@ -193,15 +219,17 @@ class Coalescer(CheckScript):
                 async with asyncio.timeout(self.timeout):
                     results = await self._send(batch)
         except asyncio.CancelledError:
-            for _, _, future in batch:
-                future.cancel()
+            for call in batch:
+                call[4].cancel()
             raise
         except BaseException as exc:  # every caller sees the transport's failure
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            for call in batch:
+                if not call[4].done():
+                    call[4].set_exception(exc)
             return
-        for (_, _, future), result in zip(batch, results, strict=True):
+        if self.observe is not None:
+            self.observe(time.perf_counter() - started)
+        for (_, _, _, _, future), result in zip(batch, results, strict=True):
             if future.done():  # the caller gave up while its batch was out
                 continue
             if isinstance(result, Exception):
@@ -212,7 +240,7 @@ class Coalescer(CheckScript):
     async def _send(self, batch: Sequence[Call]) -> list[Any]:
         """Each call's own reply (or exception), in batch order."""
         results: list[Any] = [None] * len(batch)
-        commands, callers = _merged(batch, results)
+        commands, callers = _merged(batch)
         replies = await self._pipeline(commands, by_sha=True)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
@@ -267,7 +295,7 @@ class Coalescer(CheckScript):
 
     async def _write_and_read_once(self, data: bytes, replies: int) -> list[Any]:
         pool = self.redis.connection_pool
-        connection = await pool.get_connection()
+        connection = self._idle.pop() if self._idle else await pool.get_connection()
         results: list[Any] = []
         try:
             await connection.send_packed_command(data, check_health=False)
@@ -279,11 +307,11 @@ class Coalescer(CheckScript):
         except BaseException as exc:
             # replies may still be on the wire: this connection cannot be reused
             await connection.disconnect(nowait=True)
+            await pool.release(connection)
             if isinstance(exc, RedisConnectionError) and not results:
                 raise _NothingAnswered(exc) from exc
             raise
-        finally:
-            await pool.release(connection)
+        self._idle.append(connection)
         return results
 
 
@@ -323,26 +351,19 @@ class _Run:
                            *self.requests]
 
 
-def _merged(batch: Sequence[Call], results: list[Any]) -> tuple[list[Command], list[list[int]]]:
+def _merged(batch: Sequence[Call]) -> tuple[list[Command], list[list[int]]]:
     """The batch as check.lua calls of many requests, and which callers each call answers.
 
     Consecutive calls with one now_ms (ARGV[1]; always '' in production) become one call, in
-    order; a rule set that several of them carry (the same action) is sent once. A call that
-    is not one request (``scripts.check_args``) gets a ValueError in ``results`` and is not
-    sent.
+    order; a rule set that several of them carry (the same action) is sent once.
     """
     runs: list[_Run] = []
-    for i, (keys, args, _) in enumerate(batch):
-        # [now, 1, 1, na, *rule set, cost, nk, 1]
-        na = args[3] if len(args) > 3 else -1
-        if (type(na) is not int or len(args) != 7 + na or args[1] != 1 or args[2] != 1
-                or args[-1] != 1):
-            results[i] = ValueError("a coalesced check.lua call carries one request with "
-                                    "one rule set (scripts.check_args)")
-            continue
-        if not runs or args[0] != runs[-1].now:
-            runs.append(_Run(args[0]))
-        runs[-1].add(i, keys, tuple(args[4:4 + na]), args[-3], args[-2])
+    run: _Run | None = None
+    for i, (keys, now, cost, rule_set, _) in enumerate(batch):
+        if run is None or now != run.now:
+            run = _Run(now)
+            runs.append(run)
+        run.add(i, keys, rule_set, cost, len(keys))
     return [run.command() for run in runs], [run.callers for run in runs]
 
 

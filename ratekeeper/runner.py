@@ -41,7 +41,7 @@ from .config import Config, load_config
 from .errors import ConfigError
 from .logs import configure_logging
 from .metrics import mark_worker_dead
-from .server import STOPPING, create_app, reload_config
+from .server import STOPPING, create_app, reload_config, serve_hot_paths
 from .settings import Settings
 
 __all__ = ["run_worker", "serve"]
@@ -79,6 +79,8 @@ async def _serve(settings: Settings, config: Config, host: str, port: int,
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
+    assert runner.server is not None
+    serve_hot_paths(app, runner.server)
     site: web.BaseSite
     if sock is not None:
         site = web.SockSite(runner, sock)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from .config import Config, load_config
@@ -30,7 +30,8 @@ from .store import Store, open_store
 from .top import TopDenials
 from .wire import BatchResponse, Decision, ErrorBody, Health, Readiness
 
-__all__ = ["RUNTIME", "STOPPING", "Runtime", "build_checker", "create_app", "reload_config"]
+__all__ = ["RUNTIME", "STOPPING", "Runtime", "build_checker", "create_app", "hot_paths",
+           "reload_config", "serve_hot_paths"]
 
 log = logging.getLogger("ratekeeper.server")
 
@@ -101,6 +102,18 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+LowLevelHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]  # web.Server's
+
+
+def _error_answer(exc: BadRequest | web.HTTPException) -> web.StreamResponse:
+    """The JSON answer for a client error; a redirect or success is re-raised."""
+    if isinstance(exc, BadRequest):
+        return error_response(400, str(exc))
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return error_response(413, f"the request body is larger than {MAX_BODY // 1024} KiB")
+    if exc.status < 400:
+        raise exc
+    return error_response(exc.status, exc.reason)
 
 
 def error_middleware(stopping: asyncio.Event) -> Middleware:
@@ -114,15 +127,8 @@ def error_middleware(stopping: asyncio.Event) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
-        except BadRequest as exc:
-            response = error_response(400, str(exc))
-        except web.HTTPRequestEntityTooLarge:
-            response = error_response(
-                413, f"the request body is larger than {MAX_BODY // 1024} KiB")
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = error_response(exc.status, exc.reason)
+        except (BadRequest, web.HTTPException) as exc:
+            response = _error_answer(exc)
         if stopping.is_set():
             # the client learns from the answer that this connection ends here, so it never
             # sends another request into a connection we are about to close
@@ -130,6 +136,40 @@ def error_middleware(stopping: asyncio.Event) -> Middleware:
         return response
 
     return middleware
+
+
+def hot_paths(app: web.Application, handle: LowLevelHandler) -> LowLevelHandler:
+    """``handle`` (the application's) with ``POST /v1/check`` and ``/v1/check/batch``
+    answered directly.
+
+    Looking up the route, building the middleware chain and running it cost about as much
+    as a decision the local cache answers; the origin sends these two on every request it
+    guards. Anything else, and these with a query string or ``Expect: 100-continue``, goes
+    the usual way, so the answers are the same either way (the routes stay registered).
+    """
+    stopping = app[STOPPING]
+    hot: dict[str, Callable[[Runtime, web.BaseRequest], Awaitable[web.Response]]] = {
+        "/v1/check": _check, "/v1/check/batch": _check_batch}
+    expect = hdrs.EXPECT
+
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        answer = hot.get(request.raw_path) if request.method == "POST" else None
+        if answer is None or expect in request.headers:
+            return await handle(request)
+        try:
+            response: web.StreamResponse = await answer(app[RUNTIME], request)
+        except (BadRequest, web.HTTPException) as exc:
+            response = _error_answer(exc)
+        if stopping.is_set():
+            response.force_close()
+        return response
+
+    return dispatch
+
+
+def serve_hot_paths(app: web.Application, server: web.Server) -> None:
+    """Make ``server`` (``AppRunner.server`` once set up) answer ``hot_paths`` directly."""
+    server.request_handler = hot_paths(app, server.request_handler)
 
 
 class DenialBodies:
@@ -160,21 +200,26 @@ class DenialBodies:
         return web.Response(body=known[1], content_type=JSON, headers=known[2])
 
 
+async def _check(runtime: Runtime, request: web.BaseRequest) -> web.Response:
+    checker = runtime.checker
+    decision = await checker.check(checker.decode(await request.read()))
+    return runtime.bodies.response(decision)
+
+
+async def _check_batch(runtime: Runtime, request: web.BaseRequest) -> web.Response:
+    checker = runtime.checker
+    results = await checker.check_many(checker.decode_batch(await request.read()))
+    return json_response(BatchResponse(results=results))
+
+
 async def check(request: web.Request) -> web.Response:
     """POST /v1/check: decide one request."""
-    runtime = request.app[RUNTIME]
-    checker = runtime.checker
-    body = await request.read()
-    decision = await checker.check(checker.decode(body))
-    return runtime.bodies.response(decision)
+    return await _check(request.app[RUNTIME], request)
 
 
 async def check_batch(request: web.Request) -> web.Response:
     """POST /v1/check/batch: decide several requests, answered in order."""
-    checker = request.app[RUNTIME].checker
-    body = await request.read()
-    results = await checker.check_many(checker.decode_batch(body))
-    return json_response(BatchResponse(results=results))
+    return await _check_batch(request.app[RUNTIME], request)
 
 
 async def refund(request: web.Request) -> web.Response:

@@ -77,7 +77,8 @@ async def test_metrics_sum_over_two_workers_and_carry_no_subject(
     limited = sample(text, "ratekeeper_decisions_total", action="login", rule="per-ip",
                      outcome="rate_limited")
     assert (allowed, limited) == (30, 20)
-    assert sample(text, "ratekeeper_redis_seconds_count", op="check") >= 30
+    # one observation per check.lua call: the 50 concurrent checks went as fewer calls
+    assert 1 <= sample(text, "ratekeeper_redis_seconds_count", op="check") <= 50
     assert "ratekeeper_circuit_breaker_state" in text
     assert sample(text, "ratekeeper_flag_enabled", flag="stop") == 0
     for ip in ips:
