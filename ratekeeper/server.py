@@ -23,10 +23,11 @@ from .limiter import Limiter
 from .localcache import LocalCache
 from .metrics import Metrics
 from .pipeline import coalesced
-from .service import Checker
+from .service import Checker, Pending
 from .settings import Settings
 from .spec import openapi_document
 from .store import Store, open_store
+from .ticks import TickBarrier
 from .top import TopDenials
 from .wire import BatchResponse, Decision, ErrorBody, Health, Readiness
 
@@ -53,6 +54,7 @@ class Runtime:
     cache: LocalCache | None = None  # known banned / over-limit subjects, shared by reloads
     denials: TopDenials | None = None  # counts for GET /v1/admin/top, shared by reloads
     bodies: DenialBodies = field(default_factory=lambda: DenialBodies())  # encoded denials
+    ticks: TickBarrier = field(default_factory=TickBarrier)  # answers given without Redis
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -202,7 +204,11 @@ class DenialBodies:
 
 async def _check(runtime: Runtime, request: web.BaseRequest) -> web.Response:
     checker = runtime.checker
-    decision = await checker.check(checker.decode(await request.read()))
+    decision = checker.check_now(checker.decode(await request.read()))
+    if isinstance(decision, Pending):
+        decision = await checker.check_pending(decision)
+    else:
+        await runtime.ticks.wait()  # answered with the rest of this tick's (ticks.py)
     return runtime.bodies.response(decision)
 
 

@@ -37,7 +37,7 @@ from .wire import (
     decode,
 )
 
-__all__ = ["Checker"]
+__all__ = ["Checker", "Pending"]
 
 REFUND_SLACK_MS = 1000  # as check.lua's SLACK_MS: the marker outlives the hits it guards
 
@@ -100,10 +100,12 @@ Culprit = tuple[str, str] | None
 Answer = tuple[Decision, Culprit]
 
 
-class _Pending(NamedTuple):
-    """A check staged up to its Redis call (``Checker._stage``), finished by ``_finish``."""
+class Pending(NamedTuple):
+    """A check staged up to its Redis call (``Checker.check_now``), finished by
+    ``Checker.check_pending``."""
 
     plan: ActionPlan
+    values: dict[str, bytes]  # the request's normalised subject values
     cost: int
     ban_fields: list[str]  # the field of each ban subject
     ban_subjects: list[str]
@@ -212,10 +214,32 @@ class Checker:
                 )
         return plan, values
 
+    def check_now(self, request: Any) -> Decision | Pending:
+        """Start deciding one decoded request: its Decision when the kill switches or the
+        local cache decide it (no Redis call), else the call ``check_pending`` makes."""
+        plan, values = self.prepare(request)
+        stage = self._stage(plan, values, request.cost)
+        if isinstance(stage, Pending):
+            return stage
+        return self._observed(plan, values, request.cost, stage)
+
+    async def check_pending(self, stage: Pending) -> Decision:
+        """Finish a check ``check_now`` staged: bans, penalty boxes and limits in one script
+        call (or the fail modes when Redis cannot be asked); counted and logged."""
+        try:
+            if self.rotation is not None:
+                await self.rotation.carry_over(self.limiter, stage.plan.action.rules,
+                                               stage.values)
+            outcome: Outcome | StoreUnavailable = await self.limiter.check(*stage.call)
+        except StoreUnavailable as exc:
+            outcome = exc
+        return self._observed(stage.plan, stage.values, stage.cost,
+                              self._finish(stage, outcome))
+
     async def check(self, request: Any) -> Decision:
         """Decide one decoded request."""
-        plan, values = self.prepare(request)
-        return await self.decide(plan, values, request.cost)
+        stage = self.check_now(request)
+        return await self.check_pending(stage) if isinstance(stage, Pending) else stage
 
     async def check_many(self, requests: Sequence[Any]) -> list[Decision]:
         """Decide a batch; every request is validated before any is decided.
@@ -230,14 +254,14 @@ class Checker:
                     for (plan, values), r in zip(prepared, requests, strict=True)]
         staged = [self._stage(plan, values, r.cost)
                   for (plan, values), r in zip(prepared, requests, strict=True)]
-        pending = [stage for stage in staged if isinstance(stage, _Pending)]
+        pending = [stage for stage in staged if isinstance(stage, Pending)]
         outcomes = await self.limiter.check_many([stage.call for stage in pending])
         answers = iter(outcomes)
         decisions = []
         allowed: dict[str, int] = {}  # counted once per action below, not once per check
         for stage, (plan, values), request in zip(staged, prepared, requests, strict=True):
             decision, culprit = (self._finish(stage, next(answers))
-                                 if isinstance(stage, _Pending) else stage)
+                                 if isinstance(stage, Pending) else stage)
             if decision.allowed and not decision.shadow and not decision.degraded:
                 allowed[decision.action] = allowed.get(decision.action, 0) + 1
             else:
@@ -252,15 +276,9 @@ class Checker:
     async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
         """Flags, then bans, penalty boxes and limits in one script call; counted and logged."""
         stage = self._stage(plan, values, cost)
-        if not isinstance(stage, _Pending):
-            return self._observed(plan, values, cost, stage)
-        try:
-            if self.rotation is not None:
-                await self.rotation.carry_over(self.limiter, plan.action.rules, values)
-            outcome: Outcome | StoreUnavailable = await self.limiter.check(*stage.call)
-        except StoreUnavailable as exc:
-            outcome = exc
-        return self._observed(plan, values, cost, self._finish(stage, outcome))
+        if isinstance(stage, Pending):
+            return await self.check_pending(stage)
+        return self._observed(plan, values, cost, stage)
 
     def _observed(self, plan: ActionPlan, values: dict[str, bytes], cost: int,
                   answer: Answer) -> Decision:
@@ -275,7 +293,7 @@ class Checker:
         return decision
 
     def _stage(self, plan: ActionPlan, values: dict[str, bytes], cost: int
-               ) -> Answer | _Pending:
+               ) -> Answer | Pending:
         """Everything before Redis: the answer when flags or the cache decide, else the call."""
         action = plan.action
         now = self.wall()
@@ -320,11 +338,11 @@ class Checker:
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name), None
         rule_args = plan.shadow_args if shadow_all else plan.rule_args
-        return _Pending(plan, cost, list(by_field), ban_subjects, subjects,
+        return Pending(plan, values, cost, list(by_field), ban_subjects, subjects,
                         cache.now_ms() if cache is not None else 0,
                         (keys, cost, n_bans, len(action.rules), rule_args))
 
-    def _finish(self, stage: _Pending, outcome: Outcome | StoreUnavailable) -> Answer:
+    def _finish(self, stage: Pending, outcome: Outcome | StoreUnavailable) -> Answer:
         """Everything after Redis answered (or could not)."""
         plan = stage.plan
         if isinstance(outcome, StoreUnavailable):
