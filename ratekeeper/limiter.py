@@ -108,7 +108,7 @@ class Limiter:
     def scripts(self, scripts: Scripts) -> None:
         self._scripts = scripts
         check = scripts.check
-        # a coalescer that keeps each check's deadline itself is called directly (``_coalesced``)
+        # a coalescer that keeps each check's deadline itself is called directly (``check``)
         self._fast = check if type(check) is Coalescer and check.timeout is not None else None
         if self._fast is not None:
             self._fast.observe = self._observe_batch
@@ -142,22 +142,6 @@ class Limiter:
         else:
             self.breaker.failure()
         self._report(op, None, time.perf_counter() - started)
-        return result
-
-    async def _coalesced(self, coalescer: Coalescer, keys: Sequence[str], now: str, cost: int,
-                         rule_args: Sequence[str | int]) -> Any:
-        """``_call`` for a check the coalescer sends: the same breaker and errors, with the
-        coalescer's deadline (one timer per event-loop tick, not one per call) and its
-        metrics (one observation per script call, not per check)."""
-        self._admit("check")
-        try:
-            result = await coalescer.request(keys, now, cost, tuple(rule_args))
-        except REDIS_FAILURES as exc:
-            raise self._failed("check", exc) from exc
-        except BaseException:
-            self.breaker.abandon()
-            raise
-        self.breaker.success()
         return result
 
     def _admit(self, op: str) -> None:
@@ -210,9 +194,20 @@ class Limiter:
             plan = slots.split(keys, n_bans, n_rules, rule_args)
             if len(plan.groups) > 1:
                 return await self._check_slots(plan, now, cost)
-        coalescer = self._coalescer()
-        if coalescer is not None:
-            return parse_outcome(await self._coalesced(coalescer, keys, now, cost, rule_args))
+        fast = self._fast
+        if fast is not None and self._topology_known:
+            # _call's breaker and errors, with the coalescer's deadline (one timer per
+            # event-loop tick, not one per call) and its metrics (one per script call)
+            self._admit("check")
+            try:
+                raw = await fast.request(keys, now, cost, tuple(rule_args))
+            except REDIS_FAILURES as exc:
+                raise self._failed("check", exc) from exc
+            except BaseException:
+                self.breaker.abandon()
+                raise
+            self.breaker.success()
+            return parse_outcome(raw)
         args = check_args(now, cost, len(keys), rule_args)
         script = self.scripts.check
         raw = await self._call(lambda: script(keys=list(keys), args=args), op="check")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -293,7 +294,11 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
                                                      cache=cache, denials=denials, wall=wall),
                                metrics=metrics, cache=cache, denials=denials)
         await limiter.ready()  # connect and load the scripts now; a Redis that is down is fine
+        counting = asyncio.create_task(metrics.flush_forever())
         yield
+        counting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await counting
         if own_store:
             await live.close()
 
