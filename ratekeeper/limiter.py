@@ -165,10 +165,14 @@ class Limiter:
             metrics.redis_call(op, seconds)
         else:
             metrics.redis_error(op, error)
+        self._report_state()
+
+    def _report_state(self) -> None:
+        """Publish the breaker's state when it changed since last published."""
         state = self.breaker.state
-        if state != self._reported_state:
+        if state != self._reported_state and self.metrics is not None:
             self._reported_state = state
-            metrics.breaker_state(state)
+            self.metrics.breaker_state(state)
 
     def _log_failure(self, exc: BaseException) -> None:
         # at most one line a second: an outage fails every call
@@ -207,6 +211,8 @@ class Limiter:
                 self.breaker.abandon()
                 raise
             self.breaker.success()
+            if self._reported_state != "closed":  # (the batch was observed before this)
+                self._report_state()
             return parse_outcome(raw)
         args = check_args(now, cost, len(keys), rule_args)
         script = self.scripts.check
@@ -256,6 +262,7 @@ class Limiter:
                     future.exception()  # retrieved: no "never retrieved" warning
                 future.cancel()
             raise
+        self._report_state()  # the batch was observed before its successes were counted
         return answers
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:

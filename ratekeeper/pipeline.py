@@ -285,17 +285,24 @@ class Coalescer(CheckScript):
         try:
             return await self._write_and_read_once(data, replies)
         except _NothingAnswered:
-            # The pooled connection was dead (Redis restarted, a failover): nothing of this
-            # batch reached a live server, so sending it once more cannot take a hit twice.
+            # The connection was dead (Redis restarted, closed it, failed over): nothing of
+            # this batch reached a live server, so sending it once more cannot take a hit
+            # twice. The other held connections are likely dead too: they go back to the
+            # pool, and the batch goes again on one the pool checks (and reconnects).
             # A batch that broke after some answers is not sent again.
+            await self._drop_idle()
             try:
-                return await self._write_and_read_once(data, replies)
+                return await self._write_and_read_once(data, replies, fresh=True)
             except _NothingAnswered as exc:
                 raise exc.cause from None
 
-    async def _write_and_read_once(self, data: bytes, replies: int) -> list[Any]:
+    async def _write_and_read_once(self, data: bytes, replies: int, *,
+                                   fresh: bool = False) -> list[Any]:
         pool = self.redis.connection_pool
-        connection = self._idle.pop() if self._idle else await pool.get_connection()
+        if self._idle and not fresh:
+            connection = self._idle.pop()
+        else:
+            connection = await pool.get_connection()
         results: list[Any] = []
         try:
             await connection.send_packed_command(data, check_health=False)
@@ -313,6 +320,14 @@ class Coalescer(CheckScript):
             raise
         self._idle.append(connection)
         return results
+
+    async def _drop_idle(self) -> None:
+        """Close the held connections and give them back to the pool."""
+        idle, self._idle = self._idle, []
+        pool = self.redis.connection_pool
+        for connection in idle:
+            await connection.disconnect(nowait=True)
+            await pool.release(connection)
 
 
 def _expire(group: list[asyncio.Future[Any]]) -> None:

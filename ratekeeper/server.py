@@ -108,10 +108,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 LowLevelHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]  # web.Server's
 
 
-def _error_answer(exc: BadRequest | web.HTTPException) -> web.StreamResponse:
+# what a client's request can make a handler raise; each becomes a 4xx (``_error_answer``)
+CLIENT_ERRORS = (BadRequest, web.HTTPException, web.RequestPayloadError)
+
+
+def _error_answer(exc: BadRequest | web.HTTPException | web.RequestPayloadError
+                  ) -> web.StreamResponse:
     """The JSON answer for a client error; a redirect or success is re-raised."""
     if isinstance(exc, BadRequest):
         return error_response(400, str(exc))
+    if isinstance(exc, web.RequestPayloadError):  # e.g. a gzip body that is not gzip
+        return error_response(400, "the request body could not be decoded")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return error_response(413, f"the request body is larger than {MAX_BODY // 1024} KiB")
     if exc.status < 400:
@@ -130,7 +137,7 @@ def error_middleware(stopping: asyncio.Event) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
-        except (BadRequest, web.HTTPException) as exc:
+        except CLIENT_ERRORS as exc:
             response = _error_answer(exc)
         if stopping.is_set():
             # the client learns from the answer that this connection ends here, so it never
@@ -161,7 +168,7 @@ def hot_paths(app: web.Application, handle: LowLevelHandler) -> LowLevelHandler:
             return await handle(request)
         try:
             response: web.StreamResponse = await answer(app[RUNTIME], request)
-        except (BadRequest, web.HTTPException) as exc:
+        except CLIENT_ERRORS as exc:
             response = _error_answer(exc)
         if stopping.is_set():
             response.force_close()

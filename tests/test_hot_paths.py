@@ -253,10 +253,6 @@ async def test_bad_input_gets_the_same_json_error_both_ways(serve: Any, case: st
     assert served.routed == [ROUTED]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "pre-existing, both ways: a body sent with Content-Encoding: gzip (or deflate) that does "
-    "not decompress makes request.read() raise aiohttp's RequestPayloadError, which neither "
-    "hot_paths nor error_middleware maps to a 400, so aiohttp answers 500"))
 @pytest.mark.parametrize("path", [HOT, ROUTED])
 async def test_an_undecodable_compressed_body_is_a_400(serve: Any, path: str) -> None:
     """Nothing a client sends may be a 5xx: a body that claims gzip and is not."""
@@ -502,11 +498,6 @@ async def test_a_killed_held_connection_costs_no_degraded_answer(
         assert not body["degraded"] and body["limits"][0]["remaining"] == expected
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "pipeline.Coalescer._write_and_read_once takes a held connection from _idle without the "
-    "pool's liveness check, and the one retry after _NothingAnswered takes the next held "
-    "connection, which is just as dead: with two held connections, the first check after "
-    "their server-side close is degraded (before the change the pool reconnected)"))
 @pytest.mark.parametrize("how", ["client kill", "restart"])
 async def test_two_dead_held_connections_cost_no_degraded_answer(
         serve: Any, lone_redis: RedisServer, lone_settings: Settings, how: str) -> None:
@@ -691,11 +682,6 @@ def gauge(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Limiter._observe_batch (the coalescer's observe callback) runs in Coalescer._run before "
-    "the callers' futures resolve, so _report publishes the breaker state before "
-    "Limiter._coalesced calls breaker.success(): after the probe that closes the circuit, "
-    "ratekeeper_circuit_breaker_state still says half-open until another batch is answered"))
 async def test_breaker_gauge_says_closed_once_a_probe_closed_the_circuit(
         serve: Any, lone_redis: RedisServer, lone_settings: Settings) -> None:
     """Redis down long enough to open the circuit, then back: once a check is a normal
