@@ -243,8 +243,8 @@ class Limiter:
         except StoreUnavailable as exc:
             return [exc] * len(calls)
         now = "" if self._clock is None else str(self._clock())
-        futures = [script.request(keys, now, cost, tuple(rule_args))
-                   for keys, cost, _, _, rule_args in calls]
+        futures = script.request_many([(keys, now, cost, tuple(rule_args))
+                                       for keys, cost, _, _, rule_args in calls])
         answers: list[Outcome | StoreUnavailable] = []
         try:
             for future in futures:  # each answered check counts as _call would count it

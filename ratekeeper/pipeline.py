@@ -152,22 +152,32 @@ class Coalescer(CheckScript):
         With a ``timeout``, the future fails with TimeoutError once it has waited that long
         (queued or sent): the calls queued in one tick share one timer.
         """
+        return self.request_many([(keys, now, cost, rule_set)])[0]
+
+    def request_many(self, requests: Iterable[tuple[Sequence[str], Arg, Arg, tuple[Arg, ...]]]
+                     ) -> list[asyncio.Future[Any]]:
+        """``request`` for each (keys, now, cost, rule set), in order: one future each."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._adopt(loop)
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((keys, now, cost, rule_set, future))
+        create = loop.create_future
+        futures: list[asyncio.Future[Any]] = []
+        queue = self._queue
+        for keys, now, cost, rule_set in requests:
+            future: asyncio.Future[Any] = create()
+            queue.append((keys, now, cost, rule_set, future))
+            futures.append(future)
         if self.timeout is not None:
             group = self._group
             if group is None:
                 group = self._group = []
                 loop.call_later(self.timeout, _expire, group)
                 loop.call_soon(self._close_group)
-            group.append(future)
+            group += futures
         if not self._scheduled and self._inflight < self.max_inflight:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return future
+        return futures
 
     def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start afresh on another event loop: what was pending belonged to the old one (its
