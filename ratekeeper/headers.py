@@ -15,14 +15,16 @@ from .wire import Decision, LimitState
 __all__ = ["policy_names", "rate_limit_headers"]
 
 # (rule, limit, window) of every limit of an answer -> (the names the headers use, the
-# RateLimit-Policy value). An action's policy never changes between requests, so it is built
-# once; the cap only guards against an unbounded number of configs over reloads.
+# RateLimit-Policy value, the RateLimit value with %d for each remaining and reset). An
+# action's policy never changes between requests, so it is built once; the cap only guards
+# against an unbounded number of configs over reloads.
 Shape = tuple[tuple[str, int, int], ...]
-_POLICIES: dict[Shape, tuple[tuple[str, ...], str]] = {}
+Known = tuple[tuple[str, ...], str, str]
+_POLICIES: dict[Shape, Known] = {}
 _MAX_SHAPES = 4096
 
 
-def _policy(shape: Shape) -> tuple[tuple[str, ...], str]:
+def _policy(shape: Shape) -> Known:
     windows_per_rule = Counter(rule for rule, _, _ in shape)
     seen: Counter[str] = Counter()
     names, policies = [], []
@@ -33,10 +35,13 @@ def _policy(shape: Shape) -> tuple[tuple[str, ...], str]:
             seen[rule] += 1
         names.append(name)
         policies.append(f'"{name}";q={limit};w={window}')
-    return tuple(names), ", ".join(policies)
+    # the RateLimit value as a %-format: each name's own '%' doubled
+    escaped = [name.replace("%", "%%") for name in names]
+    state = ", ".join(f'"{name}";r=%d;t=%d' for name in escaped)
+    return tuple(names), ", ".join(policies), state
 
 
-def _known(limits: list[LimitState]) -> tuple[tuple[str, ...], str]:
+def _known(limits: list[LimitState]) -> Known:
     shape = tuple([(item.rule, item.limit, item.window) for item in limits])
     known = _POLICIES.get(shape)
     if known is None:
@@ -56,10 +61,12 @@ def rate_limit_headers(decision: Decision) -> dict[str, str]:
     headers: dict[str, str] = {}
     limits = decision.limits
     if limits:
-        names, policy = _known(limits)
+        _, policy, state = _known(limits)
         headers["RateLimit-Policy"] = policy
-        headers["RateLimit"] = ", ".join([f'"{name}";r={item.remaining};t={item.reset}'
-                                          for name, item in zip(names, limits, strict=True)])
+        values: list[int] = []
+        for item in limits:
+            values += (item.remaining, item.reset)
+        headers["RateLimit"] = state % tuple(values)
     if not decision.allowed and not decision.shadow:
         headers["Retry-After"] = str(max(decision.retry_after, 1))
     return headers

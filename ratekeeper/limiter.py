@@ -433,6 +433,7 @@ def _outcome(answer: slots.Answer) -> Outcome:
 
 
 _STATUS = {int(status): status for status in Status}
+_new = tuple.__new__
 
 
 def parse_outcome(raw: Sequence[int]) -> Outcome:
@@ -440,8 +441,7 @@ def parse_outcome(raw: Sequence[int]) -> Outcome:
     n = len(raw)
     if n < 5 or (n - 5) % 3:
         raise ValueError(f"check.lua answered {n} values")
-    # Lua numbers come back as Redis integers: ints already
-    values = iter(raw[5:])
-    windows = tuple([WindowState(remaining, reset_ms, retry_ms)
-                     for remaining, reset_ms, retry_ms in zip(values, values, values, strict=True)])
-    return Outcome(_STATUS[raw[0]], raw[1], raw[2] == 1, raw[3], raw[4], windows)
+    # Lua numbers come back as Redis integers: ints already. The tuples are built with
+    # tuple.__new__ (what NamedTuple._make does), from slices of exactly three.
+    windows = tuple([_new(WindowState, raw[i:i + 3]) for i in range(5, n, 3)])
+    return _new(Outcome, (_STATUS[raw[0]], raw[1], raw[2] == 1, raw[3], raw[4], windows))

@@ -377,10 +377,11 @@ class Checker:
             wait = outcome.wait_ms
             return Decision(allowed=False, reason="banned", action=action.name,
                             retry_after=_seconds(wait) if wait > 0 else 0)
-        limits = [LimitState(rule, limit, seconds, max(0, state.remaining),
-                             _seconds(state.reset_ms))
-                  for (rule, limit, seconds), state in zip(plan.windows, outcome.windows,
-                                                           strict=True)]
+        # (_seconds inline: this runs for every window of every answer)
+        limits = [LimitState(rule, limit, seconds, remaining if remaining > 0 else 0,
+                             -(-reset_ms // 1000) if reset_ms > 0 else 0)
+                  for (rule, limit, seconds), (remaining, reset_ms, _) in zip(
+                      plan.windows, outcome.windows, strict=True)]
         if status is Status.LIMITED:
             return Decision(allowed=False, reason="rate_limited", action=action.name,
                             retry_after=max(1, _seconds(outcome.wait_ms)), limits=limits)
