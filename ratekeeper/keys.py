@@ -44,10 +44,14 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
-def b64url(raw: bytes) -> str:
+def b64url_bytes(raw: bytes) -> bytes:
     """``raw`` in unpadded base64url (``base64.urlsafe_b64encode`` without the padding)."""
-    return binascii.b2a_base64(raw, newline=False).rstrip(b"=").translate(_URLSAFE).decode(
-        "ascii")
+    return binascii.b2a_base64(raw, newline=False).rstrip(b"=").translate(_URLSAFE)
+
+
+def b64url(raw: bytes) -> str:
+    """``b64url_bytes`` as text."""
+    return b64url_bytes(raw).decode("ascii")
 
 
 def is_subject_hash(text: str) -> bool:

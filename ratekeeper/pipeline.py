@@ -350,7 +350,7 @@ def _expire(group: list[asyncio.Future[Any]]) -> None:
 class _Run:
     """Consecutive calls of a batch that go as one check.lua call."""
 
-    __slots__ = ("callers", "keys", "now", "requests", "set_args", "sets")
+    __slots__ = ("_last", "callers", "keys", "now", "requests", "set_args", "sets")
 
     def __init__(self, now: Arg) -> None:
         self.now = now
@@ -359,14 +359,24 @@ class _Run:
         self.sets: dict[tuple[Arg, ...], int] = {}  # a rule set: its number in the call
         self.set_args: list[Arg] = []
         self.requests: list[Arg] = []
+        # the previous request's rule set and number: checks of one action share the tuple
+        # (the action's plan), so most requests need no hashing of it
+        self._last: tuple[tuple[Arg, ...], int] | None = None
 
     def add(self, index: int, keys: Sequence[str], rule_set: tuple[Arg, ...], cost: Arg,
             n_keys: Arg) -> None:
-        number = self.sets.get(rule_set)
-        if number is None:
-            number = self.sets[rule_set] = len(self.sets) + 1
-            self.set_args.append(len(rule_set))
-            self.set_args += rule_set
+        last = self._last
+        if last is not None and last[0] is rule_set:
+            number = last[1]
+        else:
+            known = self.sets.get(rule_set)
+            if known is None:
+                number = self.sets[rule_set] = len(self.sets) + 1
+                self.set_args.append(len(rule_set))
+                self.set_args += rule_set
+            else:
+                number = known
+            self._last = (rule_set, number)
         self.keys += keys
         self.requests += (cost, n_keys, number)
         self.callers.append(index)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import msgspec
 
 from .errors import BadRequest
-from .keys import b64url
+from .keys import b64url, b64url_bytes
 
 __all__ = ["RefundClaim", "RefundSigner"]
 
@@ -50,6 +50,7 @@ _decode = msgspec.json.Decoder(RefundClaim).decode
 
 
 _b64 = b64url
+_PREFIX = f"{VERSION}.".encode("ascii")  # a token is assembled as bytes, decoded once
 
 
 def _unb64(text: str) -> bytes:
@@ -76,8 +77,8 @@ class RefundSigner:
         """A token for ``cost`` hits taken at ``at_ms`` from the given rule subjects."""
         nonce = f"{self._process}{next(self._counter):x}"
         # the same array RefundClaim decodes (array_like), without building the struct
-        signed_part = f"{VERSION}.{_b64(_encode((action, subjects, cost, at_ms, nonce)))}"
-        return f"{signed_part}.{_b64(self._sign(signed_part.encode('ascii')))}"
+        signed = _PREFIX + b64url_bytes(_encode((action, subjects, cost, at_ms, nonce)))
+        return (signed + b"." + b64url_bytes(self._sign(signed))).decode("ascii")
 
     def open(self, token: str) -> tuple[RefundClaim, str]:
         """The claim and a unique id of a genuine token; BadRequest for anything else."""
