@@ -65,8 +65,6 @@ class Breaker:
         if self._state == "closed":  # every call while Redis answers: no clock read
             return True
         state = self.state
-        if state == "closed":
-            return True
         if state == "half-open" and not self._probing:
             self._state, self._probing = "half-open", True
             return True

@@ -78,7 +78,8 @@ def _is_cluster(redis: Any) -> bool:
 
 
 class Limiter:
-    """Decides requests with one script call each; Redis time unless a test clock is given."""
+    """Runs check.lua for each request (through a coalescer when ``scripts`` has one); Redis
+    time unless a test clock is given."""
 
     def __init__(self, redis: Any, *, timeout: float,
                  clock: Callable[[], int] | None = None, breaker: Breaker | None = None,

@@ -7,10 +7,11 @@ before any worker starts, because prometheus_client picks its storage when first
 and /metrics on any worker reports the sum over all of them.
 
 Decisions and local-cache answers are counted in plain dicts on the request path and added
-to the Prometheus counters by ``flush``: at every scrape of this process and once a second
-(the server runs ``flush_forever``), so another worker's counts reach /metrics within about
-a second. A counter's ``inc`` takes a lock (and in multiprocess mode writes a memory-mapped
-file); a dict entry costs a fraction of that, and the path runs once per decision.
+to the Prometheus counters by ``flush``: at every scrape of this process, once a second and
+when the server stops (the server runs ``flush_forever``), so another worker's counts reach
+/metrics within about a second. A counter's ``inc`` takes a lock (and in multiprocess mode
+writes a memory-mapped file); a dict entry costs a fraction of that, and the path runs once
+per decision.
 """
 
 from __future__ import annotations

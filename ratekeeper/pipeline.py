@@ -10,19 +10,22 @@ the callers asked, each seeing what the ones before it wrote.
 ``Coalescer`` is a ``CheckScript`` (``sha``, ``script`` and an awaitable ``__call__(keys=...,
 args=...)`` taking one request, ``scripts.check_args``), so it stands in for one:
 ``coalesced(scripts, redis, timeout)`` swaps it in for the check script of a ``Scripts``.
-Each caller gets its own request's reply. Each call's deadline is kept here, with one timer
-for the calls of one tick (``asyncio.timeout`` per call cost more than the rest of the
-limiter's Python); the limiter's breaker and metrics see the calls as before. Errors reach
-each caller as redis-py raised them (a connection error fails every call of the batch; an
-error check.lua met deciding one request fails only that request's call, as a
-ResponseError), so the limiter's translation of Redis errors stays where it is.
+The limiter queues its checks with ``request`` and ``request_many``, which take a request's
+parts (keys, now, cost, rule set) instead of its ARGV. Each caller gets its own request's
+reply. Each call's deadline is kept here, with one timer for the calls of one tick
+(``asyncio.timeout`` per call cost more than the rest of the limiter's Python); the
+limiter's breaker sees each call as before, and its metrics each batch's Redis time once
+(``observe``). Errors reach each caller as redis-py raised them (a connection error fails
+every call of the batch; an error check.lua met deciding one request fails only that
+request's call, as a ResponseError), so the limiter's translation of Redis errors stays
+where it is.
 
 On a plain ``redis.asyncio.Redis`` (single server or Sentinel) the call is encoded here and
-written on one pooled connection: redis-py's own command packing costs more than deciding
-in Redis. The embedded fakeredis gets a redis-py pipeline; a cluster client is not coalesced
-at all (``coalesced``). A batch is sent again only when its pooled connection turns out dead
-before the first answer (Redis restarted): one that broke after some answers is not, so a hit
-is never taken twice.
+written on a pooled connection the coalescer keeps between batches: redis-py's own command
+packing costs more than deciding in Redis. The embedded fakeredis gets a redis-py pipeline;
+a cluster client is not coalesced at all (``coalesced``). A batch is sent again only when
+its connection turns out dead before the first answer (Redis restarted): one that broke
+after some answers is not, so a hit is never taken twice.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The HTTP wire: the aiohttp application, its routes and its error translation."""
+"""The HTTP wire: the aiohttp application, its routes and its error translation.
+
+``POST /v1/check`` and ``/v1/check/batch`` are also answered without the router
+(``hot_paths``, installed by ``serve_hot_paths``); the answers are the same either way.
+"""
 
 from __future__ import annotations
 
@@ -93,10 +97,9 @@ def reload_config(app: web.Application, path: str) -> bool:
     return True
 
 
-def json_response(body: Any, *, status: int = 200,
-                  headers: dict[str, str] | None = None) -> web.Response:
+def json_response(body: Any, *, status: int = 200) -> web.Response:
     """A JSON response encoded by msgspec."""
-    return web.Response(body=_encode(body), status=status, content_type=JSON, headers=headers)
+    return web.Response(body=_encode(body), status=status, content_type=JSON)
 
 
 def error_response(status: int, message: str) -> web.Response:
