@@ -171,9 +171,10 @@ class Limiter:
     def _report_state(self) -> None:
         """Publish the breaker's state when it changed since last published."""
         state = self.breaker.state
-        if state != self._reported_state and self.metrics is not None:
+        if state != self._reported_state:
             self._reported_state = state
-            self.metrics.breaker_state(state)
+            if self.metrics is not None:
+                self.metrics.breaker_state(state)
 
     def _log_failure(self, exc: BaseException) -> None:
         # at most one line a second: an outage fails every call
