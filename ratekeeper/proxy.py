@@ -36,7 +36,7 @@ from .errors import BadRequest
 from .forwarded import TrustedProxies
 from .problem import denial, passing_headers
 from .routes import RouteTable
-from .server import RUNTIME
+from .server import HOT_PATHS, RUNTIME, decide
 
 __all__ = ["ENVOY_PREFIX", "add_routes", "authz", "authz_envoy"]
 
@@ -59,58 +59,66 @@ PROXY_STATE = web.AppKey("proxy_state", _ProxyState)
 
 
 def add_routes(app: web.Application) -> None:
-    """Serve ``GET /v1/authz`` and Envoy's ``/v1/authz/envoy/...`` on ``app``."""
+    """Serve ``GET /v1/authz`` and Envoy's ``/v1/authz/envoy/...`` on ``app``; nginx's and
+    Traefik's ``GET /v1/authz`` is a hot path (``server.hot_paths``)."""
     app[PROXY_STATE] = _ProxyState()
     app.router.add_get("/v1/authz", authz)
+    app[HOT_PATHS][("GET", "/v1/authz")] = _authz
     # [\s\S], not ".": a percent-encoded newline in the path must match too
     app.router.add_route("*", ENVOY_PREFIX + r"{path:(/[\s\S]*)?}", authz_envoy)
 
 
 async def authz(request: web.Request) -> web.Response:
     """GET /v1/authz: may the request described by the forwarding headers go on?"""
+    return await _authz(request.app, request)
+
+
+async def _authz(app: web.Application, request: web.BaseRequest) -> web.Response:
     headers = request.headers
     method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method")
     target = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
     if not method or not target:
         raise BadRequest(MISSING)
-    ip = _trusted(request).client_ip(request.remote, real_ip=headers.get("X-Real-IP"),
-                                     forwarded_for=_forwarded_for(request))
-    return await _decide(request, method, target, ip, allowed=204)
+    ip = _trusted(app).client_ip(request.remote, real_ip=headers.get("X-Real-IP"),
+                                 forwarded_for=_forwarded_for(request))
+    return await _decide(app, method, target, ip, allowed=204)
 
 
 async def authz_envoy(request: web.Request) -> web.Response:
     """Any method on /v1/authz/envoy<path>: Envoy's ext_authz check of ``<method> <path>``."""
     target = request.raw_path[len(ENVOY_PREFIX):] or "/"
-    ip = _trusted(request).client_ip(request.remote, forwarded_for=_forwarded_for(request))
-    return await _decide(request, request.method, target, ip, allowed=200)
+    ip = _trusted(request.app).client_ip(request.remote, forwarded_for=_forwarded_for(request))
+    return await _decide(request.app, request.method, target, ip, allowed=200)
 
 
-def _forwarded_for(request: web.Request) -> str | None:
+def _forwarded_for(request: web.BaseRequest) -> str | None:
     values = request.headers.getall("X-Forwarded-For", [])
     return ",".join(values) if values else None
 
 
-def _trusted(request: web.Request) -> TrustedProxies:
-    state = request.app[PROXY_STATE]
+def _trusted(app: web.Application) -> TrustedProxies:
+    state = app[PROXY_STATE]
     if state.trusted is None:
-        state.trusted = TrustedProxies(request.app[RUNTIME].settings.trusted_proxies)
+        state.trusted = TrustedProxies(app[RUNTIME].settings.trusted_proxies)
     return state.trusted
 
 
-def _table(request: web.Request, config: Config) -> RouteTable:
-    state = request.app[PROXY_STATE]
+def _table(app: web.Application, config: Config) -> RouteTable:
+    state = app[PROXY_STATE]
     if state.config is not config:
         state.table, state.config = RouteTable.from_config(config), config
     return state.table
 
 
-async def _decide(request: web.Request, method: str, target: str, ip: str | None, *,
+async def _decide(app: web.Application, method: str, target: str, ip: str | None, *,
                   allowed: int) -> web.Response:
-    checker = request.app[RUNTIME].checker
-    route = _table(request, checker.config).match(method, target)
+    runtime = app[RUNTIME]
+    checker = runtime.checker
+    route = _table(app, checker.config).match(method, target)
     if route is None:
+        await runtime.ticks.wait()  # an answer without Redis (ticks.py)
         return web.Response(status=allowed)
-    decision = await checker.check(checker.request_type(action=route.action, ip=ip))
+    decision = await decide(runtime, checker.request_type(action=route.action, ip=ip))
     refusal = denial(decision)
     if refusal is None:
         return web.Response(status=allowed, headers=passing_headers(decision))

@@ -36,8 +36,8 @@ from .ticks import TickBarrier
 from .top import TopDenials
 from .wire import BatchResponse, Decision, ErrorBody, Health, Readiness
 
-__all__ = ["RUNTIME", "STOPPING", "Runtime", "build_checker", "create_app", "hot_paths",
-           "reload_config", "serve_hot_paths"]
+__all__ = ["HOT_PATHS", "RUNTIME", "STOPPING", "HotHandler", "Runtime", "build_checker",
+           "create_app", "decide", "hot_paths", "reload_config", "serve_hot_paths"]
 
 log = logging.getLogger("ratekeeper.server")
 
@@ -151,26 +151,32 @@ def error_middleware(stopping: asyncio.Event) -> Middleware:
     return middleware
 
 
+# A handler of a hot path: the application (the request has no route, so no request.app)
+# and the request.
+HotHandler = Callable[[web.Application, web.BaseRequest], Awaitable[web.StreamResponse]]
+# (method, raw path) -> its hot handler; create_app and proxy.add_routes fill it in
+HOT_PATHS = web.AppKey("hot_paths", dict[tuple[str, str], HotHandler])
+
+
 def hot_paths(app: web.Application, handle: LowLevelHandler) -> LowLevelHandler:
-    """``handle`` (the application's) with ``POST /v1/check`` and ``/v1/check/batch``
-    answered directly.
+    """``handle`` (the application's) with the paths of ``app[HOT_PATHS]`` answered directly:
+    ``POST /v1/check``, ``POST /v1/check/batch`` and nginx's ``GET /v1/authz``.
 
     Looking up the route, building the middleware chain and running it cost about as much
-    as a decision the local cache answers; the origin sends these two on every request it
-    guards. Anything else, and these with a query string or ``Expect: 100-continue``, goes
-    the usual way, so the answers are the same either way (the routes stay registered).
+    as a decision the local cache answers; the origin (or its proxy) sends these on every
+    request it guards. Anything else, and these with a query string or ``Expect``, goes the
+    usual way, so the answers are the same either way (the routes stay registered).
     """
     stopping = app[STOPPING]
-    hot: dict[str, Callable[[Runtime, web.BaseRequest], Awaitable[web.Response]]] = {
-        "/v1/check": _check, "/v1/check/batch": _check_batch}
+    hot = app[HOT_PATHS]
     expect = hdrs.EXPECT
 
     async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        answer = hot.get(request.raw_path) if request.method == "POST" else None
+        answer = hot.get((request.method, request.raw_path))
         if answer is None or expect in request.headers:
             return await handle(request)
         try:
-            response: web.StreamResponse = await answer(app[RUNTIME], request)
+            response = await answer(app, request)
         except CLIENT_ERRORS as exc:
             response = _error_answer(exc)
         if stopping.is_set():
@@ -221,30 +227,37 @@ class DenialBodies:
         return web.Response(body=known[1], headers=known[2])
 
 
-async def _check(runtime: Runtime, request: web.BaseRequest) -> web.Response:
+async def decide(runtime: Runtime, request: Any) -> Decision:
+    """Decide one decoded check request. An answer that needs no Redis (a kill switch, the
+    local cache) waits for the end of the tick, to be written with the tick's others."""
     checker = runtime.checker
-    decision = checker.check_now(checker.decode(await request.read()))
+    decision = checker.check_now(request)
     if isinstance(decision, Pending):
-        decision = await checker.check_pending(decision)
-    else:
-        await runtime.ticks.wait()  # answered with the rest of this tick's (ticks.py)
+        return await checker.check_pending(decision)
+    await runtime.ticks.wait()  # (ticks.py)
+    return decision
+
+
+async def _check(app: web.Application, request: web.BaseRequest) -> web.Response:
+    runtime = app[RUNTIME]
+    decision = await decide(runtime, runtime.checker.decode(await request.read()))
     return runtime.bodies.response(decision)
 
 
-async def _check_batch(runtime: Runtime, request: web.BaseRequest) -> web.Response:
-    checker = runtime.checker
+async def _check_batch(app: web.Application, request: web.BaseRequest) -> web.Response:
+    checker = app[RUNTIME].checker
     results = await checker.check_many(checker.decode_batch(await request.read()))
     return json_response(BatchResponse(results=results))
 
 
 async def check(request: web.Request) -> web.Response:
     """POST /v1/check: decide one request."""
-    return await _check(request.app[RUNTIME], request)
+    return await _check(request.app, request)
 
 
 async def check_batch(request: web.Request) -> web.Response:
     """POST /v1/check/batch: decide several requests, answered in order."""
-    return await _check_batch(request.app[RUNTIME], request)
+    return await _check_batch(request.app, request)
 
 
 async def refund(request: web.Request) -> web.Response:
@@ -329,6 +342,9 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     app.add_subapp("/admin", webadmin_app())
     app.router.add_post("/v1/check", check)
     app.router.add_post("/v1/check/batch", check_batch)
+    hot: dict[tuple[str, str], HotHandler] = {("POST", "/v1/check"): _check,
+                                              ("POST", "/v1/check/batch"): _check_batch}
+    app[HOT_PATHS] = hot
     app.router.add_post("/v1/refund", refund)
     from .proxy import add_routes as add_proxy_routes  # here: proxy.py imports RUNTIME from us
     add_proxy_routes(app)

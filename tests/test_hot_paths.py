@@ -306,6 +306,69 @@ async def test_kill_switch_answers_are_the_same_both_ways(serve: Any) -> None:
     assert served.routed.count(ROUTED) == 2 and HOT not in served.routed
 
 
+AUTHZ_CONFIG = """
+[rules.upload-ip]
+limit = "2 per minute"
+key = ["ip"]
+[actions.upload]
+rules = ["upload-ip"]
+flags = ["no-uploads"]
+[flags.no-uploads]
+description = "stop uploads"
+message = "Uploads are paused."
+
+[[routes]]
+method = "POST"
+path = "/legacy/*"
+action = "upload"
+"""
+AUTHZ_HOT = "/v1/authz"
+AUTHZ_ROUTED = "/v1/authz?x=1"  # the same route, the routed way
+
+
+def nginx(method: str, uri: str, real_ip: str) -> dict[str, str]:
+    """The headers nginx's auth_request snippet sends."""
+    return {"X-Original-Method": method, "X-Original-URI": uri, "X-Real-IP": real_ip}
+
+
+async def test_authz_answers_are_the_same_both_ways(serve: Any, clock: FakeClock) -> None:
+    """nginx's GET /v1/authz, two clients walked in step, one hot and one routed: allowed
+    with RateLimit headers, then 429 problem+json (Redis), then 429 again (the local cache,
+    answered at the end of the tick); an unrouted request; a kill switch's 403; a request
+    without the forwarding headers (400). The same status, body and headers every time."""
+    served = await serve(AUTHZ_CONFIG, clock=clock)
+
+    async def both(method: str, uri: str) -> tuple[int, Any, dict[str, str]]:
+        hot = await served.answer("GET", AUTHZ_HOT, headers=nginx(method, uri, IP_A))
+        routed = await served.answer("GET", AUTHZ_ROUTED, headers=nginx(method, uri, IP_B))
+        assert hot == routed
+        for value in (*hot[2].values(), json.dumps(hot[1])):
+            assert IP_A not in value
+        return hot
+
+    for step in range(4):
+        status, body, headers = await both("POST", "/legacy/")
+        if step < 2:
+            assert (status, body) == (204, None)
+            assert headers["RateLimit"].startswith('"upload-ip";r=')
+        else:
+            assert status == 429 and headers["Retry-After"] == "60"
+            assert body["status"] == 429 and headers["Ratekeeper-Detail"] == body["detail"]
+    cache = served.runtime.cache
+    assert cache is not None and cache.hits == 2  # step 4 of each came from the cache
+    status, body, headers = await both("GET", "/simple/numpy/")  # no route: passes
+    assert (status, body) == (204, None) and "RateLimit" not in headers
+    await call(served.client, "PUT", "/v1/admin/flags/no-uploads", json={"enabled": True})
+    status, body, _ = await both("POST", "/legacy/")
+    assert status == 403 and body["flag"] == "no-uploads"
+    hot = await served.answer("GET", AUTHZ_HOT)
+    assert hot == await served.answer("GET", AUTHZ_ROUTED)
+    assert hot[0] == 400 and set(hot[1]) == {"error"}
+    # the hot ones never reached a middleware (the admin API's flag change did)
+    assert [path for path in served.routed if path != "/v1/admin/flags/no-uploads"] == (
+        [AUTHZ_ROUTED] * 7)
+
+
 async def test_batch_answers_are_the_same_both_ways(serve: Any, clock: FakeClock) -> None:
     """/v1/check/batch: the same decisions hot and routed, and the same 400s."""
     served = await serve(WALK, clock=clock)
