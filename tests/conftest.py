@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,6 +68,32 @@ def redis_server() -> Iterator[RedisServer]:
     server = start_redis()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def lone_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone: it may be paused, stopped, restarted or have its
+    clients killed (debug commands allowed, for DEBUG SLEEP)."""
+    server = start_redis(extra=("--enable-debug-command", "local"))
+    yield server
+    if server.process.poll() is None:
+        server.resume()
+    server.stop()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of the first sample of metric ``name`` carrying ``labels`` in Prometheus
+    text (an unlabelled sample when none are asked); 0.0 when there is none."""
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        elif line.startswith(name + " "):
+            found = {}
+        else:
+            continue
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @pytest.fixture(scope="session")

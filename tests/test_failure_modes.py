@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from ratekeeper.breaker import Breaker
 from ratekeeper.settings import Settings
 
 from conftest import SALT
-from redis_servers import RedisServer, start_redis
+from redis_servers import RedisServer
 
 CONFIG = """
 [rules.soft]
@@ -114,15 +114,6 @@ def test_breaker_cancelled_probe_lets_the_next_call_probe() -> None:
     breaker.abandon()
     assert breaker.allow()
 
-
-@pytest.fixture
-def lone_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone (debug commands allowed, for DEBUG SLEEP)."""
-    server = start_redis(extra=("--enable-debug-command", "local"))
-    yield server
-    if server.process.poll() is None:
-        server.resume()
-    server.stop()
 
 
 @pytest.fixture

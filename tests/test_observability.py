@@ -13,6 +13,7 @@ import pytest
 
 from ratekeeper.observe import DenialLog
 
+from conftest import sample
 from redis_servers import RedisServer
 
 CONFIG = """
@@ -33,15 +34,6 @@ def env(redis_server: RedisServer, prefix: str, **extra: str) -> dict[str, str]:
             "RATEKEEPER_KEY_PREFIX": prefix, "RATEKEEPER_ADMIN_TOKENS": f"alice:{TOKEN}",
             "RATEKEEPER_REDIS_TIMEOUT_MS": "2000", **extra}
 
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text."""
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def test_metrics_sum_over_two_workers_and_carry_no_subject(

@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from conftest import SALT, ServerProcess
-from redis_servers import RedisServer, start_redis
+from redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +62,6 @@ async def check(session: aiohttp.ClientSession, server: ServerProcess,
     async with session.post(f"{server.url}/v1/check", json=body) as resp:
         return resp.status, await resp.json()
 
-
-@pytest.fixture
-def lone_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone, which it may pause."""
-    server = start_redis()
-    yield server
-    if server.process.poll() is None:
-        server.resume()
-    server.stop()
 
 
 async def test_sigterm_drains_a_request_in_flight(serve_process: Callable[..., ServerProcess],
