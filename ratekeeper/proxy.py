@@ -36,7 +36,7 @@ from .errors import BadRequest
 from .forwarded import TrustedProxies
 from .problem import denial, passing_headers
 from .routes import RouteTable
-from .server import HOT_PATHS, RUNTIME, decide
+from .server import HOT_PATHS, RUNTIME, decision_of
 
 __all__ = ["ENVOY_PREFIX", "add_routes", "authz", "authz_envoy"]
 
@@ -118,7 +118,7 @@ async def _decide(app: web.Application, method: str, target: str, ip: str | None
     if route is None:
         await runtime.ticks.wait()  # an answer without Redis (ticks.py)
         return web.Response(status=allowed)
-    decision = await decide(runtime, checker.request_type(action=route.action, ip=ip))
+    decision = await decision_of(runtime, checker.request_type(action=route.action, ip=ip))
     refusal = denial(decision)
     if refusal is None:
         return web.Response(status=allowed, headers=passing_headers(decision))

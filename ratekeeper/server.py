@@ -37,7 +37,7 @@ from .top import TopDenials
 from .wire import BatchResponse, Decision, ErrorBody, Health, Readiness
 
 __all__ = ["HOT_PATHS", "RUNTIME", "STOPPING", "HotHandler", "Runtime", "build_checker",
-           "create_app", "decide", "hot_paths", "reload_config", "serve_hot_paths"]
+           "create_app", "decision_of", "hot_paths", "reload_config", "serve_hot_paths"]
 
 log = logging.getLogger("ratekeeper.server")
 
@@ -138,17 +138,24 @@ def error_middleware(stopping: asyncio.Event) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except CLIENT_ERRORS as exc:
-            response = _error_answer(exc)
-        if stopping.is_set():
-            # the client learns from the answer that this connection ends here, so it never
-            # sends another request into a connection we are about to close
-            response.force_close()
-        return response
+        return await _answered(handler(request), stopping)
 
     return middleware
+
+
+async def _answered(answer: Awaitable[web.StreamResponse], stopping: asyncio.Event
+                    ) -> web.StreamResponse:
+    """``answer``'s response, a client error as its JSON answer; once ``stopping`` is set,
+    one that closes its connection (the middleware's and the hot paths' one rule)."""
+    try:
+        response = await answer
+    except CLIENT_ERRORS as exc:
+        response = _error_answer(exc)
+    if stopping.is_set():
+        # the client learns from the answer that this connection ends here, so it never
+        # sends another request into a connection we are about to close
+        response.force_close()
+    return response
 
 
 # A handler of a hot path: the application (the request has no route, so no request.app)
@@ -175,13 +182,7 @@ def hot_paths(app: web.Application, handle: LowLevelHandler) -> LowLevelHandler:
         answer = hot.get((request.method, request.raw_path))
         if answer is None or expect in request.headers:
             return await handle(request)
-        try:
-            response = await answer(app, request)
-        except CLIENT_ERRORS as exc:
-            response = _error_answer(exc)
-        if stopping.is_set():
-            response.force_close()
-        return response
+        return await _answered(answer(app, request), stopping)
 
     return dispatch
 
@@ -227,7 +228,7 @@ class DenialBodies:
         return web.Response(body=known[1], headers=known[2])
 
 
-async def decide(runtime: Runtime, request: Any) -> Decision:
+async def decision_of(runtime: Runtime, request: Any) -> Decision:
     """Decide one decoded check request. An answer that needs no Redis (a kill switch, the
     local cache) waits for the end of the tick, to be written with the tick's others."""
     checker = runtime.checker
@@ -240,7 +241,7 @@ async def decide(runtime: Runtime, request: Any) -> Decision:
 
 async def _check(app: web.Application, request: web.BaseRequest) -> web.Response:
     runtime = app[RUNTIME]
-    decision = await decide(runtime, runtime.checker.decode(await request.read()))
+    decision = await decision_of(runtime, runtime.checker.decode(await request.read()))
     return runtime.bodies.response(decision)
 
 
