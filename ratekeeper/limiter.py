@@ -195,30 +195,55 @@ class Limiter:
     async def check(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
                     rule_args: Sequence[str | int]) -> Outcome:
         """Run check.lua over ``keys``; ``rule_args`` is the per-rule ARGV tail."""
+        future = self.check_soon(keys, cost, n_bans, n_rules, rule_args)
+        if future is not None:
+            try:
+                await future
+            except REDIS_FAILURES:
+                pass  # outcome() says so
+            except BaseException:
+                self.breaker.abandon()
+                raise
+            return self.outcome(future)
         now = "" if self._clock is None else str(self._clock())
         if self.sharded:
             plan = slots.split(keys, n_bans, n_rules, rule_args)
             if len(plan.groups) > 1:
                 return await self._check_slots(plan, now, cost)
-        fast = self._fast
-        if fast is not None and self._topology_known:
-            # _call's breaker and errors, with the coalescer's deadline (one timer per
-            # event-loop tick, not one per call) and its metrics (one per script call)
-            self._admit("check")
-            try:
-                raw = await fast.request(keys, now, cost, tuple(rule_args))
-            except REDIS_FAILURES as exc:
-                raise self._failed("check", exc) from exc
-            except BaseException:
-                self.breaker.abandon()
-                raise
-            self.breaker.success()
-            if self._reported_state != "closed":  # (the batch was observed before this)
-                self._report_state()
-            return parse_outcome(raw)
         args = check_args(now, cost, len(keys), rule_args)
         script = self.scripts.check
         raw = await self._call(lambda: script(keys=list(keys), args=args), op="check")
+        return parse_outcome(raw)
+
+    def check_soon(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
+                   rule_args: Sequence[str | int]) -> asyncio.Future[Any] | None:
+        """``check``'s call queued on the coalescer: its reply's future, for ``outcome`` once
+        done; None when the check is not one coalesced call (``check`` then). Raises
+        StoreUnavailable while the circuit is open."""
+        fast = self._fast
+        if fast is None or not self._topology_known or (
+                self.sharded and len(slots.split(keys, n_bans, n_rules, rule_args).groups) > 1):
+            return None
+        # _call's breaker and errors, with the coalescer's deadline (one timer per event-loop
+        # tick, not one per call) and its metrics (one per script call)
+        self._admit("check")
+        return fast.request(keys, "" if self._clock is None else str(self._clock()), cost,
+                            tuple(rule_args))
+
+    def outcome(self, future: asyncio.Future[Any]) -> Outcome:
+        """The Outcome of a done ``check_soon`` future; StoreUnavailable when Redis failed."""
+        try:
+            raw = future.result()
+        except REDIS_FAILURES as exc:
+            raise self._failed("check", exc) from exc
+        except StoreUnavailable:  # the circuit was open (Checker.check_soon): nothing was sent
+            raise
+        except BaseException:
+            self.breaker.abandon()
+            raise
+        self.breaker.success()
+        if self._reported_state != "closed":  # (the batch was observed before this)
+            self._report_state()
         return parse_outcome(raw)
 
     def _coalescer(self) -> Coalescer | None:

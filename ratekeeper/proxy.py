@@ -30,13 +30,19 @@ import json
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
+from multidict import CIMultiDictProxy
 
+from .answers import Answer, response, wire
 from .config import Config
 from .errors import BadRequest
 from .forwarded import TrustedProxies
+from .hotpath import HOT_PATHS, HotProtocol, Later
 from .problem import denial, passing_headers
 from .routes import RouteTable
-from .server import HOT_PATHS, RUNTIME, decision_of
+from .server import RUNTIME, decision_later, decision_of
+from .service import Pending
+from .wire import Decision
 
 __all__ = ["ENVOY_PREFIX", "add_routes", "authz", "authz_envoy"]
 
@@ -60,39 +66,63 @@ PROXY_STATE = web.AppKey("proxy_state", _ProxyState)
 
 def add_routes(app: web.Application) -> None:
     """Serve ``GET /v1/authz`` and Envoy's ``/v1/authz/envoy/...`` on ``app``; nginx's and
-    Traefik's ``GET /v1/authz`` is a hot path (``server.hot_paths``)."""
+    Traefik's ``GET /v1/authz`` is a hot path (``hotpath``)."""
     app[PROXY_STATE] = _ProxyState()
     app.router.add_get("/v1/authz", authz)
-    app[HOT_PATHS][("GET", "/v1/authz")] = _authz
+    app[HOT_PATHS][("GET", "/v1/authz")] = _hot_authz
     # [\s\S], not ".": a percent-encoded newline in the path must match too
     app.router.add_route("*", ENVOY_PREFIX + r"{path:(/[\s\S]*)?}", authz_envoy)
 
 
-async def authz(request: web.Request) -> web.Response:
-    """GET /v1/authz: may the request described by the forwarding headers go on?"""
-    return await _authz(request.app, request)
-
-
-async def _authz(app: web.Application, request: web.BaseRequest) -> web.Response:
-    headers = request.headers
+def _original(headers: CIMultiDictProxy[str]) -> tuple[str, str]:
+    """The method and target nginx's or Traefik's headers name."""
     method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method")
     target = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
     if not method or not target:
         raise BadRequest(MISSING)
-    ip = _trusted(app).client_ip(request.remote, real_ip=headers.get("X-Real-IP"),
-                                 forwarded_for=_forwarded_for(request))
-    return await _decide(app, method, target, ip, allowed=204)
+    return method, target
+
+
+async def authz(request: web.Request) -> web.Response:
+    """GET /v1/authz: may the request described by the forwarding headers go on?"""
+    headers = request.headers
+    method, target = _original(headers)
+    ip = _trusted(request.app).client_ip(request.remote, real_ip=headers.get("X-Real-IP"),
+                                         forwarded_for=_forwarded_for(headers))
+    return response(await _decide(request.app, method, target, ip, allowed=204))
+
+
+def _hot_authz(app: web.Application, message: RawRequestMessage, body: bytes,
+               protocol: HotProtocol) -> bytes | Later:
+    headers = message.headers
+    method, target = _original(headers)
+    ip = _trusted(app).client_ip(protocol.remote, real_ip=headers.get("X-Real-IP"),
+                                 forwarded_for=_forwarded_for(headers))
+    runtime = app[RUNTIME]
+    checker = runtime.checker
+    route = _table(app, checker.config).match(method, target)
+    if route is None:
+        return wire(Answer(204, {}))
+    decision = checker.check_now(checker.request_type(action=route.action, ip=ip))
+    if isinstance(decision, Pending):
+        return decision_later(runtime, decision, _wire_204)
+    return _wire_204(decision)
+
+
+def _wire_204(decision: Decision) -> bytes:
+    return wire(_answer(decision, 204))
 
 
 async def authz_envoy(request: web.Request) -> web.Response:
     """Any method on /v1/authz/envoy<path>: Envoy's ext_authz check of ``<method> <path>``."""
     target = request.raw_path[len(ENVOY_PREFIX):] or "/"
-    ip = _trusted(request.app).client_ip(request.remote, forwarded_for=_forwarded_for(request))
-    return await _decide(request.app, request.method, target, ip, allowed=200)
+    ip = _trusted(request.app).client_ip(request.remote,
+                                         forwarded_for=_forwarded_for(request.headers))
+    return response(await _decide(request.app, request.method, target, ip, allowed=200))
 
 
-def _forwarded_for(request: web.BaseRequest) -> str | None:
-    values = request.headers.getall("X-Forwarded-For", [])
+def _forwarded_for(headers: CIMultiDictProxy[str]) -> str | None:
+    values = headers.getall("X-Forwarded-For", [])
     return ",".join(values) if values else None
 
 
@@ -111,17 +141,21 @@ def _table(app: web.Application, config: Config) -> RouteTable:
 
 
 async def _decide(app: web.Application, method: str, target: str, ip: str | None, *,
-                  allowed: int) -> web.Response:
+                  allowed: int) -> Answer:
     runtime = app[RUNTIME]
     checker = runtime.checker
     route = _table(app, checker.config).match(method, target)
     if route is None:
-        await runtime.ticks.wait()  # an answer without Redis (ticks.py)
-        return web.Response(status=allowed)
+        return Answer(allowed, {})
     decision = await decision_of(runtime, checker.request_type(action=route.action, ip=ip))
+    return _answer(decision, allowed)
+
+
+def _answer(decision: Decision, allowed: int) -> Answer:
+    """The answer to a proxy for ``decision``: ``allowed`` (204 or 200), 429 or 403."""
     refusal = denial(decision)
     if refusal is None:
-        return web.Response(status=allowed, headers=passing_headers(decision))
+        return Answer(allowed, passing_headers(decision))
     headers = dict(refusal.headers)
     headers[DETAIL_HEADER] = json.dumps(refusal.detail, ensure_ascii=True)[1:-1]
-    return web.Response(status=refusal.status, headers=headers, body=refusal.body)
+    return Answer(refusal.status, headers, refusal.body)

@@ -39,9 +39,10 @@ from aiohttp import web
 
 from .config import Config, load_config
 from .errors import ConfigError
+from .hotpath import serve_hot_paths
 from .logs import configure_logging
 from .metrics import mark_worker_dead
-from .server import STOPPING, create_app, reload_config, serve_hot_paths
+from .server import STOPPING, create_app, reload_config
 from .settings import Settings
 
 __all__ = ["run_worker", "serve"]

@@ -1,7 +1,7 @@
 """The HTTP wire: the aiohttp application, its routes and its error translation.
 
-``POST /v1/check`` and ``/v1/check/batch`` are also answered without the router
-(``hot_paths``, installed by ``serve_hot_paths``); the answers are the same either way.
+``POST /v1/check`` and ``/v1/check/batch`` are also answered inside the HTTP protocol
+(``hotpath``, installed by ``serve_hot_paths``); the answers are the same either way.
 """
 
 from __future__ import annotations
@@ -16,13 +16,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from .answers import (
+    CLIENT_ERRORS,
+    JSON,
+    MAX_BODY,
+    Answer,
+    error_answer,
+    json_answer,
+    response,
+    wire,
+    wire_head,
+    wire_tail,
+)
 from .config import Config, load_config
-from .errors import BadRequest, ConfigError
+from .errors import ConfigError
 from .flags import FlagBoard
 from .headers import rate_limit_headers
+from .hotpath import HOT_PATHS, STOPPING, HotHandler, HotProtocol, Later
 from .keys import Keyspace
 from .limiter import Limiter
 from .localcache import LocalCache
@@ -36,13 +49,22 @@ from .ticks import TickBarrier
 from .top import TopDenials
 from .wire import BatchResponse, Decision, ErrorBody, Health, Readiness
 
-__all__ = ["HOT_PATHS", "RUNTIME", "STOPPING", "HotHandler", "Runtime", "build_checker",
-           "create_app", "decision_of", "hot_paths", "reload_config", "serve_hot_paths"]
+__all__ = [
+    "MAX_BODY",
+    "RUNTIME",
+    "STOPPING",
+    "Runtime",
+    "build_checker",
+    "create_app",
+    "decision_later",
+    "decision_of",
+    "error_response",
+    "json_response",
+    "reload_config",
+]
 
 log = logging.getLogger("ratekeeper.server")
 
-MAX_BODY = 64 * 1024
-JSON = "application/json"
 _encode = msgspec.json.Encoder().encode
 
 
@@ -63,7 +85,6 @@ class Runtime:
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
-STOPPING = web.AppKey("stopping", asyncio.Event)
 
 
 def build_checker(config: Config, settings: Settings, limiter: Limiter,
@@ -99,7 +120,7 @@ def reload_config(app: web.Application, path: str) -> bool:
 
 def json_response(body: Any, *, status: int = 200) -> web.Response:
     """A JSON response encoded by msgspec."""
-    return web.Response(body=_encode(body), status=status, content_type=JSON)
+    return response(json_answer(body, status=status))
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -108,26 +129,6 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-LowLevelHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]  # web.Server's
-
-
-# what a client's request can make a handler raise; each becomes a 4xx (``_error_answer``)
-CLIENT_ERRORS = (BadRequest, web.HTTPException, web.RequestPayloadError)
-
-
-def _error_answer(exc: BadRequest | web.HTTPException | web.RequestPayloadError
-                  ) -> web.StreamResponse:
-    """The JSON answer for a client error; a redirect or success is re-raised."""
-    if isinstance(exc, BadRequest):
-        return error_response(400, str(exc))
-    if isinstance(exc, web.RequestPayloadError):  # e.g. a gzip body that is not gzip
-        return error_response(400, "the request body could not be decoded")
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return error_response(413, f"the request body is larger than {MAX_BODY // 1024} KiB")
-    if exc.status < 400:
-        raise exc
-    return error_response(exc.status, exc.reason)
-
 
 def error_middleware(stopping: asyncio.Event) -> Middleware:
     """Client errors become JSON ``{"error": ...}`` (nothing a client sends becomes a 5xx);
@@ -146,62 +147,27 @@ def error_middleware(stopping: asyncio.Event) -> Middleware:
 async def _answered(answer: Awaitable[web.StreamResponse], stopping: asyncio.Event
                     ) -> web.StreamResponse:
     """``answer``'s response, a client error as its JSON answer; once ``stopping`` is set,
-    one that closes its connection (the middleware's and the hot paths' one rule)."""
+    one that closes its connection."""
     try:
-        response = await answer
+        response_ = await answer
     except CLIENT_ERRORS as exc:
-        response = _error_answer(exc)
+        response_ = response(error_answer(exc))
     if stopping.is_set():
         # the client learns from the answer that this connection ends here, so it never
         # sends another request into a connection we are about to close
-        response.force_close()
-    return response
-
-
-# A handler of a hot path: the application (the request has no route, so no request.app)
-# and the request.
-HotHandler = Callable[[web.Application, web.BaseRequest], Awaitable[web.StreamResponse]]
-# (method, raw path) -> its hot handler; create_app and proxy.add_routes fill it in
-HOT_PATHS = web.AppKey("hot_paths", dict[tuple[str, str], HotHandler])
-
-
-def hot_paths(app: web.Application, handle: LowLevelHandler) -> LowLevelHandler:
-    """``handle`` (the application's) with the paths of ``app[HOT_PATHS]`` answered directly:
-    ``POST /v1/check``, ``POST /v1/check/batch`` and nginx's ``GET /v1/authz``.
-
-    Looking up the route, building the middleware chain and running it cost about as much
-    as a decision the local cache answers; the origin (or its proxy) sends these on every
-    request it guards. Anything else, and these with a query string or ``Expect``, goes the
-    usual way, so the answers are the same either way (the routes stay registered).
-    """
-    stopping = app[STOPPING]
-    hot = app[HOT_PATHS]
-    expect = hdrs.EXPECT
-
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        answer = hot.get((request.method, request.raw_path))
-        if answer is None or expect in request.headers:
-            return await handle(request)
-        return await _answered(answer(app, request), stopping)
-
-    return dispatch
-
-
-def serve_hot_paths(app: web.Application, server: web.Server) -> None:
-    """Make ``server`` (``AppRunner.server`` once set up) answer ``hot_paths`` directly."""
-    server.request_handler = hot_paths(app, server.request_handler)
+        response_.force_close()
+    return response_
 
 
 def _headers(decision: Decision) -> dict[str, str]:
-    """A check answer's headers: its RateLimit fields and the JSON Content-Type (given as a
-    header rather than ``content_type=``, which costs aiohttp more per answer)."""
+    """A check answer's headers: its RateLimit fields and the JSON Content-Type."""
     headers = rate_limit_headers(decision)
     headers["Content-Type"] = JSON
     return headers
 
 
 class DenialBodies:
-    """The encoded body and headers of recent denials, by the Decision object itself.
+    """The answers to ``POST /v1/check`` for its decisions; denials encoded once each.
 
     The local cache hands out one Decision per subject until a figure in it changes, so a
     flood of repeat offenders is answered with bytes encoded once (allowed answers are new
@@ -213,19 +179,31 @@ class DenialBodies:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._known: dict[int, tuple[Decision, bytes, dict[str, str]]] = {}
+        self._known: dict[int, tuple[Decision, Answer, bytes]] = {}  # ..., its wire_head
 
-    def response(self, decision: Decision) -> web.Response:
-        """The HTTP answer for ``decision``."""
-        if decision.allowed:
-            return web.Response(body=_encode(decision), headers=_headers(decision))
+    def _denial(self, decision: Decision) -> tuple[Decision, Answer, bytes]:
         known = self._known.get(id(decision))
         if known is None or known[0] is not decision:
             if len(self._known) >= self.size:
                 self._known.clear()
-            known = self._known[id(decision)] = (decision, _encode(decision),
-                                                 _headers(decision))
-        return web.Response(body=known[1], headers=known[2])
+            answer = Answer(200, _headers(decision), _encode(decision))
+            known = self._known[id(decision)] = (
+                decision, answer, wire_head(200, answer.headers, len(answer.body)))
+        return known
+
+    def response(self, decision: Decision) -> web.Response:
+        """The answer for ``decision``, for aiohttp to send."""
+        if decision.allowed:
+            return response(Answer(200, _headers(decision), _encode(decision)))
+        return response(self._denial(decision)[1])
+
+    def wire(self, decision: Decision) -> bytes:
+        """The answer for ``decision``, as the bytes of an HTTP response (``hotpath``)."""
+        if decision.allowed:
+            body = _encode(decision)
+            return wire_head(200, _headers(decision), len(body)) + wire_tail() + body
+        _, answer, head = self._denial(decision)
+        return head + wire_tail() + answer.body
 
 
 async def decision_of(runtime: Runtime, request: Any) -> Decision:
@@ -239,26 +217,46 @@ async def decision_of(runtime: Runtime, request: Any) -> Decision:
     return decision
 
 
-async def _check(app: web.Application, request: web.BaseRequest) -> web.Response:
+def decision_later(runtime: Runtime, stage: Pending,
+                   finish: Callable[[Decision], bytes]) -> Later:
+    """The hot paths' ``check_pending``: ``finish`` gets the Decision once Redis answered."""
+    checker = runtime.checker
+    future = checker.check_soon(stage)
+    if future is None:
+        return Later(asyncio.ensure_future(checker.check_pending(stage)),
+                     lambda done: finish(done.result()))
+    return Later(future, lambda done: finish(checker.settle(stage, done)))
+
+
+def _hot_check(app: web.Application, message: Any, body: bytes, protocol: HotProtocol
+               ) -> bytes | Later:
     runtime = app[RUNTIME]
-    decision = await decision_of(runtime, runtime.checker.decode(await request.read()))
-    return runtime.bodies.response(decision)
+    checker = runtime.checker
+    decision = checker.check_now(checker.decode(body))
+    if isinstance(decision, Pending):
+        return decision_later(runtime, decision, runtime.bodies.wire)
+    return runtime.bodies.wire(decision)
 
 
-async def _check_batch(app: web.Application, request: web.BaseRequest) -> web.Response:
+def _hot_check_batch(app: web.Application, message: Any, body: bytes, protocol: HotProtocol
+                     ) -> Later:
     checker = app[RUNTIME].checker
-    results = await checker.check_many(checker.decode_batch(await request.read()))
-    return json_response(BatchResponse(results=results))
+    decisions = asyncio.ensure_future(checker.check_many(checker.decode_batch(body)))
+    return Later(decisions, lambda done: wire(json_answer(BatchResponse(results=done.result()))))
 
 
 async def check(request: web.Request) -> web.Response:
     """POST /v1/check: decide one request."""
-    return await _check(request.app, request)
+    runtime = request.app[RUNTIME]
+    decision = await decision_of(runtime, runtime.checker.decode(await request.read()))
+    return runtime.bodies.response(decision)
 
 
 async def check_batch(request: web.Request) -> web.Response:
     """POST /v1/check/batch: decide several requests, answered in order."""
-    return await _check_batch(request.app, request)
+    checker = request.app[RUNTIME].checker
+    results = await checker.check_many(checker.decode_batch(await request.read()))
+    return json_response(BatchResponse(results=results))
 
 
 async def refund(request: web.Request) -> web.Response:
@@ -343,8 +341,8 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     app.add_subapp("/admin", webadmin_app())
     app.router.add_post("/v1/check", check)
     app.router.add_post("/v1/check/batch", check_batch)
-    hot: dict[tuple[str, str], HotHandler] = {("POST", "/v1/check"): _check,
-                                              ("POST", "/v1/check/batch"): _check_batch}
+    hot: dict[tuple[str, str], HotHandler] = {("POST", "/v1/check"): _hot_check,
+                                              ("POST", "/v1/check/batch"): _hot_check_batch}
     app[HOT_PATHS] = hot
     app.router.add_post("/v1/refund", refund)
     from .proxy import add_routes as add_proxy_routes  # here: proxy.py imports RUNTIME from us

@@ -8,6 +8,7 @@ cannot be asked, the rules' fail modes decide here, and only here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Sequence
@@ -235,6 +236,27 @@ class Checker:
             outcome = exc
         return self._observed(stage.plan, stage.values, stage.cost,
                               self._finish(stage, outcome))
+
+    def check_soon(self, stage: Pending) -> asyncio.Future[Any] | None:
+        """``check_pending`` without a coroutine: the future of its Redis call, for ``settle``
+        once done; None when the check needs ``check_pending`` (key rotation, a check split
+        over cluster slots, a store without a coalescer)."""
+        if self.rotation is not None:
+            return None
+        try:
+            return self.limiter.check_soon(*stage.call)
+        except StoreUnavailable as exc:  # the circuit is open: the fail modes decide
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+            return future
+
+    def settle(self, stage: Pending, future: asyncio.Future[Any]) -> Decision:
+        """The Decision of a check ``check_soon`` sent, once its future is done."""
+        try:
+            outcome: Outcome | StoreUnavailable = self.limiter.outcome(future)
+        except StoreUnavailable as exc:
+            outcome = exc
+        return self._observed(stage.plan, stage.values, stage.cost, self._finish(stage, outcome))
 
     async def check(self, request: Any) -> Decision:
         """Decide one decoded request."""

@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio.cluster import RedisCluster
 
 from ratekeeper.config import Config, parse_config
-from ratekeeper.server import create_app, serve_hot_paths
+from ratekeeper.hotpath import serve_hot_paths
+from ratekeeper.server import create_app
 from ratekeeper.settings import Settings
 from ratekeeper.store import CLUSTER_MAX_CONNECTIONS, open_store
 
