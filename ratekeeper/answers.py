@@ -77,16 +77,13 @@ def wire_head(status: int, headers: Mapping[str, str], length: int) -> bytes:
     A name or value with a line break would split the answer, so it is refused; every one
     comes from the server's config and decisions, never from a client.
     """
-    lines = [f"HTTP/1.1 {status} {_REASONS[status]}\r\n"]
-    for name, value in headers.items():
-        line = f"{name}: {value}\r\n"
-        if line.count("\n") != 1 or line.count("\r") != 1:
-            raise ValueError(f"header {name!r} has a line break")
-        lines.append(line)
-    if status not in _BODILESS:
-        lines.append(f"Content-Length: {length}\r\n")
-    lines.append(_SERVER)
-    return "".join(lines).encode()
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    text = "".join(lines)
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError(f"a header has a line break: {sorted(headers)}")
+    length_line = "" if status in _BODILESS else f"Content-Length: {length}\r\n"
+    return (f"HTTP/1.1 {status} {_REASONS[status]}\r\n{text}{length_line}{_SERVER}"
+            ).encode()
 
 
 class _Dates:

@@ -40,7 +40,7 @@ from .forwarded import TrustedProxies
 from .hotpath import HOT_PATHS, HotProtocol, Later
 from .problem import denial, passing_headers
 from .routes import RouteTable
-from .server import RUNTIME, decision_later, decision_of
+from .server import RUNTIME, decision_later
 from .service import Pending
 from .wire import Decision
 
@@ -147,7 +147,7 @@ async def _decide(app: web.Application, method: str, target: str, ip: str | None
     route = _table(app, checker.config).match(method, target)
     if route is None:
         return Answer(allowed, {})
-    decision = await decision_of(runtime, checker.request_type(action=route.action, ip=ip))
+    decision = await checker.check(checker.request_type(action=route.action, ip=ip))
     return _answer(decision, allowed)
 
 

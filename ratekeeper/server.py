@@ -45,7 +45,6 @@ from .service import Checker, Pending
 from .settings import Settings
 from .spec import openapi_document
 from .store import Store, open_store
-from .ticks import TickBarrier
 from .top import TopDenials
 from .wire import BatchResponse, Decision, ErrorBody, Health, Readiness
 
@@ -57,7 +56,6 @@ __all__ = [
     "build_checker",
     "create_app",
     "decision_later",
-    "decision_of",
     "error_response",
     "json_response",
     "reload_config",
@@ -81,7 +79,6 @@ class Runtime:
     cache: LocalCache | None = None  # known banned / over-limit subjects, shared by reloads
     denials: TopDenials | None = None  # counts for GET /v1/admin/top, shared by reloads
     bodies: DenialBodies = field(default_factory=lambda: DenialBodies())  # encoded denials
-    ticks: TickBarrier = field(default_factory=TickBarrier)  # answers given without Redis
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -206,17 +203,6 @@ class DenialBodies:
         return head + wire_tail() + answer.body
 
 
-async def decision_of(runtime: Runtime, request: Any) -> Decision:
-    """Decide one decoded check request. An answer that needs no Redis (a kill switch, the
-    local cache) waits for the end of the tick, to be written with the tick's others."""
-    checker = runtime.checker
-    decision = checker.check_now(request)
-    if isinstance(decision, Pending):
-        return await checker.check_pending(decision)
-    await runtime.ticks.wait()  # (ticks.py)
-    return decision
-
-
 def decision_later(runtime: Runtime, stage: Pending,
                    finish: Callable[[Decision], bytes]) -> Later:
     """The hot paths' ``check_pending``: ``finish`` gets the Decision once Redis answered."""
@@ -248,7 +234,7 @@ def _hot_check_batch(app: web.Application, message: Any, body: bytes, protocol: 
 async def check(request: web.Request) -> web.Response:
     """POST /v1/check: decide one request."""
     runtime = request.app[RUNTIME]
-    decision = await decision_of(runtime, runtime.checker.decode(await request.read()))
+    decision = await runtime.checker.check(runtime.checker.decode(await request.read()))
     return runtime.bodies.response(decision)
 
 

@@ -1,10 +1,10 @@
-"""The hot paths (server.hot_paths), the tick barrier (ticks.py) and the coalescer's held
-connections (pipeline.Coalescer), against real Redis.
+"""The hot paths (hotpath.HotProtocol) and the coalescer's held connections
+(pipeline.Coalescer), against real Redis.
 
-``POST /v1/check`` and ``/v1/check/batch`` are answered without route lookup or middleware;
-the same path with a query string goes the routed way, so each answer is compared with its
-routed twin. The app here is built with a recording middleware: a request it sees went the
-routed way, one it does not see went the hot way.
+``POST /v1/check``, ``/v1/check/batch`` and ``GET /v1/authz`` are answered inside the HTTP
+protocol; the same path with a query string goes the routed way, so each answer is compared
+with its routed twin. The app here is built with a recording middleware: a request it sees
+went the routed way, one it does not see went the hot way.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from ratekeeper.pipeline import MAX_BATCH, Coalescer
 from ratekeeper.scripts import Scripts, check_args
 from ratekeeper.server import RUNTIME, STOPPING, Runtime, create_app
 from ratekeeper.settings import Settings
-from ratekeeper.ticks import TickBarrier
 
 from admin_support import CONFIG, admin_settings, call
 from conftest import FakeClock, config_from, sample
@@ -447,65 +446,6 @@ async def test_draining_answers_close_their_connection(serve: Any, path: str) ->
         assert head.startswith(b"HTTP/1.1 " + status), head
         assert b"connection: close" in head.lower()
         assert closed
-
-
-# --------------------------------------------------------------------------- TickBarrier
-
-
-async def test_tick_barrier_releases_a_tick_together_on_the_next_pass() -> None:
-    """The futures asked for in one tick are all pending until the loop's next pass, then
-    all resolved; a wait in a later tick is a new round."""
-    barrier = TickBarrier()
-    first = [barrier.wait() for _ in range(3)]
-    assert not any(f.done() for f in first)
-    await asyncio.sleep(0)
-    assert all(f.done() and f.result() is None for f in first)
-    later = barrier.wait()
-    assert not later.done()
-    await asyncio.wait_for(later, 1)
-
-
-async def test_tick_barrier_releases_the_others_when_a_waiter_was_cancelled() -> None:
-    """A waiter cancelled before the end of the tick (its request went away) does not
-    keep the others, or the next tick's, from being released."""
-    barrier = TickBarrier()
-    waiting = [asyncio.ensure_future(barrier_wait(barrier)) for _ in range(3)]
-    await asyncio.sleep(0)  # each task is now awaiting its future
-    waiting[1].cancel()
-    results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 1)
-    assert results[0] == results[2] == "released"
-    assert isinstance(results[1], asyncio.CancelledError)
-    await asyncio.wait_for(barrier.wait(), 1)
-
-
-async def barrier_wait(barrier: TickBarrier) -> str:
-    await barrier.wait()
-    return "released"
-
-
-def test_tick_barrier_works_from_a_second_event_loop() -> None:
-    """A barrier whose round was never released (its loop stopped first) still works from
-    a new event loop (pytest gives each test its own)."""
-    barrier = TickBarrier()
-    old = asyncio.new_event_loop()
-    stranded: list[asyncio.Future[None]] = []
-    try:
-        def wait_then_stop() -> None:
-            stranded.append(barrier.wait())  # released only on the next pass, which never runs
-            old.stop()
-
-        old.call_soon(wait_then_stop)
-        old.run_forever()
-        assert not stranded[0].done()
-    finally:
-        old.close()
-
-    async def on_new_loop() -> int:
-        await asyncio.wait_for(barrier.wait(), 1)
-        await asyncio.wait_for(asyncio.gather(barrier.wait(), barrier.wait()), 1)
-        return 3
-
-    assert asyncio.run(on_new_loop()) == 3
 
 
 async def test_cache_denials_under_concurrency_are_all_answered(serve: Any,
