@@ -54,27 +54,49 @@ HotHandler = Callable[[web.Application, RawRequestMessage, bytes, "HotProtocol"]
 # (method, raw path) -> its handler; create_app and proxy.add_routes fill it in
 HOT_PATHS = web.AppKey("hot_paths", dict[tuple[str, str], HotHandler])
 
-_FAILED = wire(Answer(500, {"Content-Type": "application/json", "Connection": "close"},
-                      b'{"error":"internal error"}'))
+_FAILED = Answer(500, {"Content-Type": "application/json", "Connection": "close"},
+                 b'{"error":"internal error"}')
+
+
+_QUEUED_MAX = 64 * 1024  # of one connection's answers in the outbox: asyncio's high-water mark
+
+
+def _body_coming(app: web.Application, message: RawRequestMessage, body: bytes,
+                 protocol: HotProtocol) -> bytes:
+    raise AssertionError("a marker, never called")
+
+
+_BODY_COMING: HotHandler = _body_coming  # (HotProtocol._handler)
+
+
+def _client_error(exc: BaseException) -> bytes:
+    """The answer to a client error a handler raised: the routed way's (``error_answer``),
+    or the redirect or success the exception is."""
+    if isinstance(exc, web.HTTPException) and exc.status < 400:
+        return wire(Answer(exc.status, exc.headers, exc.body or b""))  # type: ignore[arg-type]
+    return wire(error_answer(exc))  # type: ignore[arg-type]
 
 
 class HotProtocol(RequestHandler):
     """aiohttp's connection handler, answering the hot paths itself (see the module)."""
 
-    __slots__ = ("_app", "_held", "_hot", "_later", "_outbox", "_parser_full", "_queued",
-                 "_remote", "_serving", "_started", "_stopping")
+    __slots__ = ("_app", "_drift", "_held", "_hot", "_later", "_outbox", "_parser_full",
+                 "_queued", "_remote", "_serving", "_started", "_stopping")
 
     def attach(self, app: web.Application, outbox: Outbox) -> None:
         """Serve ``app``'s hot paths on this connection."""
         self._app = app
         self._outbox = outbox
-        self._queued = False  # an answer of this connection waits in the outbox
+        self._queued = 0  # bytes of this connection's answers waiting in the outbox
         self._hot = app[HOT_PATHS]
         self._stopping = app[STOPPING]
         self._held: deque[tuple[Any, StreamReader]] = deque()  # parsed, not yet routed
         self._later: Later | None = None  # the answer this connection waits for
         self._serving = False
         self._parser_full = False  # the parser stopped at its queue limit; more may be parsed
+        # aiohttp took a request of this connection before its body was all in: the parser
+        # may stop short of its limit (_serve then feeds it nothing after each run of answers)
+        self._drift = False
         self._started = False  # aiohttp's start() has run (it then only waits for messages)
         self._remote: str | None = None
 
@@ -94,9 +116,24 @@ class HotProtocol(RequestHandler):
     async def shutdown(self, timeout: float | None = 15.0) -> None:
         later = self._later
         if later is not None:  # let the answer being decided go out first
+            started = self._loop.time()
             await asyncio.wait([later.future], timeout=timeout)
             await asyncio.sleep(0)  # (its finishing callback runs first)
+            if timeout is not None:
+                timeout = max(0.0, timeout - (self._loop.time() - started))
         await super().shutdown(timeout)
+
+    def _process_keepalive(self) -> None:
+        if self._later is not None or self._held:  # not idle: a request is being answered
+            self._keepalive_handle = None
+            self._touch()
+            return
+        super()._process_keepalive()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if (self._held or self._parser_full) and not self._serving:
+            self._serve()  # answering stopped while the client did not read
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         # A request body's reader calls this each time it is read from, and aiohttp then
@@ -110,6 +147,8 @@ class HotProtocol(RequestHandler):
         if self._later is None and not self._held and (
                 self._messages or (self._started if waiter is None else waiter.done())):
             super().data_received(data)  # aiohttp has requests of this connection in hand
+            if not self._drift:  # (one of them has its body still to come)
+                self._drift = not all(payload.is_eof() for _, payload in self._messages)
             return
         # aiohttp waits for a request (or has not started): parse, and route them here
         self._waiter = None
@@ -118,16 +157,16 @@ class HotProtocol(RequestHandler):
         finally:
             self._waiter = waiter
         messages = self._messages
-        if not messages:
-            return
         held = self._held
-        if held:
-            held.extend(messages)
-            messages.clear()
-        else:
-            self._messages, self._held = held, messages
-            held = messages
-        if len(held) >= self._max_msg_queue_size:  # aiohttp's parser stops there for now
+        if not messages:
+            if held:
+                self._serve()  # the first one's body may be all in now
+            return
+        held.extend(messages)
+        messages.clear()
+        # aiohttp's parser stops at 32 requests not yet taken (fewer once aiohttp took one
+        # whose body came in pieces): it is fed nothing to go on once these are answered
+        if self._drift or len(held) >= self._max_msg_queue_size - 1:
             self._parser_full = True
             if not self._buffer_paused:
                 self._pause_reading_for_buffer()
@@ -142,13 +181,22 @@ class HotProtocol(RequestHandler):
         self._touch()
         try:
             held = self._held
-            while self._later is None and not self._force_close:
+            # (``_paused``: the client does not read its answers; resume_writing goes on)
+            while self._later is None and not self._force_close and not self._paused:
                 if held:
                     message, payload = held[0]
                     handler = self._handler(message, payload)
                     if handler is None:
                         self._hand_over()
                         return
+                    if handler is _BODY_COMING:  # (the last one held: what follows it)
+                        if self._parser_full:  # the rest may wait in the parser
+                            self._parser_full = False
+                            self.data_received(b"")
+                            continue
+                        if self._buffer_paused:
+                            self._resume_reading_for_buffer()
+                        return  # data_received comes back with the rest of the body
                     held.popleft()
                     self._parser.message_consumed()  # type: ignore[union-attr]
                     self._answer(handler, message, payload)
@@ -163,16 +211,21 @@ class HotProtocol(RequestHandler):
             self._serving = False
 
     def _handler(self, message: Any, payload: StreamReader) -> HotHandler | None:
-        """The hot handler for ``message``, or None when aiohttp should answer it."""
+        """The hot handler for ``message``; ``_BODY_COMING`` while its body is on its way;
+        None when aiohttp should answer it."""
         if type(message) is not RawRequestMessage:  # (a parse error is aiohttp's 400)
             return None
         handler = self._hot.get((message.method, message.path))
         if (handler is None or message.should_close or message.version != HttpVersion11
                 or message.compression is not None or message.upgrade
-                or hdrs.EXPECT in message.headers or not payload.is_eof()
-                or payload.exception() is not None or payload.total_bytes > MAX_BODY
-                or self._stopping.is_set()):
+                or hdrs.EXPECT in message.headers or payload.exception() is not None
+                or payload.total_bytes > MAX_BODY or self._stopping.is_set()):
             return None
+        if not payload.is_eof():
+            # A body that comes in pieces is waited for here (aiohttp, given a request
+            # before its body is all in, loses count of the requests its parser holds);
+            # unless the body's flow control stopped reading, which only aiohttp resumes.
+            return None if self._reading_paused else _BODY_COMING
         return handler
 
     def _hand_over(self) -> None:
@@ -182,6 +235,7 @@ class HotProtocol(RequestHandler):
         messages = self._messages
         messages.extend(self._held)
         self._held.clear()
+        self._drift = self._drift or not all(payload.is_eof() for _, payload in messages)
         self._parser_full = False  # aiohttp resumes reading as it drains (_buffer_paused)
         if not self._buffer_paused and len(messages) >= self._max_msg_queue_size:
             self._pause_reading_for_buffer()
@@ -195,10 +249,11 @@ class HotProtocol(RequestHandler):
         try:
             answer = handler(self._app, message, body, self)
         except CLIENT_ERRORS as exc:
-            answer = wire(error_answer(exc))
+            answer = _client_error(exc)
         except Exception:
             log.exception("answering %s %s failed", message.method, message.path)
-            answer = _FAILED
+            self._fail()
+            return
         if type(answer) is bytes:
             self._write_soon(answer)
         else:
@@ -212,21 +267,28 @@ class HotProtocol(RequestHandler):
         try:
             answer = later.finish(future)
         except CLIENT_ERRORS as exc:  # (a batch is validated as it is decided)
-            answer = wire(error_answer(exc))
-        except Exception:
+            answer = _client_error(exc)
+        except (Exception, asyncio.CancelledError):  # (cancelled: the coalescer was stopped)
             log.exception("answering a request failed")
-            answer = _FAILED
+            self._fail()
+            return
         self._write(answer)
+        self._touch()
         if self._held or self._parser_full:
             self._serve()
 
+    def _fail(self) -> None:
+        """Answer 500 and close: the server, not the request, is at fault."""
+        self._write(wire(_FAILED))
+        self.force_close()
+
     def _write_soon(self, answer: bytes) -> None:
         """Write an answer given at once at the end of the tick (``Outbox``)."""
-        if answer is _FAILED:
-            self._write(answer)
-        elif self.transport is not None and not self._force_close:
-            self._queued = True
+        if self.transport is not None and not self._force_close:
+            self._queued += len(answer)
             self._outbox.add(self, answer)
+            if self._queued > _QUEUED_MAX:  # a client pipelining: let the transport judge
+                self._outbox.flush()  # whether it reads its answers (pause_writing)
 
     def _write(self, answer: bytes) -> None:
         transport = self.transport
@@ -235,8 +297,6 @@ class HotProtocol(RequestHandler):
         if self._queued:  # an earlier answer of this connection goes first
             self._outbox.flush()
         transport.write(answer)
-        if answer is _FAILED:
-            self.force_close()
 
     def _touch(self) -> None:
         """Restart the keep-alive clock, as aiohttp does after each answer."""
@@ -276,7 +336,7 @@ class Outbox:
         """Write every waiting answer now."""
         answers, self._answers = self._answers, []
         for protocol, answer in answers:
-            protocol._queued = False
+            protocol._queued = 0
             transport = protocol.transport
             if transport is not None and not protocol._force_close:
                 transport.write(answer)
