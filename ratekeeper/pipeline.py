@@ -75,12 +75,20 @@ def _arg(value: Arg) -> bytes:
     return encoded
 
 
+def _bulk_keys(keys: Sequence[str]) -> bytes:
+    """Key names as RESP bulk strings: encoded in one go when they are ASCII (they are,
+    unless the key prefix is not), as a character then counts one byte."""
+    text = "".join([f"${len(key)}\r\n{key}\r\n" for key in keys])
+    if text.isascii():
+        return text.encode()
+    return b"".join([_bulk(key) for key in keys])
+
+
 def encode_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
     """One EVALSHA command in RESP, as redis-py would send it."""
     parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (3 + len(keys) + len(args),
                                                            len(sha), sha.encode()),
-             _arg(len(keys))]
-    parts += [_bulk(key) for key in keys]
+             _arg(len(keys)), _bulk_keys(keys)]
     parts += [_arg(arg) for arg in args]
     return b"".join(parts)
 
@@ -88,7 +96,7 @@ def encode_evalsha(sha: str, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
 def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
     """One EVAL command (the script's source) in RESP."""
     return b"".join([b"*%d\r\n$4\r\nEVAL\r\n" % (3 + len(keys) + len(args)),
-                     _bulk(source), _arg(len(keys)), *[_bulk(key) for key in keys],
+                     _bulk(source), _arg(len(keys)), _bulk_keys(keys),
                      *[_arg(arg) for arg in args]])
 
 

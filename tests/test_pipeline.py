@@ -203,6 +203,10 @@ def test_encoding_matches_redis_py() -> None:
                       Connection().pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args))
     assert encode_evalsha("f" * 40, keys, args) == packed
     assert encode_evalsha("f" * 40, keys, args) == packed  # from the encoding cache
+    ascii_keys = keys[:2]  # encoded in one go (a non-ASCII one goes key by key)
+    packed = b"".join(bytes(part) for part in Connection().pack_command(
+        "EVALSHA", "f" * 40, len(ascii_keys), *ascii_keys, *args))
+    assert encode_evalsha("f" * 40, ascii_keys, args) == packed
     source = "return {KEYS[1], ARGV[1]}"
     packed = b"".join(bytes(part) for part in
                       Connection().pack_command("EVAL", source, len(keys), *keys, *args))
