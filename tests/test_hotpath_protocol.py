@@ -1446,6 +1446,43 @@ def test_hot_and_routed_answers_are_the_same_bytes_but_the_date(settings: Settin
     run("asyncio", scenario())
 
 
+@pytest.mark.parametrize("kind", ["check", "batch", "authz"])
+def test_draining_while_a_lone_check_waits_closes_with_its_answer(
+        kind: str, lone_redis: RedisServer, lone_settings: Settings,
+        clock: FakeClock) -> None:
+    """Regression: STOPPING set while a check waits for Redis with nothing behind it: its
+    answer says Connection: close and the server closes, hot as routed, the same bytes (a
+    hot answer kept the connection open: the drain waited for it, then closed it under the
+    client)."""
+
+    async def scenario() -> None:
+        async with ratekeeper(lone_settings, clock=clock) as served:
+            await warm(served, Counter())
+            stopping = served.app[STOPPING]
+            replies = []
+            for n, way in enumerate(("", "?x=1")):
+                stopping.clear()
+                async with connect(served.port) as (reader, writer):
+                    lone_redis.pause()
+                    try:
+                        # (one fresh IP for both: the hot way's check costs nothing)
+                        writer.write(pair(kind, "198.51.100.200" if kind != "authz"
+                                          else f"198.51.100.{201 + n}", way))
+                        await silent(reader, 0.2)
+                        stopping.set()
+                    finally:
+                        lone_redis.resume()
+                    replies += await read_replies(reader, 1)
+                    assert replies[-1].status in (200, 204) and replies[-1].closes, \
+                        replies[-1].raw
+                    assert await closed(reader)
+            same_bytes_but_date(*replies)
+            path = {"check": "/v1/check", "batch": "/v1/check/batch", "authz": "/v1/authz"}
+            assert served.routed == [path[kind] + "?x=1"]
+
+    run("asyncio", scenario())
+
+
 def test_shutdown_while_a_check_waits_for_redis(lone_redis: RedisServer,
                                                 lone_settings: Settings, clock: FakeClock,
                                                 caplog: pytest.LogCaptureFixture) -> None:
