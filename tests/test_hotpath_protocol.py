@@ -1483,6 +1483,39 @@ def test_draining_while_a_lone_check_waits_closes_with_its_answer(
     run("asyncio", scenario())
 
 
+def test_a_reload_while_a_check_waits_for_redis_settles_it_by_the_rules_it_began_with(
+        lone_redis: RedisServer, lone_settings: Settings, clock: FakeClock,
+        tmp_path: Any) -> None:
+    """SIGHUP (reload_config) swaps the checker while a hot check waits for Redis, to rules
+    without its action: the check is still decided by the rules it began with; the next one
+    by the new rules."""
+    from ratekeeper.server import reload_config
+
+    async def scenario() -> None:
+        async with ratekeeper(lone_settings, clock=clock) as served:
+            counter = Counter()
+            await warm(served, counter)
+            new_rules = tmp_path / "rules.toml"
+            new_rules.write_text(CONFIG.replace("[actions.a1]", "[actions.b1]"))
+            before = served.app[RUNTIME].checker
+            async with connect(served.port) as (reader, writer):
+                lone_redis.pause()
+                try:
+                    writer.write(check({"action": "a1", "ip": IP_FRESH}))
+                    await silent(reader, 0.2)
+                    assert reload_config(served.app, str(new_rules))
+                finally:
+                    lone_redis.resume()
+                (reply,) = await read_replies(reader, 1)
+                expect_decision(reply, "a1", counter)
+                assert served.app[RUNTIME].checker is not before
+                writer.write(check({"action": "a1", "ip": IP_FRESH}))
+                (reply,) = await read_replies(reader, 1)
+                assert reply.status == 400 and reply.json() == {"error": "unknown action 'a1'"}
+
+    run("asyncio", scenario())
+
+
 def test_shutdown_while_a_check_waits_for_redis(lone_redis: RedisServer,
                                                 lone_settings: Settings, clock: FakeClock,
                                                 caplog: pytest.LogCaptureFixture) -> None:
