@@ -72,7 +72,8 @@ _BODILESS = frozenset({204, 304})  # answers that carry no Content-Length (RFC 9
 
 
 def wire_head(status: int, headers: Mapping[str, str], length: int) -> bytes:
-    """An HTTP/1.1 answer's status line and header lines, all but its Date (``wire_tail``).
+    """An HTTP/1.1 answer's status line and header lines, up to its Date and Server
+    (``wire_tail``), in aiohttp's order.
 
     A name or value with a line break would split the answer, so it is refused; every one
     comes from the server's config and decisions, never from a client.
@@ -82,12 +83,11 @@ def wire_head(status: int, headers: Mapping[str, str], length: int) -> bytes:
     if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise ValueError(f"a header has a line break: {sorted(headers)}")
     length_line = "" if status in _BODILESS else f"Content-Length: {length}\r\n"
-    return (f"HTTP/1.1 {status} {_REASONS[status]}\r\n{text}{length_line}{_SERVER}"
-            ).encode()
+    return f"HTTP/1.1 {status} {_REASONS[status]}\r\n{text}{length_line}".encode()
 
 
 class _Dates:
-    """The Date line and the blank line after it, made once a second."""
+    """The Date and Server lines and the blank line after them, made once a second."""
 
     __slots__ = ("line", "second")
 
@@ -98,12 +98,12 @@ class _Dates:
     def now(self) -> bytes:
         second = int(time.time())
         if second != self.second:
-            self.line = f"Date: {formatdate(second, usegmt=True)}\r\n\r\n".encode()
+            self.line = f"Date: {formatdate(second, usegmt=True)}\r\n{_SERVER}\r\n".encode()
             self.second = second
         return self.line
 
 
-wire_tail = _Dates().now  # the last header line (Date) and the end of the head
+wire_tail = _Dates().now  # the last header lines (Date, Server) and the end of the head
 
 
 def wire(answer: Answer) -> bytes:

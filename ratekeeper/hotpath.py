@@ -272,6 +272,14 @@ class HotProtocol(RequestHandler):
             log.exception("answering a request failed")
             self._fail()
             return
+        if self._stopping.is_set() and not self._held and not self._parser_full:
+            # the worker drains: as on the routed way (server._answered), the answer says
+            # the connection ends here, and it does (a request held behind it is aiohttp's,
+            # whose answer says so)
+            end = answer.index(b"\r\n\r\n") + 2
+            self._write(answer[:end] + b"Connection: close\r\n" + answer[end:])
+            self.force_close()
+            return
         self._write(answer)
         self._touch()
         if self._held or self._parser_full:

@@ -1385,6 +1385,137 @@ def test_draining_while_a_check_waits_for_redis(lone_redis: RedisServer,
     run("asyncio", scenario())
 
 
+def same_bytes_but_date(hot: Reply, routed: Reply) -> None:
+    """The two answers are the same bytes once the Date's value is left out."""
+
+    def masked(reply: Reply) -> bytes:
+        return re.sub(rb"\r\nDate: [^\r]*\r\n", b"\r\nDate: -\r\n", reply.raw)
+
+    assert masked(hot) == masked(routed)
+
+
+def pair(kind: str, ip: str, way: str) -> bytes:
+    """A request of ``kind`` for ``ip``, sent the hot way (``way`` "") or routed ("?x=1");
+    cost 0 where a refund token (which names the subject) would differ."""
+    if kind == "check":
+        return check({"action": "a1", "ip": ip, "cost": 0}, "/v1/check" + way)
+    if kind == "batch":
+        return check({"checks": [{"action": f"a{k}", "ip": ip, "cost": 0} for k in (1, 2)]},
+                     "/v1/check/batch" + way)
+    if kind == "authz":
+        return authz("POST", "/upload/1", ip, "/v1/authz" + way)
+    if kind == "authz-unrouted":
+        return authz("GET", "/simple/", ip, "/v1/authz" + way)
+    if kind == "authz-denied":
+        return authz("POST", "/login/1", IP_DENIED, "/v1/authz" + way)
+    if kind == "cached":
+        return check({"action": "tight", "ip": IP_DENIED}, "/v1/check" + way)
+    if kind == "bad":
+        return check({"action": "nope", "ip": ip}, "/v1/check" + way)
+    if kind == "too-big":
+        return check(b'{"pad": "' + b"x" * (64 * 1024) + b'"}', "/v1/check" + way)
+    raise AssertionError(kind)
+
+
+PAIRED = ["check", "batch", "authz", "authz-unrouted", "authz-denied", "cached", "bad",
+          "too-big"]
+
+
+def test_hot_and_routed_answers_are_the_same_bytes_but_the_date(settings: Settings,
+                                                                 clock: FakeClock) -> None:
+    """Regression: each kind of answer, hot and routed, byte for byte: status line, every
+    header in the same order (the hot way wrote Server before Date), body."""
+
+    async def scenario() -> None:
+        async with ratekeeper(settings, clock=clock) as served:
+            await deny(served)
+            for n, kind in enumerate(PAIRED):
+                replies = []
+                for w, way in enumerate(("", "?x=1")):
+                    ip = f"198.51.100.{100 + 2 * n + w}"  # a fresh one for each
+                    async with connect(served.port) as (reader, writer):
+                        writer.write(pair(kind, ip, way))
+                        replies += await read_replies(reader, 1)
+                same_bytes_but_date(*replies)
+                assert replies[0].header("Server") and not replies[0].closes
+                assert replies[0].header("Content-Length") is (
+                    None if replies[0].status == 204 else replies[0].header("Content-Length"))
+            assert served.routed.count("/v1/check") == 1  # the body over 64 KiB
+            assert len(served.routed) == len(PAIRED) + 1
+
+    run("asyncio", scenario())
+
+
+@pytest.mark.parametrize("kind", ["check", "batch", "authz"])
+def test_draining_while_a_lone_check_waits_closes_with_its_answer(
+        kind: str, lone_redis: RedisServer, lone_settings: Settings,
+        clock: FakeClock) -> None:
+    """Regression: STOPPING set while a check waits for Redis with nothing behind it: its
+    answer says Connection: close and the server closes, hot as routed, the same bytes (a
+    hot answer kept the connection open: the drain waited for it, then closed it under the
+    client)."""
+
+    async def scenario() -> None:
+        async with ratekeeper(lone_settings, clock=clock) as served:
+            await warm(served, Counter())
+            stopping = served.app[STOPPING]
+            replies = []
+            for n, way in enumerate(("", "?x=1")):
+                stopping.clear()
+                async with connect(served.port) as (reader, writer):
+                    lone_redis.pause()
+                    try:
+                        # (one fresh IP for both: the hot way's check costs nothing)
+                        writer.write(pair(kind, "198.51.100.200" if kind != "authz"
+                                          else f"198.51.100.{201 + n}", way))
+                        await silent(reader, 0.2)
+                        stopping.set()
+                    finally:
+                        lone_redis.resume()
+                    replies += await read_replies(reader, 1)
+                    assert replies[-1].status in (200, 204) and replies[-1].closes, \
+                        replies[-1].raw
+                    assert await closed(reader)
+            same_bytes_but_date(*replies)
+            path = {"check": "/v1/check", "batch": "/v1/check/batch", "authz": "/v1/authz"}
+            assert served.routed == [path[kind] + "?x=1"]
+
+    run("asyncio", scenario())
+
+
+def test_a_reload_while_a_check_waits_for_redis_settles_it_by_the_rules_it_began_with(
+        lone_redis: RedisServer, lone_settings: Settings, clock: FakeClock,
+        tmp_path: Any) -> None:
+    """SIGHUP (reload_config) swaps the checker while a hot check waits for Redis, to rules
+    without its action: the check is still decided by the rules it began with; the next one
+    by the new rules."""
+    from ratekeeper.server import reload_config
+
+    async def scenario() -> None:
+        async with ratekeeper(lone_settings, clock=clock) as served:
+            counter = Counter()
+            await warm(served, counter)
+            new_rules = tmp_path / "rules.toml"
+            new_rules.write_text(CONFIG.replace("[actions.a1]", "[actions.b1]"))
+            before = served.app[RUNTIME].checker
+            async with connect(served.port) as (reader, writer):
+                lone_redis.pause()
+                try:
+                    writer.write(check({"action": "a1", "ip": IP_FRESH}))
+                    await silent(reader, 0.2)
+                    assert reload_config(served.app, str(new_rules))
+                finally:
+                    lone_redis.resume()
+                (reply,) = await read_replies(reader, 1)
+                expect_decision(reply, "a1", counter)
+                assert served.app[RUNTIME].checker is not before
+                writer.write(check({"action": "a1", "ip": IP_FRESH}))
+                (reply,) = await read_replies(reader, 1)
+                assert reply.status == 400 and reply.json() == {"error": "unknown action 'a1'"}
+
+    run("asyncio", scenario())
+
+
 def test_shutdown_while_a_check_waits_for_redis(lone_redis: RedisServer,
                                                 lone_settings: Settings, clock: FakeClock,
                                                 caplog: pytest.LogCaptureFixture) -> None:
