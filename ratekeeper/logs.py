@@ -68,3 +68,16 @@ def configure_logging(fmt: LogFormat = "text", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log would print client addresses: it stays off (runner passes None).
     logging.getLogger("aiohttp.access").disabled = True
+    # and its server log names the peer of a request it could not parse
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _NoPeerAddress) for f in server_log.filters):
+        server_log.addFilter(_NoPeerAddress())
+
+
+class _NoPeerAddress(logging.Filter):
+    """aiohttp's "Error handling request from <address>", without the address."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Error handling request from %s":
+            record.msg, record.args = "Error handling request", ()
+        return True
