@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 from aiohttp.http_parser import RawRequestMessage
@@ -34,7 +35,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from .answers import CLIENT_ERRORS, MAX_BODY, Answer, error_answer, wire
 
-__all__ = ["HOT_PATHS", "STOPPING", "HotHandler", "HotProtocol", "Later", "serve_hot_paths"]
+__all__ = ["HOT_PATHS", "STOPPING", "HotHandler", "HotProtocol", "Later", "serve_hot_paths",
+           "supported"]
 
 log = logging.getLogger("ratekeeper.server")
 
@@ -362,10 +364,31 @@ class _HotServer(web.Server):
         return protocol
 
 
+# What HotProtocol uses of aiohttp's connection handler beyond its public API (aiohttp 3.14):
+# its message queue and waiter, its parser's queue accounting, its flow-control flags.
+_INTERNALS = ("_messages", "_waiter", "_parser", "_buffer_paused", "_reading_paused", "_paused",
+              "_force_close", "_keepalive_handle", "_keepalive_timeout",
+              "_next_keepalive_close_time", "_max_msg_queue_size")
+_METHODS = ("_pause_reading_for_buffer", "_resume_reading_for_buffer", "_process_keepalive")
+
+
+def supported() -> bool:
+    """Whether this aiohttp has the internals HotProtocol relies on."""
+    slots = {name for cls in RequestHandler.__mro__ for name in getattr(cls, "__slots__", ())}
+    return (all(name in slots for name in _INTERNALS)
+            and all(callable(getattr(RequestHandler, name, None)) for name in _METHODS)
+            and not hasattr(web.Server, "__slots__"))
+
+
 def serve_hot_paths(app: web.Application, server: web.Server) -> None:
     """Make ``server`` (``AppRunner.server`` once set up, on the running loop) answer
     ``app``'s hot paths in its connections; the routes stay, for every request the protocol
-    hands to aiohttp."""
+    hands to aiohttp. On an aiohttp whose internals differ (``supported``), nothing changes
+    but a warning: the routes answer everything, more slowly."""
+    if not supported():
+        log.warning("aiohttp %s lacks what the hot paths need: every request takes the "
+                    "routed way", aiohttp.__version__)
+        return
     server.__class__ = _HotServer  # (aiohttp makes each connection's handler in __call__)
     server.hot_app = app  # type: ignore[attr-defined]
     server.outbox = Outbox(asyncio.get_running_loop())  # type: ignore[attr-defined]

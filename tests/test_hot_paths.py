@@ -24,6 +24,7 @@ from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ratekeeper import hotpath
 from ratekeeper.hotpath import serve_hot_paths
 from ratekeeper.limiter import parse_outcome
 from ratekeeper.pipeline import MAX_BATCH, Coalescer
@@ -398,6 +399,27 @@ async def test_paths_that_are_not_exactly_hot_go_the_routed_way(serve: Any) -> N
         head, answer, _ = await raw_exchange(served, post_head(target, good), good)
         assert head.startswith(b"HTTP/1.1 200 ") and json.loads(answer)["allowed"], target
     assert served.routed == ["/v1/check/", "/v1/%63heck", "http://localhost/v1/check"]
+
+
+# --------------------------------------------------------------------------- aiohttp's internals
+
+
+def test_this_aiohttp_has_the_internals_the_hot_paths_use() -> None:
+    """HotProtocol relies on aiohttp 3.14's connection handler beyond its public API; an
+    aiohttp without those fails here (and the server falls back, below)."""
+    assert hotpath.supported()
+
+
+async def test_an_aiohttp_without_them_serves_everything_the_routed_way(
+        serve: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """When aiohttp's internals differ, serve_hot_paths changes nothing but a warning: every
+    request is answered, the routed way."""
+    monkeypatch.setattr(hotpath, "_INTERNALS", (*hotpath._INTERNALS, "_not_in_this_aiohttp"))
+    served = await serve(WALK)
+    hot = await served.answer("POST", HOT, json={"action": "login", "ip": IP_A})
+    assert hot[0] == 200 and hot[1]["allowed"]
+    assert served.routed == [HOT]
+    assert any("every request takes the routed way" in r.getMessage() for r in caplog.records)
 
 
 # --------------------------------------------------------------------------- Expect, draining
