@@ -10,12 +10,14 @@ handler in ``app[HOT_PATHS]`` decides from the parsed message and its body, and 
 bytes go to the connection (``answers.wire``).
 
 A request goes aiohttp's usual way instead, where its route gives the same answer, when it is
-not exactly a hot path (another path, a query string), says ``Expect``, has a compressed body,
-a body not all here yet or over 64 KiB, is HTTP/1.0 or ``Connection: close``, or comes while
-the server drains. Answers leave in the order their requests came: the protocol only answers
-while aiohttp has none of the connection's requests in hand, answers one at a time (one
-waiting for Redis holds the requests behind it), and hands aiohttp everything from the first
-request it does not answer itself.
+not exactly a hot path (another path, a query string), says ``Expect``, has a compressed body
+or one over 64 KiB, is HTTP/1.0 or ``Connection: close``, or comes while the server drains (a
+hot request's body that comes in pieces is waited for here). Answers leave in the order their
+requests came: the protocol only answers while aiohttp has none of the connection's requests
+in hand, answers one at a time (one waiting for Redis, a ``Later``, holds the requests behind
+it), and hands aiohttp everything from the first request it does not answer itself. Answers
+given at once wait for the end of the tick in the ``Outbox``; a connection's next answer, or
+a request handed to aiohttp, first flushes it.
 """
 
 from __future__ import annotations
