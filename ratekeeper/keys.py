@@ -184,6 +184,16 @@ class Keyspace:
             self._rule_tags[cache_key] = tag
         return tag
 
+    def key_parts(self, rule: Rule | None = None) -> tuple[str, str, str]:
+        """What surrounds a subject in its key names, for building many: ``head + subject +
+        tail`` is its ban key (no ``rule``) or the rule's counter key, ``head + subject +
+        penalty_tail`` the rule's penalty key (the same names as the methods below)."""
+        head = f"{self.prefix}:{{"
+        if rule is None:
+            return head, "}:b", ""
+        tag = self.rule_tag(rule)
+        return head, f"}}:{tag}", f"}}:{tag}:p"
+
     def counter_key(self, subject: str, rule: Rule) -> str:
         """Where a rule keeps its hits for one subject (a LIST for the log, a STRING counter)."""
         return f"{self.prefix}:{{{subject}}}:{self.rule_tag(rule)}"

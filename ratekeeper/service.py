@@ -56,6 +56,7 @@ class ActionPlan:
     rule_keys: tuple[tuple[str, ...], ...]  # each rule's subject fields
     windows: tuple[tuple[str, int, int], ...]  # (rule, limit, seconds) of every window, in order
     boxes: tuple[bool, ...]  # each rule: has a penalty and is not in shadow mode
+    key_parts: tuple[tuple[str, str, str], ...]  # each rule's Keyspace.key_parts
 
 
 def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
@@ -70,7 +71,7 @@ def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
     return args
 
 
-def _plan(action: Action) -> ActionPlan:
+def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
     required: dict[str, str] = {}
     normal: list[str | int] = []
     shadow: list[str | int] = []
@@ -93,6 +94,7 @@ def _plan(action: Action) -> ActionPlan:
         windows=tuple((rule.name, w.limit, w.seconds) for rule in action.rules
                       for w in rule.windows),
         boxes=tuple(bool(rule.penalty) and not rule.shadow for rule in action.rules),
+        key_parts=tuple(keyspace.key_parts(rule) for rule in action.rules),
     )
 
 
@@ -159,7 +161,8 @@ class Checker:
         self.batch_type = batch_request_type(self.request_type)
         self.batch_decoder = msgspec.json.Decoder(self.batch_type)
         self.subject_fields = tuple(sorted(config.subjects - {"ip"}))
-        self.plans = {name: _plan(action) for name, action in config.actions.items()}
+        self.plans = {name: _plan(action, keyspace) for name, action in config.actions.items()}
+        self._ban_key_parts = keyspace.key_parts()
         self.refunds = RefundSigner(keyspace.derived_secret(b"refund-token/v1"))
         self.refund_decoder = msgspec.json.Decoder(RefundRequest)
         # while a previous IP salt is honoured: its bans and counters (see rotation.py)
@@ -349,14 +352,17 @@ class Checker:
                     culprit = next(((f, s) for f, s in by_field.items() if s == hit.banned),
                                    None)
                 return hit.decision, culprit
-        keys = [keyspace.ban_key(s) for s in ban_subjects]
+        # the key names, from their parts (keys.py): each is built for every check
+        head, tail, _ = self._ban_key_parts
+        keys = [head + s + tail for s in ban_subjects]
         if self.rotation is not None:
             keys += self.rotation.ban_keys(values)
         n_bans = len(keys)
-        for rule, rule_subject, boxes in zip(action.rules, subjects, plan.boxes, strict=True):
-            keys.append(keyspace.counter_key(rule_subject, rule))
+        for rule_subject, (head, tail, penalty_tail), boxes in zip(subjects, plan.key_parts,
+                                                                   plan.boxes, strict=True):
+            keys.append(head + rule_subject + tail)
             if boxes and not shadow_all:
-                keys.append(keyspace.penalty_key(rule_subject, rule))
+                keys.append(head + rule_subject + penalty_tail)
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name), None
         rule_args = plan.shadow_args if shadow_all else plan.rule_args

@@ -90,6 +90,21 @@ def test_keys_share_the_subject_hash_tag() -> None:
     assert keyspace.counter_key(subject, rule) != keyspace.counter_key(subject, counter)
 
 
+@pytest.mark.parametrize("prefix", ["rk", "pypi-prod", "x:y"])
+def test_key_parts_build_the_same_names(prefix: str) -> None:
+    """The parts a check builds its key names from give the methods' names."""
+    keyspace = Keyspace(SALT, prefix=prefix)
+    subject = ip_subject(keyspace, "2001:db8::1")
+    head, tail, _ = keyspace.key_parts()
+    assert head + subject + tail == keyspace.ban_key(subject)
+    for algorithm in ("sliding-log", "sliding-counter"):
+        rule = Rule(name="upload-ip", windows=(Window(10, 300),), key=("ip",),
+                    algorithm=algorithm)
+        head, tail, penalty_tail = keyspace.key_parts(rule)
+        assert head + subject + tail == keyspace.counter_key(subject, rule)
+        assert head + subject + penalty_tail == keyspace.penalty_key(subject, rule)
+
+
 def test_network_bytes_never_hold_host_bits() -> None:
     """What ip_value returns for IPv6 carries only the /64 network."""
     value = Keyspace(SALT).ip_value("2001:db8:1:2:aaaa:bbbb:cccc:dddd")

@@ -29,8 +29,8 @@ async def test_refund_gives_back_only_what_was_taken(store: Any, key_prefix: str
     from ratekeeper.service import _plan
 
     config = config_from(RULES.format(algorithm=algorithm))
-    plan = _plan(config.actions["a"])
     keyspace = Keyspace(SALT, prefix=key_prefix)
+    plan = _plan(config.actions["a"], keyspace)
     rule = config.rules["r"]
     key = keyspace.counter_key(keyspace.subject([("ip", keyspace.ip_value("192.0.2.1"))]), rule)
     limiter = Limiter(store, timeout=2.0, clock=clock)
