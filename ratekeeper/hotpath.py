@@ -193,24 +193,20 @@ class HotProtocol(RequestHandler):
                     if handler is None:
                         self._hand_over()
                         return
-                    if handler is _BODY_COMING:  # (the last one held: what follows it)
-                        if self._parser_full:  # the rest may wait in the parser
-                            self._parser_full = False
-                            self.data_received(b"")
-                            continue
-                        if self._buffer_paused:
-                            self._resume_reading_for_buffer()
-                        return  # data_received comes back with the rest of the body
-                    held.popleft()
-                    self._parser.message_consumed()  # type: ignore[union-attr]
-                    self._answer(handler, message, payload)
-                elif self._parser_full:  # parse what the parser stopped at
-                    self._parser_full = False
-                    self.data_received(b"")  # (which holds them: this is not re-entered)
-                    if not self._parser_full and self._buffer_paused:
+                    if handler is not _BODY_COMING:
+                        held.popleft()
+                        self._parser.message_consumed()  # type: ignore[union-attr]
+                        self._answer(handler, message, payload)
+                        continue
+                    # the last one held waits for the rest of its body: read on
+                if not self._parser_full:
+                    if held and self._buffer_paused:
                         self._resume_reading_for_buffer()
-                else:
-                    return
+                    return  # (data_received comes back with more)
+                self._parser_full = False  # parse what the parser stopped at
+                self.data_received(b"")  # (which holds them: this is not re-entered)
+                if not self._parser_full and self._buffer_paused:
+                    self._resume_reading_for_buffer()
         finally:
             self._serving = False
 

@@ -10,6 +10,7 @@ slots is split per slot (see ``slots``); on a single Redis it is always one call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -220,8 +221,8 @@ class Limiter:
         """``check``'s call queued on the coalescer: its reply's future, for ``outcome`` once
         done; None when the check is not one coalesced call (``check`` then). Raises
         StoreUnavailable while the circuit is open."""
-        fast = self._fast
-        if fast is None or not self._topology_known or (
+        fast = self._coalescer()
+        if fast is None or (
                 self.sharded and len(slots.split(keys, n_bans, n_rules, rule_args).groups) > 1):
             return None
         # _call's breaker and errors, with the coalescer's deadline (one timer per event-loop
@@ -275,13 +276,12 @@ class Limiter:
         answers: list[Outcome | StoreUnavailable] = []
         try:
             for future in futures:  # each answered check counts as _call would count it
+                with contextlib.suppress(*REDIS_FAILURES):  # outcome() says so
+                    await future
                 try:
-                    raw = await future
-                except REDIS_FAILURES as exc:
-                    answers.append(self._failed("check", exc))
-                    continue
-                self.breaker.success()
-                answers.append(parse_outcome(raw))
+                    answers.append(self.outcome(future))
+                except StoreUnavailable as exc:
+                    answers.append(exc)
         except BaseException:
             self.breaker.abandon()
             for future in futures:
@@ -289,7 +289,6 @@ class Limiter:
                     future.exception()  # retrieved: no "never retrieved" warning
                 future.cancel()
             raise
-        self._report_state()  # the batch was observed before its successes were counted
         return answers
 
     async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:

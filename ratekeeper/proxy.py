@@ -74,39 +74,33 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("*", ENVOY_PREFIX + r"{path:(/[\s\S]*)?}", authz_envoy)
 
 
-def _original(headers: CIMultiDictProxy[str]) -> tuple[str, str]:
-    """The method and target nginx's or Traefik's headers name."""
+def _forwarded(app: web.Application, headers: CIMultiDictProxy[str], peer: str | None
+               ) -> tuple[str, str, str | None]:
+    """The method, target and client that nginx's or Traefik's headers name."""
     method = headers.get("X-Original-Method") or headers.get("X-Forwarded-Method")
     target = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
     if not method or not target:
         raise BadRequest(MISSING)
-    return method, target
+    ip = _trusted(app).client_ip(peer, real_ip=headers.get("X-Real-IP"),
+                                 forwarded_for=_forwarded_for(headers))
+    return method, target, ip
 
 
 async def authz(request: web.Request) -> web.Response:
     """GET /v1/authz: may the request described by the forwarding headers go on?"""
-    headers = request.headers
-    method, target = _original(headers)
-    ip = _trusted(request.app).client_ip(request.remote, real_ip=headers.get("X-Real-IP"),
-                                         forwarded_for=_forwarded_for(headers))
-    return response(await _decide(request.app, method, target, ip, allowed=204))
+    app = request.app
+    stage = _started(app, *_forwarded(app, request.headers, request.remote))
+    return response(await _decided(app, stage, allowed=204))
 
 
 def _hot_authz(app: web.Application, message: RawRequestMessage, body: bytes,
                protocol: HotProtocol) -> bytes | Later:
-    headers = message.headers
-    method, target = _original(headers)
-    ip = _trusted(app).client_ip(protocol.remote, real_ip=headers.get("X-Real-IP"),
-                                 forwarded_for=_forwarded_for(headers))
-    runtime = app[RUNTIME]
-    checker = runtime.checker
-    route = _table(app, checker.config).match(method, target)
-    if route is None:
+    stage = _started(app, *_forwarded(app, message.headers, protocol.remote))
+    if stage is None:
         return wire(Answer(204, {}))
-    decision = checker.check_now(checker.request_type(action=route.action, ip=ip))
-    if isinstance(decision, Pending):
-        return decision_later(runtime, decision, _wire_204)
-    return _wire_204(decision)
+    if isinstance(stage, Pending):
+        return decision_later(app[RUNTIME], stage, _wire_204)
+    return _wire_204(stage)
 
 
 def _wire_204(decision: Decision) -> bytes:
@@ -115,10 +109,11 @@ def _wire_204(decision: Decision) -> bytes:
 
 async def authz_envoy(request: web.Request) -> web.Response:
     """Any method on /v1/authz/envoy<path>: Envoy's ext_authz check of ``<method> <path>``."""
+    app = request.app
     target = request.raw_path[len(ENVOY_PREFIX):] or "/"
-    ip = _trusted(request.app).client_ip(request.remote,
-                                         forwarded_for=_forwarded_for(request.headers))
-    return response(await _decide(request.app, request.method, target, ip, allowed=200))
+    ip = _trusted(app).client_ip(request.remote, forwarded_for=_forwarded_for(request.headers))
+    return response(await _decided(app, _started(app, request.method, target, ip),
+                                   allowed=200))
 
 
 def _forwarded_for(headers: CIMultiDictProxy[str]) -> str | None:
@@ -140,15 +135,24 @@ def _table(app: web.Application, config: Config) -> RouteTable:
     return state.table
 
 
-async def _decide(app: web.Application, method: str, target: str, ip: str | None, *,
-                  allowed: int) -> Answer:
-    runtime = app[RUNTIME]
-    checker = runtime.checker
+def _started(app: web.Application, method: str, target: str, ip: str | None
+             ) -> Decision | Pending | None:
+    """The check of the route ``method target`` matches, begun (``Checker.check_now``); None
+    when no route matches (the request passes)."""
+    checker = app[RUNTIME].checker
     route = _table(app, checker.config).match(method, target)
     if route is None:
+        return None
+    return checker.check_now(checker.request_type(action=route.action, ip=ip))
+
+
+async def _decided(app: web.Application, stage: Decision | Pending | None, *,
+                   allowed: int) -> Answer:
+    if stage is None:
         return Answer(allowed, {})
-    decision = await checker.check(checker.request_type(action=route.action, ip=ip))
-    return _answer(decision, allowed)
+    if isinstance(stage, Pending):
+        stage = await app[RUNTIME].checker.check_pending(stage)
+    return _answer(stage, allowed)
 
 
 def _answer(decision: Decision, allowed: int) -> Answer:

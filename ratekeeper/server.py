@@ -127,6 +127,7 @@ def error_response(status: int, message: str) -> web.Response:
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
 def error_middleware(stopping: asyncio.Event) -> Middleware:
     """Client errors become JSON ``{"error": ...}`` (nothing a client sends becomes a 5xx);
     once ``stopping`` is set, every answer closes its connection.

@@ -222,10 +222,15 @@ class Checker:
         """Start deciding one decoded request: its Decision when the kill switches or the
         local cache decide it (no Redis call), else the call ``check_pending`` makes."""
         plan, values = self.prepare(request)
-        stage = self._stage(plan, values, request.cost)
-        if isinstance(stage, Pending):
-            return stage
-        return self._observed(plan, values, request.cost, stage)
+        return self._start(plan, values, request.cost)
+
+    def _start(self, plan: ActionPlan, values: dict[str, bytes], cost: int
+               ) -> Decision | Pending:
+        stage = self._stage(plan, values, cost)
+        return stage if isinstance(stage, Pending) else self._observed(plan, values, cost, stage)
+
+    async def _decided(self, stage: Decision | Pending) -> Decision:
+        return await self.check_pending(stage) if isinstance(stage, Pending) else stage
 
     async def check_pending(self, stage: Pending) -> Decision:
         """Finish a check ``check_now`` staged: bans, penalty boxes and limits in one script
@@ -263,8 +268,7 @@ class Checker:
 
     async def check(self, request: Any) -> Decision:
         """Decide one decoded request."""
-        stage = self.check_now(request)
-        return await self.check_pending(stage) if isinstance(stage, Pending) else stage
+        return await self._decided(self.check_now(request))
 
     async def check_many(self, requests: Sequence[Any]) -> list[Decision]:
         """Decide a batch; every request is validated before any is decided.
@@ -275,7 +279,7 @@ class Checker:
         """
         prepared = [self.prepare(r) for r in requests]
         if self.rotation is not None:  # each check may first copy keys: one at a time
-            return [await self.decide(plan, values, r.cost)
+            return [await self._decided(self._start(plan, values, r.cost))
                     for (plan, values), r in zip(prepared, requests, strict=True)]
         staged = [self._stage(plan, values, r.cost)
                   for (plan, values), r in zip(prepared, requests, strict=True)]
@@ -297,13 +301,6 @@ class Checker:
             for action, count in allowed.items():
                 self.metrics.decision(action, "", "allowed", count)
         return decisions
-
-    async def decide(self, plan: ActionPlan, values: dict[str, bytes], cost: int) -> Decision:
-        """Flags, then bans, penalty boxes and limits in one script call; counted and logged."""
-        stage = self._stage(plan, values, cost)
-        if isinstance(stage, Pending):
-            return await self.check_pending(stage)
-        return self._observed(plan, values, cost, stage)
 
     def _observed(self, plan: ActionPlan, values: dict[str, bytes], cost: int,
                   answer: Answer) -> Decision:

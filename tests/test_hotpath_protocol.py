@@ -202,27 +202,28 @@ async def read_replies(reader: asyncio.StreamReader, n: int, *, stall: float = S
     return replies
 
 
-async def closed(reader: asyncio.StreamReader, wait: float = 1.0) -> bool:
-    """Whether the server closes the connection within ``wait`` (and sends nothing more)."""
+async def next_byte(reader: asyncio.StreamReader, wait: float) -> bytes | None:
+    """The next byte within ``wait`` (b"" once the server closed); None when none came."""
     try:
         async with asyncio.timeout(wait):
-            extra = await reader.read(1)
+            return await reader.read(1)
     except TimeoutError:
-        return False
+        return None
     except ConnectionResetError:
-        return True
-    assert extra == b"", f"unexpected bytes: {extra!r}"
-    return True
+        return b""
+
+
+async def closed(reader: asyncio.StreamReader, wait: float = 1.0) -> bool:
+    """Whether the server closes the connection within ``wait`` (and sends nothing more)."""
+    extra = await next_byte(reader, wait)
+    assert not extra, f"unexpected bytes: {extra!r}"
+    return extra == b""
 
 
 async def silent(reader: asyncio.StreamReader, wait: float = 0.15) -> None:
     """Nothing arrives within ``wait``."""
-    try:
-        async with asyncio.timeout(wait):
-            extra = await reader.read(1)
-    except TimeoutError:
-        return
-    raise AssertionError(f"the server sent {extra!r} when it should wait")
+    extra = await next_byte(reader, wait)
+    assert extra is None, f"the server sent {extra!r} when it should wait"
 
 
 def request(method: str, target: str, body: bytes = b"", *headers: str,
