@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .pipeline import Coalescer
 from .scripts import Scripts, check_args
 
-__all__ = ["CheckCall", "Limiter", "Outcome", "Status", "WindowState"]
+__all__ = ["CheckCall", "Limiter", "Outcome", "Status", "WindowState", "parse_outcome"]
 
 log = logging.getLogger("ratekeeper.limiter")
 
@@ -233,6 +233,11 @@ class Limiter:
 
     def outcome(self, future: asyncio.Future[Any]) -> Outcome:
         """The Outcome of a done ``check_soon`` future; StoreUnavailable when Redis failed."""
+        return parse_outcome(self.reply(future))
+
+    def reply(self, future: asyncio.Future[Any]) -> Sequence[int]:
+        """check.lua's flat reply in a done ``check_soon`` future (``parse_outcome`` reads
+        it); StoreUnavailable when Redis failed."""
         try:
             raw = future.result()
         except REDIS_FAILURES as exc:
@@ -245,7 +250,7 @@ class Limiter:
         self.breaker.success()
         if self._reported_state != "closed":  # (the batch was observed before this)
             self._report_state()
-        return parse_outcome(raw)
+        return raw  # type: ignore[no-any-return]
 
     def _coalescer(self) -> Coalescer | None:
         """The coalescer that keeps each check's deadline itself, when checks go through one."""

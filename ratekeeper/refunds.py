@@ -75,10 +75,15 @@ class RefundSigner:
 
     def issue(self, action: str, subjects: Sequence[str], cost: int, at_ms: int) -> str:
         """A token for ``cost`` hits taken at ``at_ms`` from the given rule subjects."""
+        return self.issue_bytes(action, subjects, cost, at_ms).decode("ascii")
+
+    def issue_bytes(self, action: str, subjects: Sequence[str], cost: int, at_ms: int
+                    ) -> bytes:
+        """``issue``'s token as ASCII bytes."""
         nonce = f"{self._process}{next(self._counter):x}"
         # the same array RefundClaim decodes (array_like), without building the struct
         signed = _PREFIX + b64url_bytes(_encode((action, subjects, cost, at_ms, nonce)))
-        return (signed + b"." + b64url_bytes(self._sign(signed))).decode("ascii")
+        return signed + b"." + b64url_bytes(self._sign(signed))
 
     def open(self, token: str) -> tuple[RefundClaim, str]:
         """The claim and a unique id of a genuine token; BadRequest for anything else."""

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -41,7 +41,7 @@ from .limiter import Limiter
 from .localcache import LocalCache
 from .metrics import Metrics
 from .pipeline import coalesced
-from .service import Checker, Pending
+from .service import Allowed, Checker, Pending
 from .settings import Settings
 from .spec import openapi_document
 from .store import Store, open_store
@@ -64,6 +64,7 @@ __all__ = [
 log = logging.getLogger("ratekeeper.server")
 
 _encode = msgspec.json.Encoder().encode
+Settled = TypeVar("Settled", Decision, Decision | Allowed)
 
 
 @dataclass(slots=True)
@@ -195,8 +196,12 @@ class DenialBodies:
             return response(Answer(200, _headers(decision), _encode(decision)))
         return response(self._denial(decision)[1])
 
-    def wire(self, decision: Decision) -> bytes:
-        """The answer for ``decision``, as the bytes of an HTTP response (``hotpath``)."""
+    def wire(self, decision: Decision | Allowed) -> bytes:
+        """The answer for ``decision``, as the bytes of an HTTP response (``hotpath``); an
+        Allowed's from its action's form."""
+        if type(decision) is Allowed:
+            return decision.form.wire(decision.reply, decision.token)
+        assert isinstance(decision, Decision)
         if decision.allowed:
             body = _encode(decision)
             return wire_head(200, _headers(decision), len(body)) + wire_tail() + body
@@ -204,15 +209,19 @@ class DenialBodies:
         return head + wire_tail() + answer.body
 
 
-def decision_later(runtime: Runtime, stage: Pending,
-                   finish: Callable[[Decision], bytes]) -> Later:
+def decision_later(runtime: Runtime, stage: Pending, finish: Callable[[Decision], bytes]
+                   ) -> Later:
     """The hot paths' ``check_pending``: ``finish`` gets the Decision once Redis answered."""
-    checker = runtime.checker
+    return _later(runtime.checker, stage, finish, runtime.checker.settle)
+
+
+def _later(checker: Checker, stage: Pending, finish: Callable[[Settled], bytes],
+           settle: Callable[[Pending, asyncio.Future[Any]], Settled]) -> Later:
     future = checker.check_soon(stage)
     if future is None:
         return Later(asyncio.ensure_future(checker.check_pending(stage)),
                      lambda done: finish(done.result()))
-    return Later(future, lambda done: finish(checker.settle(stage, done)))
+    return Later(future, lambda done: finish(settle(stage, done)))
 
 
 def _hot_check(app: web.Application, message: Any, body: bytes, protocol: HotProtocol
@@ -221,7 +230,8 @@ def _hot_check(app: web.Application, message: Any, body: bytes, protocol: HotPro
     checker = runtime.checker
     decision = checker.check_now(checker.decode(body))
     if isinstance(decision, Pending):
-        return decision_later(runtime, decision, runtime.bodies.wire)
+        # an allowed answer is made from its action's form (Checker.settle_answer)
+        return _later(checker, decision, runtime.bodies.wire, checker.settle_answer)
     return runtime.bodies.wire(decision)
 
 

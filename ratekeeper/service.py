@@ -17,11 +17,12 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from .allowed import AllowedForm
 from .config import Action, Config, Rule
 from .errors import BadRequest, StoreUnavailable
 from .flags import SHADOW_FLAG, FlagBoard
 from .keys import Keyspace
-from .limiter import CheckCall, Limiter, Outcome, Status
+from .limiter import CheckCall, Limiter, Outcome, Status, parse_outcome
 from .localcache import LocalCache
 from .metrics import Metrics
 from .observe import DenialLog, observe
@@ -38,7 +39,7 @@ from .wire import (
     decode,
 )
 
-__all__ = ["Checker", "Pending"]
+__all__ = ["Allowed", "Checker", "Pending"]
 
 REFUND_SLACK_MS = 1000  # as check.lua's SLACK_MS: the marker outlives the hits it guards
 
@@ -57,6 +58,7 @@ class ActionPlan:
     windows: tuple[tuple[str, int, int], ...]  # (rule, limit, seconds) of every window, in order
     boxes: tuple[bool, ...]  # each rule: has a penalty and is not in shadow mode
     key_parts: tuple[tuple[str, str, str], ...]  # each rule's Keyspace.key_parts
+    allowed: AllowedForm | None  # its allowed answers' form (allowed.py)
 
 
 def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
@@ -95,12 +97,23 @@ def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
                       for w in rule.windows),
         boxes=tuple(bool(rule.penalty) and not rule.shadow for rule in action.rules),
         key_parts=tuple(keyspace.key_parts(rule) for rule in action.rules),
+        allowed=AllowedForm.of(action.name, [(rule.name, w.limit, w.seconds)
+                                             for rule in action.rules for w in rule.windows]),
     )
 
 
 # What decided a ban or penalty-box denial: (the subject's fields, its hash), for the log
 Culprit = tuple[str, str] | None
 Answer = tuple[Decision, Culprit]
+
+
+class Allowed(NamedTuple):
+    """An allowed, enforced check that took hits, settled without its Decision
+    (``Checker.settle_answer``): ``form.wire(reply, token)`` is its answer."""
+
+    form: AllowedForm
+    reply: Sequence[int]  # check.lua's reply for it
+    token: bytes  # its refund token
 
 
 class Pending(NamedTuple):
@@ -265,6 +278,27 @@ class Checker:
         except StoreUnavailable as exc:
             outcome = exc
         return self._observed(stage.plan, stage.values, stage.cost, self._finish(stage, outcome))
+
+    def settle_answer(self, stage: Pending, future: asyncio.Future[Any]) -> Decision | Allowed:
+        """``settle``, but an allowed, enforced check that took hits comes as an Allowed: its
+        answer is made from its action's form, and no Decision is built (counted alike)."""
+        plan = stage.plan
+        form = plan.allowed
+        try:
+            reply = self.limiter.reply(future)
+        except StoreUnavailable as exc:
+            return self._observed(plan, stage.values, stage.cost, self._finish(stage, exc))
+        # (reply: status, now_ms, shadowed, ...; status 1 is Status.ALLOWED)
+        if (form is not None and reply[0] == 1 and reply[2] == 0 and len(reply) == form.size
+                and stage.cost > 0 and stage.subjects):
+            action = plan.action.name
+            self.decided += 1
+            if self.metrics is not None:
+                self.metrics.decision(action, "", "allowed")
+            return Allowed(form, reply, self.refunds.issue_bytes(action, stage.subjects,
+                                                                 stage.cost, reply[1]))
+        return self._observed(plan, stage.values, stage.cost,
+                              self._finish(stage, parse_outcome(reply)))
 
     async def check(self, request: Any) -> Decision:
         """Decide one decoded request."""
