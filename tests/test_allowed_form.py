@@ -121,7 +121,7 @@ def test_no_form_when_a_marker_is_part_of_a_name() -> None:
 
 
 def test_every_action_of_the_example_configs_has_a_form() -> None:
-    for path in sorted(EXAMPLES.glob("*.toml")) + [BENCH]:
+    for path in [*sorted(EXAMPLES.glob("*.toml")), BENCH]:
         checker = Checker(load_config(str(path)), Keyspace(b"s" * 32),
                           None, None)  # type: ignore[arg-type]
         assert checker.plans, path
