@@ -196,16 +196,21 @@ class Limiter:
     async def check(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
                     rule_args: Sequence[str | int]) -> Outcome:
         """Run check.lua over ``keys``; ``rule_args`` is the per-rule ARGV tail."""
+        return parse_outcome(await self.check_reply(keys, cost, n_bans, n_rules, rule_args))
+
+    async def check_reply(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
+                          rule_args: Sequence[str | int]) -> Sequence[int]:
+        """``check``'s flat reply, as check.lua gives it (``parse_outcome`` reads it)."""
         future = self.check_soon(keys, cost, n_bans, n_rules, rule_args)
         if future is not None:
             try:
                 await future
             except REDIS_FAILURES:
-                pass  # outcome() says so
+                pass  # reply() says so
             except BaseException:
                 self.breaker.abandon()
                 raise
-            return self.outcome(future)
+            return self.reply(future)
         now = "" if self._clock is None else str(self._clock())
         if self.sharded:
             plan = slots.split(keys, n_bans, n_rules, rule_args)
@@ -213,8 +218,7 @@ class Limiter:
                 return await self._check_slots(plan, now, cost)
         args = check_args(now, cost, len(keys), rule_args)
         script = self.scripts.check
-        raw = await self._call(lambda: script(keys=list(keys), args=args), op="check")
-        return parse_outcome(raw)
+        return await self._call(lambda: script(keys=list(keys), args=args), op="check")
 
     def check_soon(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
                    rule_args: Sequence[str | int]) -> asyncio.Future[Any] | None:
@@ -257,14 +261,20 @@ class Limiter:
         return self._fast if self._topology_known else None
 
     async def check_many(self, calls: Sequence[CheckCall]) -> list[Outcome | StoreUnavailable]:
-        """``check`` for each call, in order; a failure is that call's StoreUnavailable.
+        """``check`` for each call, in order; a failure is that call's StoreUnavailable."""
+        return [reply if isinstance(reply, StoreUnavailable) else parse_outcome(reply)
+                for reply in await self.replies_many(calls)]
+
+    async def replies_many(self, calls: Sequence[CheckCall]
+                           ) -> list[Sequence[int] | StoreUnavailable]:
+        """``check_reply`` for each call, in order; a failure is that call's StoreUnavailable.
 
         On a coalescing limiter every call is queued at once (one submission, no task per
         call), so they go to Redis together; elsewhere they run concurrently.
         """
         script = self._coalescer()
         if script is None or not calls:
-            results = await asyncio.gather(*(self.check(*call) for call in calls),
+            results = await asyncio.gather(*(self.check_reply(*call) for call in calls),
                                            return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result,
@@ -278,13 +288,13 @@ class Limiter:
         now = "" if self._clock is None else str(self._clock())
         futures = script.request_many([(keys, now, cost, tuple(rule_args))
                                        for keys, cost, _, _, rule_args in calls])
-        answers: list[Outcome | StoreUnavailable] = []
+        answers: list[Sequence[int] | StoreUnavailable] = []
         try:
             for future in futures:  # each answered check counts as _call would count it
-                with contextlib.suppress(*REDIS_FAILURES):  # outcome() says so
+                with contextlib.suppress(*REDIS_FAILURES):  # reply() says so
                     await future
                 try:
-                    answers.append(self.outcome(future))
+                    answers.append(self.reply(future))
                 except StoreUnavailable as exc:
                     answers.append(exc)
         except BaseException:
@@ -296,7 +306,7 @@ class Limiter:
             raise
         return answers
 
-    async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> Outcome:
+    async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> list[int]:
         """One check.lua call per slot; refund the slots that took if any denied.
 
         The first slot reads Redis TIME and the others are given that time, so every hit of
@@ -343,7 +353,7 @@ class Limiter:
         if merged.refunds:
             # awaited: once the denial is answered, the request has consumed nothing
             await self._refund_groups(plan, merged.refunds, cost)
-        return _outcome(merged.answer)
+        return _reply(merged.answer)
 
     def _in_background(self, work: Awaitable[None]) -> None:
         """Run a refund owed after a failure without making the degraded answer wait for it."""
@@ -457,10 +467,12 @@ def _answer(raw: Sequence[int]) -> slots.Answer:
     )
 
 
-def _outcome(answer: slots.Answer) -> Outcome:
-    return Outcome(status=Status(answer.status), now_ms=answer.now_ms,
-                   shadowed=answer.shadowed, culprit=answer.index, wait_ms=answer.wait_ms,
-                   windows=tuple(WindowState(*w) for w in answer.windows))
+def _reply(answer: slots.Answer) -> list[int]:
+    """The flat reply check.lua would give for ``answer`` (``parse_outcome`` reads it)."""
+    reply = [answer.status, answer.now_ms, int(answer.shadowed), answer.index, answer.wait_ms]
+    for window in answer.windows:
+        reply += window
+    return reply
 
 
 _STATUS = {int(status): status for status in Status}

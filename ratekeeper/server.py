@@ -235,11 +235,19 @@ def _hot_check(app: web.Application, message: Any, body: bytes, protocol: HotPro
     return runtime.bodies.wire(decision)
 
 
+def batch_answer(results: list[Decision | Allowed]) -> Answer:
+    """The answer to a batch: each allowed check's JSON from its action's form."""
+    encoded = [msgspec.Raw(result.form.body(result.reply, result.token))
+               if type(result) is Allowed else result for result in results]
+    # (a Raw is encoded as the JSON it holds: the same bytes as the Decision it stands for)
+    return json_answer(BatchResponse(results=encoded))  # type: ignore[arg-type]
+
+
 def _hot_check_batch(app: web.Application, message: Any, body: bytes, protocol: HotProtocol
                      ) -> Later:
     checker = app[RUNTIME].checker
-    decisions = asyncio.ensure_future(checker.check_many(checker.decode_batch(body)))
-    return Later(decisions, lambda done: wire(json_answer(BatchResponse(results=done.result()))))
+    decisions = asyncio.ensure_future(checker.answer_many(checker.decode_batch(body)))
+    return Later(decisions, lambda done: wire(batch_answer(done.result())))
 
 
 async def check(request: web.Request) -> web.Response:
@@ -252,8 +260,8 @@ async def check(request: web.Request) -> web.Response:
 async def check_batch(request: web.Request) -> web.Response:
     """POST /v1/check/batch: decide several requests, answered in order."""
     checker = request.app[RUNTIME].checker
-    results = await checker.check_many(checker.decode_batch(await request.read()))
-    return json_response(BatchResponse(results=results))
+    results = await checker.answer_many(checker.decode_batch(await request.read()))
+    return response(batch_answer(results))
 
 
 async def refund(request: web.Request) -> web.Response:

@@ -252,11 +252,11 @@ class Checker:
             if self.rotation is not None:
                 await self.rotation.carry_over(self.limiter, stage.plan.action.rules,
                                                stage.values)
-            outcome: Outcome | StoreUnavailable = await self.limiter.check(*stage.call)
+            reply: Sequence[int] | StoreUnavailable = await self.limiter.check_reply(*stage.call)
         except StoreUnavailable as exc:
-            outcome = exc
+            reply = exc
         return self._observed(stage.plan, stage.values, stage.cost,
-                              self._finish(stage, outcome))
+                              self._finish(stage, reply))
 
     def check_soon(self, stage: Pending) -> asyncio.Future[Any] | None:
         """``check_pending`` without a coroutine: the future of its Redis call, for ``settle``
@@ -274,31 +274,41 @@ class Checker:
     def settle(self, stage: Pending, future: asyncio.Future[Any]) -> Decision:
         """The Decision of a check ``check_soon`` sent, once its future is done."""
         try:
-            outcome: Outcome | StoreUnavailable = self.limiter.outcome(future)
+            reply: Sequence[int] | StoreUnavailable = self.limiter.reply(future)
         except StoreUnavailable as exc:
-            outcome = exc
-        return self._observed(stage.plan, stage.values, stage.cost, self._finish(stage, outcome))
+            reply = exc
+        return self._observed(stage.plan, stage.values, stage.cost, self._finish(stage, reply))
 
     def settle_answer(self, stage: Pending, future: asyncio.Future[Any]) -> Decision | Allowed:
         """``settle``, but an allowed, enforced check that took hits comes as an Allowed: its
         answer is made from its action's form, and no Decision is built (counted alike)."""
-        plan = stage.plan
-        form = plan.allowed
         try:
-            reply = self.limiter.reply(future)
+            reply: Sequence[int] | StoreUnavailable = self.limiter.reply(future)
         except StoreUnavailable as exc:
-            return self._observed(plan, stage.values, stage.cost, self._finish(stage, exc))
+            reply = exc
+        allowed = self._allowed(stage, reply)
+        if allowed is None:
+            return self._observed(stage.plan, stage.values, stage.cost,
+                                  self._finish(stage, reply))
+        self._count_allowed(stage.plan.action.name, 1)
+        return allowed
+
+    def _allowed(self, stage: Pending, reply: Sequence[int] | StoreUnavailable
+                 ) -> Allowed | None:
+        """The Allowed for check.lua's reply when it allowed an enforced check that took hits
+        and the action has a form; else None (``_finish`` decides)."""
+        form = stage.plan.allowed
         # (reply: status, now_ms, shadowed, ...; status 1 is Status.ALLOWED)
-        if (form is not None and reply[0] == 1 and reply[2] == 0 and len(reply) == form.size
-                and stage.cost > 0 and stage.subjects):
-            action = plan.action.name
-            self.decided += 1
-            if self.metrics is not None:
-                self.metrics.decision(action, "", "allowed")
-            return Allowed(form, reply, self.refunds.issue_bytes(action, stage.subjects,
-                                                                 stage.cost, reply[1]))
-        return self._observed(plan, stage.values, stage.cost,
-                              self._finish(stage, parse_outcome(reply)))
+        if (form is None or isinstance(reply, StoreUnavailable) or len(reply) != form.size
+                or reply[0] != 1 or reply[2] != 0 or stage.cost <= 0 or not stage.subjects):
+            return None
+        return Allowed(form, reply, self.refunds.issue_bytes(
+            stage.plan.action.name, stage.subjects, stage.cost, reply[1]))
+
+    def _count_allowed(self, action: str, count: int) -> None:
+        self.decided += count
+        if self.metrics is not None:
+            self.metrics.decision(action, "", "allowed", count)
 
     async def check(self, request: Any) -> Decision:
         """Decide one decoded request."""
@@ -311,6 +321,15 @@ class Checker:
         go; Redis decides them one after another in this order, so the answers are the ones
         sequential checks would get.
         """
+        return await self._many(requests, forms=False)  # type: ignore[return-value]
+
+    async def answer_many(self, requests: Sequence[Any]) -> list[Decision | Allowed]:
+        """``check_many``, with each allowed, enforced check that took hits as an Allowed
+        (``settle_answer``)."""
+        return await self._many(requests, forms=True)
+
+    async def _many(self, requests: Sequence[Any], *, forms: bool
+                    ) -> list[Decision | Allowed]:
         prepared = [self.prepare(r) for r in requests]
         if self.rotation is not None:  # each check may first copy keys: one at a time
             return [await self._decided(self._start(plan, values, r.cost))
@@ -318,33 +337,37 @@ class Checker:
         staged = [self._stage(plan, values, r.cost)
                   for (plan, values), r in zip(prepared, requests, strict=True)]
         pending = [stage for stage in staged if isinstance(stage, Pending)]
-        outcomes = await self.limiter.check_many([stage.call for stage in pending])
-        answers = iter(outcomes)
-        decisions = []
-        allowed: dict[str, int] = {}  # counted once per action below, not once per check
+        replies = iter(await self.limiter.replies_many([stage.call for stage in pending]))
+        answers: list[Decision | Allowed] = []
+        counted: dict[str, int] = {}  # allowed ones, counted once per action below
         for stage, (plan, values), request in zip(staged, prepared, requests, strict=True):
-            decision, culprit = (self._finish(stage, next(answers))
-                                 if isinstance(stage, Pending) else stage)
+            if isinstance(stage, Pending):
+                reply = next(replies)
+                allowed = self._allowed(stage, reply) if forms else None
+                if allowed is not None:
+                    counted[plan.action.name] = counted.get(plan.action.name, 0) + 1
+                    answers.append(allowed)
+                    continue
+                decision, culprit = self._finish(stage, reply)
+            else:
+                decision, culprit = stage
             if decision.allowed and not decision.shadow and not decision.degraded:
-                allowed[decision.action] = allowed.get(decision.action, 0) + 1
+                counted[decision.action] = counted.get(decision.action, 0) + 1
             else:
                 self._observed(plan, values, request.cost, (decision, culprit))
-            decisions.append(decision)
-        self.decided += sum(allowed.values())
-        if self.metrics is not None:
-            for action, count in allowed.items():
-                self.metrics.decision(action, "", "allowed", count)
-        return decisions
+            answers.append(decision)
+        for action, count in counted.items():
+            self._count_allowed(action, count)
+        return answers
 
     def _observed(self, plan: ActionPlan, values: dict[str, bytes], cost: int,
                   answer: Answer) -> Decision:
         """Count the decision (and log it if it denied)."""
         decision, culprit = answer
-        self.decided += 1
         if decision.allowed and not decision.shadow and not decision.degraded:
-            if self.metrics is not None:
-                self.metrics.decision(plan.action.name, "", "allowed")
+            self._count_allowed(plan.action.name, 1)
         else:
+            self.decided += 1
             observe(self, plan.action, values, cost, decision, culprit)
         return decision
 
@@ -401,11 +424,12 @@ class Checker:
                         cache.now_ms() if cache is not None else 0,
                         (keys, cost, n_bans, len(action.rules), rule_args))
 
-    def _finish(self, stage: Pending, outcome: Outcome | StoreUnavailable) -> Answer:
-        """Everything after Redis answered (or could not)."""
+    def _finish(self, stage: Pending, reply: Sequence[int] | StoreUnavailable) -> Answer:
+        """Everything after Redis answered (check.lua's reply) or could not."""
         plan = stage.plan
-        if isinstance(outcome, StoreUnavailable):
+        if isinstance(reply, StoreUnavailable):
             return self.degraded(plan), None
+        outcome = parse_outcome(reply)
         action, subjects, cost = plan.action, stage.subjects, stage.cost
         if outcome.status is not Status.ALLOWED:
             if self.cache is not None:
