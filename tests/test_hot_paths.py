@@ -374,6 +374,22 @@ async def test_batch_answers_are_the_same_both_ways(serve: Any, clock: FakeClock
     assert served.routed == [BATCH_ROUTED, BATCH_ROUTED]
 
 
+async def test_a_batch_answers_what_its_checks_answer_one_by_one(serve: Any,
+                                                                clock: FakeClock) -> None:
+    """A batch's allowed results are made from their action's form (server.batch_answer),
+    the rest from Decisions: in step with single checks of another subject answered the
+    routed way (from Decisions only), each result is that check's answer."""
+    served = await serve(WALK, clock=clock)
+    checks = [{"action": "login", "ip": IP_A, "cost": cost} for cost in (1, 0, 1, 1)]
+    status, body, _ = await served.answer("POST", BATCH_HOT, json={"checks": checks})
+    assert status == 200
+    singles = [(await served.answer("POST", ROUTED, json={**check, "ip": IP_B}))[1]
+               for check in checks]
+    assert body["results"] == singles
+    assert [r["allowed"] for r in singles] == [True, True, True, False]
+    assert [r.get("refund") for r in singles] == ["<token>", None, "<token>", None]
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
 async def test_other_methods_on_the_check_paths_are_405_json(serve: Any, method: str) -> None:
     """Only POST is hot: other methods go the routed way and get a 405 (JSON unless HEAD)."""
