@@ -99,7 +99,8 @@ class HotProtocol(RequestHandler):
         self._serving = False
         self._parser_full = False  # the parser stopped at its queue limit; more may be parsed
         # aiohttp took a request of this connection before its body was all in: the parser
-        # may stop short of its limit (_serve then feeds it nothing after each run of answers)
+        # may stop short of its limit (_serve then feeds it nothing after each run of answers;
+        # _check_drift lowers aiohttp's queue limit to match)
         self._drift = False
         self._started = False  # aiohttp's start() has run (it then only waits for messages)
         self._remote: str | None = None
@@ -151,8 +152,7 @@ class HotProtocol(RequestHandler):
         if self._later is None and not self._held and (
                 self._messages or (self._started if waiter is None else waiter.done())):
             super().data_received(data)  # aiohttp has requests of this connection in hand
-            if not self._drift:  # (one of them has its body still to come)
-                self._drift = not all(payload.is_eof() for _, payload in self._messages)
+            self._check_drift()
             return
         # aiohttp waits for a request (or has not started): parse, and route them here
         self._waiter = None
@@ -235,13 +235,29 @@ class HotProtocol(RequestHandler):
         messages = self._messages
         messages.extend(self._held)
         self._held.clear()
-        self._drift = self._drift or not all(payload.is_eof() for _, payload in messages)
+        self._check_drift()
         self._parser_full = False  # aiohttp resumes reading as it drains (_buffer_paused)
         if not self._buffer_paused and len(messages) >= self._max_msg_queue_size:
             self._pause_reading_for_buffer()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _check_drift(self) -> None:
+        """Note when aiohttp is given a request whose body is still to come.
+
+        aiohttp's C parser counts a request once its body is complete: taken before that,
+        such a request frees no slot, then takes one for good, and the parser stops at 31
+        requests not yet taken, one short of aiohttp's queue limit. aiohttp pauses reading
+        at its limit and feeds its parser again only while paused, as its queue drains:
+        below it, aiohttp resumes reading with the parser stopped, and what the parser holds
+        back of a pipelined run waits for bytes a client awaiting its answers never sends.
+        So aiohttp's limit becomes the parser's (with the pure-Python parser, which counts
+        a request at its head, aiohttp merely pauses one request earlier).
+        """
+        if not self._drift and not all(payload.is_eof() for _, payload in self._messages):
+            self._drift = True
+            self._max_msg_queue_size -= 1
 
     def _answer(self, handler: HotHandler, message: RawRequestMessage,
                 payload: StreamReader) -> None:
