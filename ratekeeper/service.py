@@ -59,6 +59,11 @@ class ActionPlan:
     boxes: tuple[bool, ...]  # each rule: has a penalty and is not in shadow mode
     key_parts: tuple[tuple[str, str, str], ...]  # each rule's Keyspace.key_parts
     allowed: AllowedForm | None  # its allowed answers' form (allowed.py)
+    # When every rule keys on one field alone: that field, and what follows its subject in
+    # each key of a request that carries only it (its ban key, then each rule's), without
+    # and with global shadow mode; the keys' common head is key_parts' (``Checker._stage``).
+    one_field: str | None
+    one_field_tails: tuple[tuple[str, ...], tuple[str, ...]]
 
 
 def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
@@ -73,6 +78,24 @@ def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
     return args
 
 
+def _one_field_tails(action: Action, keyspace: Keyspace
+                     ) -> tuple[str | None, tuple[tuple[str, ...], tuple[str, ...]]]:
+    fields = {tuple(rule.key) for rule in action.rules}
+    if len(fields) != 1 or len(next(iter(fields))) != 1:
+        return None, ((), ())
+    head, ban_tail, _ = keyspace.key_parts()
+    tails, shadow_tails = [ban_tail], [ban_tail]
+    for rule in action.rules:
+        rule_head, tail, penalty_tail = keyspace.key_parts(rule)
+        if rule_head != head:
+            return None, ((), ())
+        tails.append(tail)
+        shadow_tails.append(tail)
+        if rule.penalty and not rule.shadow:  # (as _stage: global shadow mode boxes nobody)
+            tails.append(penalty_tail)
+    return next(iter(fields))[0], (tuple(tails), tuple(shadow_tails))
+
+
 def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
     required: dict[str, str] = {}
     normal: list[str | int] = []
@@ -85,6 +108,7 @@ def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
         shadow += _rule_args(rule, shadow=True)
         refund += ["l" if rule.algorithm == "sliding-log" else "c", len(rule.windows)]
         refund += [window.seconds * 1000 for window in rule.windows]
+    one_field, one_field_tails = _one_field_tails(action, keyspace)
     return ActionPlan(
         action=action,
         required=tuple(required.items()),
@@ -99,6 +123,8 @@ def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
         key_parts=tuple(keyspace.key_parts(rule) for rule in action.rules),
         allowed=AllowedForm.of(action.name, [(rule.name, w.limit, w.seconds)
                                              for rule in action.rules for w in rule.windows]),
+        one_field=one_field,
+        one_field_tails=one_field_tails,
     )
 
 
@@ -382,15 +408,23 @@ class Checker:
                 return Decision(allowed=False, reason="disabled", action=action.name,
                                 flag=blocking.name,
                                 message=self.flags.message_for(blocking)), None
-        keyspace = self.keyspace
         shadow_all = self._shadow_all or self.flags.is_on(SHADOW_FLAG, now)
-        subject = keyspace.subject
-        # one subject per field (its bans), then one per rule: a one-field rule's is the same
-        by_field = {field: subject(((field, value),)) for field, value in values.items()}
-        ban_subjects = list(by_field.values())
-        subjects = [by_field[fields[0]] if len(fields) == 1
-                    else subject(tuple([(f, values[f]) for f in fields]))
-                    for fields in plan.rule_keys]
+        subject = self.keyspace.subject
+        one = plan.one_field
+        if one is not None and len(values) == 1 and one in values:
+            # the usual shape: the request's one subject is each rule's too
+            ban_fields = [one]
+            ban_subjects = [subject(((one, values[one]),))]
+            subjects = ban_subjects * len(plan.rule_keys)
+        else:
+            one = None
+            # one subject per field (its bans), then one per rule: a one-field rule's is the
+            # same
+            by_field = {field: subject(((field, value),)) for field, value in values.items()}
+            ban_fields, ban_subjects = list(by_field), list(by_field.values())
+            subjects = [by_field[fields[0]] if len(fields) == 1
+                        else subject(tuple([(f, values[f]) for f in fields]))
+                        for fields in plan.rule_keys]
         cache = self.cache
         if cache is not None:
             hit = cache.lookup(action, ban_subjects, subjects, cost, shadow_all)
@@ -403,24 +437,29 @@ class Checker:
                         self.denials.add(action.rules[hit.rule], subjects[hit.rule])
                     culprit = _rule_culprit(action.rules[hit.rule], subjects[hit.rule])
                 elif hit.banned:
-                    culprit = next(((f, s) for f, s in by_field.items() if s == hit.banned),
-                                   None)
+                    culprit = next(((f, s) for f, s in zip(ban_fields, ban_subjects, strict=True)
+                                    if s == hit.banned), None)
                 return hit.decision, culprit
         # the key names, from their parts (keys.py): each is built for every check
         head, tail, _ = self._ban_key_parts
-        keys = [head + s + tail for s in ban_subjects]
-        if self.rotation is not None:
-            keys += self.rotation.ban_keys(values)
-        n_bans = len(keys)
-        for rule_subject, (head, tail, penalty_tail), boxes in zip(subjects, plan.key_parts,
-                                                                   plan.boxes, strict=True):
-            keys.append(head + rule_subject + tail)
-            if boxes and not shadow_all:
-                keys.append(head + rule_subject + penalty_tail)
+        if one is not None and self.rotation is None:
+            only = head + ban_subjects[0]
+            keys = [only + tail for tail in plan.one_field_tails[shadow_all]]
+            n_bans = 1
+        else:
+            keys = [head + s + tail for s in ban_subjects]
+            if self.rotation is not None:
+                keys += self.rotation.ban_keys(values)
+            n_bans = len(keys)
+            for rule_subject, (head, tail, penalty_tail), boxes in zip(
+                    subjects, plan.key_parts, plan.boxes, strict=True):
+                keys.append(head + rule_subject + tail)
+                if boxes and not shadow_all:
+                    keys.append(head + rule_subject + penalty_tail)
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name), None
         rule_args = plan.shadow_args if shadow_all else plan.rule_args
-        return Pending(plan, values, cost, list(by_field), ban_subjects, subjects,
+        return Pending(plan, values, cost, ban_fields, ban_subjects, subjects,
                         cache.now_ms() if cache is not None else 0,
                         (keys, cost, n_bans, len(action.rules), rule_args))
 

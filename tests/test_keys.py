@@ -128,3 +128,63 @@ def test_subject_hashes_never_change_between_releases() -> None:
     mac = hmac.new(salt, b"user\x005\x00alice" b"project\x005\x00numpy", hashlib.sha256)
     assert base64.urlsafe_b64encode(mac.digest()[:16]).rstrip(b"=").decode() == (
         "ym2BTqi6cACF6rwBaRILNg")
+
+
+STAGED = """
+[rules.boxed]
+limit = "5 per minute"
+key = ["ip"]
+penalty = "10 minutes"
+[rules.log]
+limit = "3 per minute, 10 per hour"
+key = ["ip"]
+algorithm = "sliding-log"
+[rules.watch]
+limit = "1 per minute"
+key = ["ip"]
+shadow = true
+[rules.pair]
+limit = "2 per minute"
+key = ["ip", "user"]
+penalty = "1 minute"
+[actions.ip-only]
+rules = ["boxed", "log", "watch"]
+[actions.mixed]
+rules = ["boxed", "pair"]
+"""
+
+
+@pytest.mark.parametrize("shadow_all", [False, True])
+@pytest.mark.parametrize(("action", "user"), [("ip-only", None), ("ip-only", "alice"),
+                                              ("mixed", "alice")])
+def test_a_staged_check_names_the_keys_the_methods_name(action: str, user: str | None,
+                                                        shadow_all: bool) -> None:
+    """Whether its action keys every rule on one field (``ActionPlan.one_field``: key names
+    from per-plan tails) or not, a check stages its ban keys, then each rule's counter key
+    and, for an enforced penalty rule outside global shadow mode, its penalty key."""
+    from ratekeeper.flags import FlagBoard
+    from ratekeeper.service import Checker, Pending
+
+    from conftest import config_from
+
+    config = config_from(STAGED)
+    keyspace = Keyspace(SALT, prefix="pk")
+    checker = Checker(config, keyspace, None, FlagBoard(config.flags))  # type: ignore[arg-type]
+    checker.shadow_all = shadow_all
+    values = {"ip": keyspace.ip_value("192.0.2.1")}
+    if user is not None:
+        values["user"] = keyspace.text_value(user)
+    stage = checker._stage(checker.plans[action], values, 1)
+    assert isinstance(stage, Pending)
+    expected = [keyspace.ban_key(keyspace.subject(((field, value),)))
+                for field, value in values.items()]
+    for rule in config.actions[action].rules:
+        subject = keyspace.subject(tuple((field, values[field]) for field in rule.key))
+        expected.append(keyspace.counter_key(subject, rule))
+        if rule.penalty and not rule.shadow and not shadow_all:
+            expected.append(keyspace.penalty_key(subject, rule))
+    keys, cost, n_bans, n_rules, _ = stage.call
+    assert (keys, cost, n_bans, n_rules) == (expected, 1, len(values),
+                                             len(config.actions[action].rules))
+    assert stage.ban_fields == list(values)
+    assert (checker.plans[action].one_field == "ip") is (action == "ip-only")
