@@ -168,9 +168,13 @@ class Coalescer(CheckScript):
     def request_many(self, requests: Iterable[tuple[Sequence[str], Arg, Arg, tuple[Arg, ...]]]
                      ) -> list[asyncio.Future[Any]]:
         """``request`` for each (keys, now, cost, rule set), in order: one future each."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._adopt(loop)
+        loop = self._loop
+        # (asyncio.get_running_loop costs a getpid() syscall on Python 3.11: it is asked
+        # only when the loop this coalescer was last used on is not the one running)
+        if loop is None or not loop.is_running():
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                self._adopt(loop)
         create = loop.create_future
         futures: list[asyncio.Future[Any]] = []
         queue = self._queue

@@ -128,6 +128,8 @@ def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
     )
 
 
+_new = tuple.__new__
+
 # What decided a ban or penalty-box denial: (the subject's fields, its hash), for the log
 Culprit = tuple[str, str] | None
 Answer = tuple[Decision, Culprit]
@@ -328,8 +330,9 @@ class Checker:
         if (form is None or isinstance(reply, StoreUnavailable) or len(reply) != form.size
                 or reply[0] != 1 or reply[2] != 0 or stage.cost <= 0 or not stage.subjects):
             return None
-        return Allowed(form, reply, self.refunds.issue_bytes(
-            stage.plan.action.name, stage.subjects, stage.cost, reply[1]))
+        token = self.refunds.issue_bytes(stage.plan.action.name, stage.subjects, stage.cost,
+                                         reply[1])
+        return _new(Allowed, (form, reply, token))  # (Allowed(...) without its Python __new__)
 
     def _count_allowed(self, action: str, count: int) -> None:
         self.decided += count
@@ -459,9 +462,10 @@ class Checker:
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name), None
         rule_args = plan.shadow_args if shadow_all else plan.rule_args
-        return Pending(plan, values, cost, ban_fields, ban_subjects, subjects,
-                        cache.now_ms() if cache is not None else 0,
-                        (keys, cost, n_bans, len(action.rules), rule_args))
+        # (Pending(...) without its Python __new__: one is made per check)
+        return _new(Pending, (plan, values, cost, ban_fields, ban_subjects, subjects,
+                              cache.now_ms() if cache is not None else 0,
+                              (keys, cost, n_bans, len(action.rules), rule_args)))
 
     def _finish(self, stage: Pending, reply: Sequence[int] | StoreUnavailable) -> Answer:
         """Everything after Redis answered (check.lua's reply) or could not."""

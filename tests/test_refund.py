@@ -183,3 +183,24 @@ async def test_refund_when_redis_is_unreachable_is_degraded_not_5xx(
     resp = await client.post("/v1/refund", json={"token": token})
     assert resp.status == 200
     assert await resp.json() == {"refunded": False, "reason": "unavailable", "degraded": True}
+
+
+def test_a_token_is_signed_with_keyed_blake2b_as_documented() -> None:
+    """The signature is keyed BLAKE2b-128 over ``r1.<payload>``, whichever way it is computed:
+    tokens issued before a release stay valid after it."""
+    import base64
+    import hashlib
+
+    from ratekeeper.refunds import RefundSigner
+
+    key = bytes(range(32))
+    signer = RefundSigner(key)
+    for at_ms in (0, 1_700_000_000_000, 1_700_000_000_001):
+        token = signer.issue("login", ["A" * 22, "b" * 22], 3, at_ms)
+        version, payload, signature = token.split(".")
+        expected = hashlib.blake2b(f"{version}.{payload}".encode(), key=key,
+                                   digest_size=16).digest()
+        assert base64.urlsafe_b64encode(expected).rstrip(b"=").decode() == signature
+        claim, _ = signer.open(token)
+        assert (claim.action, claim.subjects, claim.cost, claim.at_ms) == (
+            "login", ["A" * 22, "b" * 22], 3, at_ms)
