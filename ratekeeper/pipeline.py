@@ -328,6 +328,11 @@ class Coalescer(CheckScript):
             connection = self._idle.pop()
         else:
             connection = await pool.get_connection()
+            if self.timeout is not None:
+                # held: each batch is bounded by this coalescer's deadline (``_run``), so
+                # redis-py's own socket timeout, a task per send and a timer per read on
+                # Python 3.11, is set aside until the connection goes back (``_release``)
+                connection.socket_timeout = None
         results: list[Any] = []
         try:
             await connection.send_packed_command(data, check_health=False)
@@ -338,8 +343,7 @@ class Coalescer(CheckScript):
                     results.append(exc)
         except BaseException as exc:
             # replies may still be on the wire: this connection cannot be reused
-            await connection.disconnect(nowait=True)
-            await pool.release(connection)
+            await self._release(connection)
             if isinstance(exc, RedisConnectionError) and not results:
                 raise _NothingAnswered(exc) from exc
             raise
@@ -349,10 +353,15 @@ class Coalescer(CheckScript):
     async def _drop_idle(self) -> None:
         """Close the held connections and give them back to the pool."""
         idle, self._idle = self._idle, []
-        pool = self.redis.connection_pool
         for connection in idle:
-            await connection.disconnect(nowait=True)
-            await pool.release(connection)
+            await self._release(connection)
+
+    async def _release(self, connection: Any) -> None:
+        """Close a held connection and give it back to the pool as the pool made it."""
+        await connection.disconnect(nowait=True)
+        pool = self.redis.connection_pool
+        connection.socket_timeout = pool.connection_kwargs.get("socket_timeout")
+        await pool.release(connection)
 
 
 def _expire(group: list[asyncio.Future[Any]]) -> None:
