@@ -78,6 +78,12 @@ CASES = [
      't.toml: actions.a.flags: "g" is not a declared flag'),
     ("bad name", GOOD.replace("[rules.r]", '[rules."R r"]').replace('["r"]', '["R r"]'),
      "t.toml: rules.R r: names use"),
+    # `$` matched before a trailing newline: such a rule name passed check-config, then
+    # broke every answer's RateLimit header (and, with allowed.py's forms, building the
+    # Checker: `serve` could not start)
+    ("name ending in a newline",
+     GOOD.replace("[rules.r]", '[rules."r\\n"]').replace('["r"]', '["r\\n"]'),
+     "t.toml: rules.r\n: names use"),
     ("no actions", '[rules.r]\nlimit = "1/second"\nkey = []\n',
      "t.toml: actions: at least one action is required"),
     ("route to unknown action",
