@@ -84,6 +84,9 @@ CASES = [
     ("name ending in a newline",
      GOOD.replace("[rules.r]", '[rules."r\\n"]').replace('["r"]', '["r\\n"]'),
      "t.toml: rules.r\n: names use"),
+    # the same for a subject field: it passed, then msgspec.defstruct refused it at start
+    ("subject field ending in a newline", GOOD.replace('key = ["ip"]', 'key = ["user\\n"]'),
+     't.toml: rules.r.key: "user\n" is not a usable subject field name'),
     ("no actions", '[rules.r]\nlimit = "1/second"\nkey = []\n',
      "t.toml: actions: at least one action is required"),
     ("route to unknown action",
