@@ -34,8 +34,8 @@ __all__ = [
 Algorithm = Literal["sliding-log", "sliding-counter"]
 FailMode = Literal["open", "closed"]
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SUBJECT_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")  # (\Z: `$` allows a final newline)
+SUBJECT_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 # Request fields that are not subjects, so no rule may use them as a key.
 RESERVED_FIELDS = frozenset({"action", "cost", "ip_hash", "checks"})
 METHODS = frozenset({"*", "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

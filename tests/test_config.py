@@ -78,6 +78,15 @@ CASES = [
      't.toml: actions.a.flags: "g" is not a declared flag'),
     ("bad name", GOOD.replace("[rules.r]", '[rules."R r"]').replace('["r"]', '["R r"]'),
      "t.toml: rules.R r: names use"),
+    # `$` matched before a trailing newline: such a rule name passed check-config, then
+    # broke every answer's RateLimit header (and, with allowed.py's forms, building the
+    # Checker: `serve` could not start)
+    ("name ending in a newline",
+     GOOD.replace("[rules.r]", '[rules."r\\n"]').replace('["r"]', '["r\\n"]'),
+     "t.toml: rules.r\n: names use"),
+    # the same for a subject field: it passed, then msgspec.defstruct refused it at start
+    ("subject field ending in a newline", GOOD.replace('key = ["ip"]', 'key = ["user\\n"]'),
+     't.toml: rules.r.key: "user\n" is not a usable subject field name'),
     ("no actions", '[rules.r]\nlimit = "1/second"\nkey = []\n',
      "t.toml: actions: at least one action is required"),
     ("route to unknown action",
