@@ -47,7 +47,8 @@ class AllowedForm:
     @classmethod
     def of(cls, action: str, windows: Sequence[tuple[str, int, int]]) -> AllowedForm | None:
         """The form for an action with these (rule, limit, seconds) windows, in order; None
-        when its bytes cannot be cut into one (a marker found elsewhere in them)."""
+        when its bytes cannot be cut into one (a marker found elsewhere in them, a name that
+        cannot go in a header)."""
         marks = [_MARK + i for i in range(2 * len(windows) + 1)]
         limits = [LimitState(rule, limit, seconds, marks[2 * i], marks[2 * i + 1])
                   for i, (rule, limit, seconds) in enumerate(windows)]
@@ -56,7 +57,11 @@ class AllowedForm:
         headers = rate_limit_headers(decision)
         headers["Content-Type"] = JSON
         figures = [str(mark) for mark in marks]
-        head = _cut(wire_head(200, headers, marks[-1]), figures, [b"%d"] * len(figures))
+        try:
+            head_bytes = wire_head(200, headers, marks[-1])
+        except ValueError:  # a line break in a name (the config refuses them): no form
+            return None
+        head = _cut(head_bytes, figures, [b"%d"] * len(figures))
         body = _cut(_encode(decision), [*figures[:-1], _TOKEN_MARK],
                     [b"%d"] * (len(figures) - 1) + [b"%s"])
         if head is None or body is None:

@@ -118,6 +118,7 @@ def test_no_form_when_a_marker_is_part_of_a_name() -> None:
     answers that action."""
     assert AllowedForm.of(f"a{_MARK}", [("r", 1, 1)]) is None
     assert AllowedForm.of("a", [(f"r{_MARK + 1}", 1, 1)]) is None
+    assert AllowedForm.of("a", [("r\n", 1, 1)]) is None  # (config refuses such names)
 
 
 def test_every_action_of_the_example_configs_has_a_form() -> None:
