@@ -182,7 +182,6 @@ class HotProtocol(RequestHandler):
         if self._serving:
             return
         self._serving = True
-        self._touch()
         try:
             held = self._held
             # (``_paused``: the client does not read its answers; resume_writing goes on)
@@ -261,7 +260,10 @@ class HotProtocol(RequestHandler):
 
     def _answer(self, handler: HotHandler, message: RawRequestMessage,
                 payload: StreamReader) -> None:
-        body = payload.read_nowait(-1)
+        # the body is all in (``_handler``): its pieces, as read_nowait(-1) joins them, without
+        # its bookkeeping for a reader that reads on (nothing else reads this payload)
+        body = (b"".join(payload._buffer) if type(payload) is StreamReader
+                else payload.read_nowait(-1))  # (no body: aiohttp's EMPTY_PAYLOAD)
         try:
             answer = handler(self._app, message, body, self)
         except CLIENT_ERRORS as exc:
@@ -309,6 +311,7 @@ class HotProtocol(RequestHandler):
     def _write_soon(self, answer: bytes) -> None:
         """Write an answer given at once at the end of the tick (``Outbox``)."""
         if self.transport is not None and not self._force_close:
+            self._touch()  # (a Later's answer touches in _finish)
             self._queued += len(answer)
             self._outbox.add(self, answer)
             if self._queued > _QUEUED_MAX:  # a client pipelining: let the transport judge
@@ -384,6 +387,7 @@ _INTERNALS = ("_messages", "_waiter", "_parser", "_buffer_paused", "_reading_pau
               "_force_close", "_keepalive_handle", "_keepalive_timeout",
               "_next_keepalive_close_time", "_max_msg_queue_size")
 _METHODS = ("_pause_reading_for_buffer", "_resume_reading_for_buffer", "_process_keepalive")
+_PAYLOAD = ("_buffer",)  # a request body's StreamReader: the pieces of its body
 
 
 def supported() -> bool:
@@ -391,6 +395,7 @@ def supported() -> bool:
     slots = {name for cls in RequestHandler.__mro__ for name in getattr(cls, "__slots__", ())}
     return (all(name in slots for name in _INTERNALS)
             and all(callable(getattr(RequestHandler, name, None)) for name in _METHODS)
+            and all(name in StreamReader.__slots__ for name in _PAYLOAD)
             and not hasattr(web.Server, "__slots__"))
 
 

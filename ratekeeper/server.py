@@ -65,6 +65,7 @@ log = logging.getLogger("ratekeeper.server")
 
 _encode = msgspec.json.Encoder().encode
 Settled = TypeVar("Settled", Decision, Decision | Allowed)
+_new = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -221,7 +222,8 @@ def _later(checker: Checker, stage: Pending, finish: Callable[[Settled], bytes],
     if future is None:
         return Later(asyncio.ensure_future(checker.check_pending(stage)),
                      lambda done: finish(done.result()))
-    return Later(future, lambda done: finish(settle(stage, done)))
+    # (Later(...) without its Python __new__: one is made per check)
+    return _new(Later, (future, lambda done: finish(settle(stage, done))))
 
 
 def _hot_check(app: web.Application, message: Any, body: bytes, protocol: HotProtocol
