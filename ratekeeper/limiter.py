@@ -225,8 +225,8 @@ class Limiter:
         """``check``'s call queued on the coalescer: its reply's future, for ``outcome`` once
         done; None when the check is not one coalesced call (``check`` then). Raises
         StoreUnavailable while the circuit is open."""
-        fast = self._fast
-        if fast is None or not self._topology_known or (  # (``_coalescer``)
+        fast = self._fast  # (``_coalescer()``, without the call: this runs for every check)
+        if fast is None or not self._topology_known or (
                 self.sharded and len(slots.split(keys, n_bans, n_rules, rule_args).groups) > 1):
             return None
         # _call's breaker and errors, with the coalescer's deadline (one timer per event-loop
