@@ -33,9 +33,9 @@ _TOKEN_MARK = "rkTOKENrkMARKrk"
 
 
 class AllowedForm:
-    """The allowed answer of one action: ``wire`` or ``body`` from check.lua's reply for the
-    request (its flat array: status, now, shadowed, culprit, wait, then remaining, reset_ms
-    and retry_ms per window) and its refund token."""
+    """The allowed answer of one action: ``wire`` or ``body`` from its figures (each
+    window's remaining hits and reset in whole seconds, as the answer shows them:
+    ``service.reply_figures``) and its refund token."""
 
     __slots__ = ("_body", "_head", "size")
 
@@ -68,22 +68,12 @@ class AllowedForm:
             return None
         return cls(head, body, 5 + 3 * len(windows))
 
-    def figures(self, reply: Sequence[int]) -> list[int]:
-        """Each window's remaining hits and reset in whole seconds, as the answer says them."""
-        figures: list[int] = []
-        for i in range(5, len(reply), 3):
-            remaining, reset_ms = reply[i], reply[i + 1]
-            figures += (remaining if remaining > 0 else 0,
-                        -(-reset_ms // 1000) if reset_ms > 0 else 0)
-        return figures
-
-    def body(self, reply: Sequence[int], token: bytes) -> bytes:
+    def body(self, figures: Sequence[int], token: bytes) -> bytes:
         """The answer's JSON body."""
-        return self._body % (*self.figures(reply), token)
+        return self._body % (*figures, token)
 
-    def wire(self, reply: Sequence[int], token: bytes) -> bytes:
+    def wire(self, figures: Sequence[int], token: bytes) -> bytes:
         """The whole HTTP answer (``answers.wire``'s bytes)."""
-        figures = self.figures(reply)
         body = self._body % (*figures, token)
         return self._head % (*figures, len(body)) + wire_tail() + body
 

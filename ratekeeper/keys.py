@@ -187,7 +187,7 @@ class Keyspace:
     def key_parts(self, rule: Rule | None = None) -> tuple[str, str, str]:
         """What surrounds a subject in its key names, for building many: ``head + subject +
         tail`` is its ban key (no ``rule``) or the rule's counter key, ``head + subject +
-        penalty_tail`` the rule's penalty key (the same names as the methods below)."""
+        penalty_tail`` the rule's penalty key (the methods below are built on it)."""
         head = f"{self.prefix}:{{"
         if rule is None:
             return head, "}:b", ""
@@ -196,15 +196,18 @@ class Keyspace:
 
     def counter_key(self, subject: str, rule: Rule) -> str:
         """Where a rule keeps its hits for one subject (a LIST for the log, a STRING counter)."""
-        return f"{self.prefix}:{{{subject}}}:{self.rule_tag(rule)}"
+        head, tail, _ = self.key_parts(rule)
+        return head + subject + tail
 
     def penalty_key(self, subject: str, rule: Rule) -> str:
         """Present while a subject sits in a rule's penalty box."""
-        return f"{self.prefix}:{{{subject}}}:{self.rule_tag(rule)}:p"
+        head, _, penalty_tail = self.key_parts(rule)
+        return head + subject + penalty_tail
 
     def ban_key(self, subject: str) -> str:
         """Present while a subject is banned; its TTL is the ban's remaining time."""
-        return f"{self.prefix}:{{{subject}}}:b"
+        head, tail, _ = self.key_parts()
+        return head + subject + tail
 
     def signin_key(self, subject: str) -> str:
         """Failed admin-page sign-ins from one client (a counter with the window's TTL)."""

@@ -201,7 +201,7 @@ class DenialBodies:
         """The answer for ``decision``, as the bytes of an HTTP response (``hotpath``); an
         Allowed's from its action's form."""
         if type(decision) is Allowed:
-            return decision.form.wire(decision.reply, decision.token)
+            return decision.form.wire(decision.figures, decision.token)
         assert isinstance(decision, Decision)
         if decision.allowed:
             body = _encode(decision)
@@ -239,7 +239,7 @@ def _hot_check(app: web.Application, message: Any, body: bytes, protocol: HotPro
 
 def batch_answer(results: list[Decision | Allowed]) -> Answer:
     """The answer to a batch: each allowed check's JSON from its action's form."""
-    encoded = [msgspec.Raw(result.form.body(result.reply, result.token))
+    encoded = [msgspec.Raw(result.form.body(result.figures, result.token))
                if type(result) is Allowed else result for result in results]
     # (a Raw is encoded as the JSON it holds: the same bytes as the Decision it stands for)
     return json_answer(BatchResponse(results=encoded))  # type: ignore[arg-type]

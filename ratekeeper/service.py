@@ -39,7 +39,7 @@ from .wire import (
     decode,
 )
 
-__all__ = ["Allowed", "Checker", "Pending"]
+__all__ = ["Allowed", "Checker", "Pending", "reply_figures"]
 
 REFUND_SLACK_MS = 1000  # as check.lua's SLACK_MS: the marker outlives the hits it guards
 
@@ -83,12 +83,10 @@ def _one_field_tails(action: Action, keyspace: Keyspace
     fields = {tuple(rule.key) for rule in action.rules}
     if len(fields) != 1 or len(next(iter(fields))) != 1:
         return None, ((), ())
-    head, ban_tail, _ = keyspace.key_parts()
+    _, ban_tail, _ = keyspace.key_parts()
     tails, shadow_tails = [ban_tail], [ban_tail]
     for rule in action.rules:
-        rule_head, tail, penalty_tail = keyspace.key_parts(rule)
-        if rule_head != head:
-            return None, ((), ())
+        _, tail, penalty_tail = keyspace.key_parts(rule)  # (every key's head is the same)
         tails.append(tail)
         shadow_tails.append(tail)
         if rule.penalty and not rule.shadow:  # (as _stage: global shadow mode boxes nobody)
@@ -137,10 +135,10 @@ Answer = tuple[Decision, Culprit]
 
 class Allowed(NamedTuple):
     """An allowed, enforced check that took hits, settled without its Decision
-    (``Checker.settle_answer``): ``form.wire(reply, token)`` is its answer."""
+    (``Checker.settle_answer``): ``form.wire(figures, token)`` is its answer."""
 
     form: AllowedForm
-    reply: Sequence[int]  # check.lua's reply for it
+    figures: list[int]  # its windows' figures (``reply_figures``)
     token: bytes  # its refund token
 
 
@@ -160,6 +158,17 @@ class Pending(NamedTuple):
 
 def _rule_culprit(rule: Rule, subject: str) -> Culprit:
     return "+".join(rule.key) or "global", subject
+
+
+def _shown(remaining: int, reset_ms: int) -> tuple[int, int]:
+    """A window as an answer shows it: hits left, never below 0, and whole seconds until it
+    resets, rounded up."""
+    return remaining if remaining > 0 else 0, -(-reset_ms // 1000) if reset_ms > 0 else 0
+
+
+def reply_figures(reply: Sequence[int]) -> list[int]:
+    """Each window's figures (``_shown``) from check.lua's flat reply, in order."""
+    return [figure for i in range(5, len(reply), 3) for figure in _shown(reply[i], reply[i + 1])]
 
 
 def _seconds(ms: int) -> int:
@@ -281,7 +290,7 @@ class Checker:
                 await self.rotation.carry_over(self.limiter, stage.plan.action.rules,
                                                stage.values)
             reply: Sequence[int] | StoreUnavailable = await self.limiter.check_reply(*stage.call)
-        except StoreUnavailable as exc:
+        except StoreUnavailable as exc:  # (the fail modes decide, in _finish)
             reply = exc
         return self._observed(stage.plan, stage.values, stage.cost,
                               self._finish(stage, reply))
@@ -301,25 +310,26 @@ class Checker:
 
     def settle(self, stage: Pending, future: asyncio.Future[Any]) -> Decision:
         """The Decision of a check ``check_soon`` sent, once its future is done."""
-        try:
-            reply: Sequence[int] | StoreUnavailable = self.limiter.reply(future)
-        except StoreUnavailable as exc:
-            reply = exc
-        return self._observed(stage.plan, stage.values, stage.cost, self._finish(stage, reply))
+        return self._observed(stage.plan, stage.values, stage.cost,
+                              self._finish(stage, self._reply(future)))
 
     def settle_answer(self, stage: Pending, future: asyncio.Future[Any]) -> Decision | Allowed:
         """``settle``, but an allowed, enforced check that took hits comes as an Allowed: its
         answer is made from its action's form, and no Decision is built (counted alike)."""
-        try:
-            reply: Sequence[int] | StoreUnavailable = self.limiter.reply(future)
-        except StoreUnavailable as exc:
-            reply = exc
+        reply = self._reply(future)
         allowed = self._allowed(stage, reply)
         if allowed is None:
             return self._observed(stage.plan, stage.values, stage.cost,
                                   self._finish(stage, reply))
         self._count_allowed(stage.plan.action.name, 1)
         return allowed
+
+    def _reply(self, future: asyncio.Future[Any]) -> Sequence[int] | StoreUnavailable:
+        """check.lua's reply in a done ``check_soon`` future, or why Redis gave none."""
+        try:
+            return self.limiter.reply(future)
+        except StoreUnavailable as exc:  # (the fail modes decide, in _finish)
+            return exc
 
     def _allowed(self, stage: Pending, reply: Sequence[int] | StoreUnavailable
                  ) -> Allowed | None:
@@ -332,7 +342,8 @@ class Checker:
             return None
         token = self.refunds.issue_bytes(stage.plan.action.name, stage.subjects, stage.cost,
                                          reply[1])
-        return _new(Allowed, (form, reply, token))  # (Allowed(...) without its Python __new__)
+        # (Allowed(...) without its Python __new__: one is made per check)
+        return _new(Allowed, (form, reply_figures(reply), token))
 
     def _count_allowed(self, action: str, count: int) -> None:
         self.decided += count
@@ -503,9 +514,7 @@ class Checker:
             wait = outcome.wait_ms
             return Decision(allowed=False, reason="banned", action=action.name,
                             retry_after=_seconds(wait) if wait > 0 else 0)
-        # (_seconds inline: this runs for every window of every answer)
-        limits = [LimitState(rule, limit, seconds, remaining if remaining > 0 else 0,
-                             -(-reset_ms // 1000) if reset_ms > 0 else 0)
+        limits = [LimitState(rule, limit, seconds, *_shown(remaining, reset_ms))
                   for (rule, limit, seconds), (remaining, reset_ms, _) in zip(
                       plan.windows, outcome.windows, strict=True)]
         if status is Status.LIMITED:

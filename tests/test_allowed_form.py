@@ -14,7 +14,7 @@ from ratekeeper.config import load_config
 from ratekeeper.headers import rate_limit_headers
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import parse_outcome
-from ratekeeper.service import Checker
+from ratekeeper.service import Checker, reply_figures
 
 from conftest import config_from
 
@@ -82,11 +82,18 @@ def test_form_answers_are_the_usual_bytes(name: str) -> None:
         reply = random_reply(rng, len(plan.windows))
         token = b"r1." + bytes(rng.choice(b"abcXYZ019_-") for _ in range(90)) + b".sig"
         usual = bodies.wire(checker.decision(plan, parse_outcome(reply), token.decode()))
-        made = form.wire(reply, token)
+        made = form.wire(reply_figures(reply), token)
         if made != usual and wire_tail() not in usual:  # the Date's second ticked between
             usual = bodies.wire(checker.decision(plan, parse_outcome(reply), token.decode()))
         assert made == usual, reply
-        assert usual.endswith(form.body(reply, token))
+        assert usual.endswith(form.body(reply_figures(reply), token))
+
+
+def test_figures_are_shown_as_answers_show_them() -> None:
+    """Per window: hits left never below 0, reset in whole seconds rounded up, 0 when
+    nothing is counted."""
+    reply = [1, 5, 0, 0, 0, -3, 1001, 0, 7, 1000, 0, 0, 0, 0, 4, -1, 0]
+    assert reply_figures(reply) == [0, 2, 7, 1, 0, 0, 4, 0]
 
 
 def test_a_percent_sign_or_quote_in_a_name_is_kept_as_the_encoder_writes_it() -> None:
@@ -96,10 +103,10 @@ def test_a_percent_sign_or_quote_in_a_name_is_kept_as_the_encoder_writes_it() ->
     form = AllowedForm.of('act%"ion', windows)
     assert form is not None
     reply = [1, 5, 0, 0, 0, 4, 60000, 0]
-    body = form.body(reply, b"tok")
+    body = form.body(reply_figures(reply), b"tok")
     assert b'"action":"act%\\"ion"' in body and b'"rule":"10%\\"off"' in body
     headers = rate_limit_headers_for(windows)
-    assert form.wire(reply, b"tok").startswith(wire_head(200, headers, len(body)))
+    assert form.wire(reply_figures(reply), b"tok").startswith(wire_head(200, headers, len(body)))
 
 
 def rate_limit_headers_for(windows: Windows) -> dict[str, str]:

@@ -91,18 +91,23 @@ def test_keys_share_the_subject_hash_tag() -> None:
 
 
 @pytest.mark.parametrize("prefix", ["rk", "pypi-prod", "x:y"])
-def test_key_parts_build_the_same_names(prefix: str) -> None:
-    """The parts a check builds its key names from give the methods' names."""
+def test_key_parts_build_the_documented_names(prefix: str) -> None:
+    """A subject's keys are ``<prefix>:{<subject>}:b`` (ban), ``...:<rule tag>`` (counter)
+    and ``...:<rule tag>:p`` (penalty box), whether built from the parts a check uses or by
+    the methods (which are built on them)."""
     keyspace = Keyspace(SALT, prefix=prefix)
     subject = ip_subject(keyspace, "2001:db8::1")
     head, tail, _ = keyspace.key_parts()
-    assert head + subject + tail == keyspace.ban_key(subject)
+    assert head + subject + tail == keyspace.ban_key(subject) == f"{prefix}:{{{subject}}}:b"
     for algorithm in ("sliding-log", "sliding-counter"):
         rule = Rule(name="upload-ip", windows=(Window(10, 300),), key=("ip",),
                     algorithm=algorithm)
+        tag = keyspace.rule_tag(rule)
         head, tail, penalty_tail = keyspace.key_parts(rule)
-        assert head + subject + tail == keyspace.counter_key(subject, rule)
-        assert head + subject + penalty_tail == keyspace.penalty_key(subject, rule)
+        assert head + subject + tail == keyspace.counter_key(subject, rule) == (
+            f"{prefix}:{{{subject}}}:{tag}")
+        assert head + subject + penalty_tail == keyspace.penalty_key(subject, rule) == (
+            f"{prefix}:{{{subject}}}:{tag}:p")
 
 
 def test_network_bytes_never_hold_host_bits() -> None:
