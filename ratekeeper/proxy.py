@@ -33,7 +33,7 @@ from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from multidict import CIMultiDictProxy
 
-from .answers import Answer, response, wire
+from .answers import Answer, response, wire, wire_head, wire_tail
 from .config import Config
 from .errors import BadRequest
 from .forwarded import TrustedProxies
@@ -97,10 +97,13 @@ def _hot_authz(app: web.Application, message: RawRequestMessage, body: bytes,
                protocol: HotProtocol) -> bytes | Later:
     stage = _started(app, *_forwarded(app, message.headers, protocol.remote))
     if stage is None:
-        return wire(Answer(204, {}))
+        return _PASS + wire_tail()  # (most requests nginx asks about match no route)
     if isinstance(stage, Pending):
         return decision_later(app[RUNTIME], stage, _wire_204)
     return _wire_204(stage)
+
+
+_PASS = wire_head(204, {}, 0)  # an unrouted request's answer, up to its Date
 
 
 def _wire_204(decision: Decision) -> bytes:
