@@ -21,11 +21,12 @@ request's call, as a ResponseError), so the limiter's translation of Redis error
 where it is.
 
 On a plain ``redis.asyncio.Redis`` (single server or Sentinel) the call is encoded here and
-written on a pooled connection the coalescer keeps between batches: redis-py's own command
-packing costs more than deciding in Redis. The embedded fakeredis gets a redis-py pipeline;
-a cluster client is not coalesced at all (``coalesced``). A batch is sent again only when
-its connection turns out dead before the first answer (Redis restarted): one that broke
-after some answers is not, so a hit is never taken twice.
+written on a pooled connection the coalescer holds between batches and reads itself
+(``heldconn.py``): redis-py's own command packing costs more than deciding in Redis, and its
+stream-based read a task per batch. The embedded fakeredis gets a redis-py pipeline; a
+cluster client is not coalesced at all (``coalesced``). A batch is sent again only when its
+connection turns out dead before the first answer (Redis restarted, a Sentinel failover):
+one that broke after some answers is not, so a hit is never taken twice.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
+from . import heldconn
+from .heldconn import HeldConnection
 from .scripts import CheckScript, LuaScript, Scripts, check_replies
 
 __all__ = ["Coalescer", "coalesced"]
@@ -103,16 +106,16 @@ def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -
 class Coalescer(CheckScript):
     """Runs check.lua for many callers: one call per event-loop tick, few in flight."""
 
-    __slots__ = ("_direct", "_group", "_idle", "_inflight", "_loop", "_queue", "_scheduled",
-                 "_tasks", "batches", "calls", "dropped", "max_batch", "max_inflight",
-                 "observe", "redis", "script_calls", "timeout")
+    __slots__ = ("_deadline", "_direct", "_group", "_held", "_inflight", "_loop", "_queue",
+                 "_scheduled", "_sentinel", "_tasks", "batches", "calls", "dropped",
+                 "max_batch", "max_inflight", "observe", "redis", "script_calls", "timeout")
 
     def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,
                  max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
         super().__init__(redis, script.name, script.script)
         self.redis = redis
         # a subclass (fakeredis) or a cluster client takes the redis-py pipeline
-        self._direct = type(redis) is Redis
+        self._direct = type(redis) is Redis and heldconn.available()
         self.max_batch = max_batch
         # While this many pipelines are out, calls wait and go in the next, larger one: under
         # load batches grow instead of connections and syscalls.
@@ -128,9 +131,15 @@ class Coalescer(CheckScript):
         self._scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        # pooled connections this coalescer keeps between batches (at most max_inflight):
+        # pooled connections this coalescer holds between batches (at most max_inflight):
         # taking one from redis-py's pool and giving it back cost more than a batch's write
-        self._idle: list[Any] = []
+        self._held: list[HeldConnection] = []
+        # a held connection's batch deadline: each call's, else the pool's socket timeout
+        pool = redis.connection_pool if self._direct else None
+        self._deadline: float | None = timeout if timeout is not None or pool is None else (
+            pool.connection_kwargs.get("socket_timeout"))
+        # a Sentinel's master pool: READONLY there means a failover (``_answered``)
+        self._sentinel = bool(getattr(pool, "is_master", False))
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the state above is of
         # called with each batch's seconds once Redis answered it (the limiter's metrics)
         self.observe: Callable[[float], None] | None = None
@@ -202,7 +211,7 @@ class Coalescer(CheckScript):
         self._scheduled = False
         self._inflight = 0
         self._tasks = set()
-        self._idle = []  # connections of the old loop's transports: never used again
+        self._held = []  # connections of the old loop's transports: never used again
         self.dropped += len(self._queue)
         self._queue = []
 
@@ -221,83 +230,157 @@ class Coalescer(CheckScript):
             if not live:
                 continue
             self._inflight += 1
-            task = asyncio.ensure_future(self._run(live))
-            # the loop keeps only weak references to tasks
-            self._tasks.add(task)
-            task.add_done_callback(self._done)
+            self.calls += len(live)
+            self.batches += 1
+            if self._direct:
+                self._start(live)
+            else:
+                self._spawn(self._run_pipeline(live))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)  # (the loop keeps only weak references to tasks)
+        task.add_done_callback(self._tasks.discard)
+
+    def _settle(self, calls: Sequence[Call], outcome: list[Any] | BaseException) -> None:
+        """A batch is over: each caller gets its reply, or every caller what ended it."""
         self._inflight -= 1
-        if self._queue and not self._scheduled:
+        if isinstance(outcome, BaseException):
+            cancelled = isinstance(outcome, asyncio.CancelledError)
+            for call in calls:
+                future = call[4]
+                if not future.done():
+                    if cancelled:
+                        future.cancel()
+                    else:
+                        future.set_exception(outcome)
+        else:
+            for (_, _, _, _, future), result in zip(calls, outcome, strict=True):
+                if future.done():  # the caller gave up while its batch was out
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        if self._queue and not self._scheduled and self._loop is not None:
             self._scheduled = True
-            task.get_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
-    async def _run(self, batch: list[Call]) -> None:
-        self.calls += len(batch)
-        self.batches += 1
+    # -- on a plain redis.asyncio.Redis: held connections (heldconn.py), no task per batch
+
+    def _start(self, calls: list[Call]) -> None:
+        commands, callers = _merged(calls)
+        self.script_calls += len(commands)
+        data = b"".join([encode_evalsha(self.sha, keys, args) for keys, args in commands])
+        deadline = None
+        if self._deadline is not None:
+            deadline = self._loop.time() + self._deadline  # type: ignore[union-attr]
+        batch = _Batch(calls, commands, callers, data, deadline)
+        held = self._held
+        while held and held[-1].closed:  # (the server closed it while it was idle)
+            self._spawn(held.pop().release(self.redis.connection_pool))
+        if held:
+            held.pop().send(data, len(commands), batch, deadline)
+        else:
+            self._spawn(self._connect(batch))
+
+    async def _connect(self, batch: _Batch) -> None:
+        """Send ``batch`` on a connection fresh from the pool, held from then on."""
+        try:
+            if batch.deadline is None:
+                connection = await self.redis.connection_pool.get_connection()
+            else:
+                async with asyncio.timeout_at(batch.deadline):
+                    connection = await self.redis.connection_pool.get_connection()
+        except BaseException as exc:  # (the pool's connect: every caller sees it fail)
+            self._settle(batch.calls, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        held = HeldConnection.take(connection, self._answered)
+        held.send(batch.data, batch.expected, batch, batch.deadline)
+
+    def _answered(self, held: HeldConnection, batch: _Batch,
+                  outcome: list[Any] | BaseException) -> None:
+        """A held connection's batch is back (or ended): retry, resend or settle it."""
+        answered = held.answered  # replies that came before the end, if it ended
+        if self._sentinel and not isinstance(outcome, BaseException):
+            readonly = [i for i, reply in enumerate(outcome) if isinstance(reply, ReadOnlyError)]
+            if readonly:
+                # A Sentinel's master turned replica under an open connection: as redis-py
+                # does, the connection goes and the reply is an error of the connection
+                # (its pool asks the Sentinels for the new master when it connects again)
+                held.close()
+                outcome = RedisConnectionError("The previous master is now a slave")
+                answered = readonly[0]
+        if isinstance(outcome, BaseException):
+            self._spawn(held.release(self.redis.connection_pool))
+            if isinstance(outcome, RedisConnectionError) and answered == 0 and not batch.retried:
+                # Nothing of this write reached a live server (Redis restarted, closed the
+                # connection, failed over): sending it once more cannot take a hit twice.
+                # The other held connections are likely dead too: they go back to the pool,
+                # and the batch goes again on one the pool connects. A write that broke
+                # after some answers is not sent again.
+                batch.retried = True
+                self._drop_held()
+                self._spawn(self._connect(batch))
+                return
+            self._settle(batch.calls, outcome)
+            return
+        if batch.replies is None:
+            missing = [i for i, reply in enumerate(outcome) if isinstance(reply, NoScriptError)]
+            if missing:
+                # Redis lost its script cache (a restart, a failover, SCRIPT FLUSH): those
+                # calls did not run. EVAL carries the source, so it runs whatever the cache
+                # holds (a second flush racing a reload cannot fail it) and caches the
+                # script again.
+                batch.replies, batch.missing, batch.retried = outcome, missing, False
+                batch.data = b"".join([encode_eval(self.script, *batch.commands[i])
+                                       for i in missing])
+                batch.expected = len(missing)
+                held.send(batch.data, batch.expected, batch, batch.deadline)
+                return
+            replies = outcome
+        else:
+            replies = batch.replies
+            for i, reply in zip(batch.missing, outcome, strict=True):
+                replies[i] = reply
+        self._held.append(held)
+        if self.observe is not None:
+            self.observe(time.perf_counter() - batch.started)
+        self._settle(batch.calls, _results(batch.calls, batch.callers, replies))
+
+    def _drop_held(self) -> None:
+        """Close the idle held connections and give them back to the pool."""
+        held, self._held = self._held, []
+        for connection in held:
+            self._spawn(connection.release(self.redis.connection_pool))
+
+    # -- on anything else (the embedded fakeredis): redis-py's pipeline, a task per batch
+
+    async def _run_pipeline(self, calls: list[Call]) -> None:
         started = time.perf_counter()
         try:
-            if self.timeout is None:
-                results = await self._send(batch)
-            else:
-                async with asyncio.timeout(self.timeout):
-                    results = await self._send(batch)
-        except asyncio.CancelledError:
-            for call in batch:
-                call[4].cancel()
-            raise
+            async with asyncio.timeout(self.timeout):
+                commands, callers = _merged(calls)
+                self.script_calls += len(commands)
+                replies = await self._pipeline(commands, by_sha=True)
+                missing = [i for i, reply in enumerate(replies)
+                           if isinstance(reply, NoScriptError)]
+                if missing:  # (as _answered)
+                    again = await self._pipeline([commands[i] for i in missing], by_sha=False)
+                    for i, reply in zip(missing, again, strict=True):
+                        replies[i] = reply
         except BaseException as exc:  # every caller sees the transport's failure
-            for call in batch:
-                if not call[4].done():
-                    call[4].set_exception(exc)
+            self._settle(calls, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         if self.observe is not None:
             self.observe(time.perf_counter() - started)
-        for (_, _, _, _, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller gave up while its batch was out
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-    async def _send(self, batch: Sequence[Call]) -> list[Any]:
-        """Each call's own reply (or exception), in batch order."""
-        results: list[Any] = [None] * len(batch)
-        commands, callers = _merged(batch)
-        replies = await self._pipeline(commands, by_sha=True)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
-            # Redis lost its script cache (a restart, a failover, SCRIPT FLUSH): those calls
-            # did not run. EVAL carries the source, so it runs whatever the cache holds (a
-            # second flush racing a reload cannot fail it) and caches the script again.
-            again = await self._pipeline([commands[i] for i in missing], by_sha=False)
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-        for indexes, reply in zip(callers, replies, strict=True):
-            if isinstance(reply, Exception):  # the whole call failed: so did each request
-                for i in indexes:
-                    results[i] = reply
-                continue
-            answers = check_replies(reply)
-            if len(answers) != len(indexes):
-                error = ResponseError(f"check.lua answered {len(answers)} requests of "
-                                      f"{len(indexes)}")
-                answers = [error] * len(indexes)
-            for i, answer in zip(indexes, answers, strict=True):
-                results[i] = answer
-        return results
+        self._settle(calls, _results(calls, callers, replies))
 
     async def _pipeline(self, commands: Sequence[Command], *, by_sha: bool) -> list[Any]:
-        self.script_calls += len(commands)
-        if self._direct:
-            if by_sha:
-                data = b"".join([encode_evalsha(self.sha, keys, args) for keys, args in commands])
-            else:
-                data = b"".join([encode_eval(self.script, keys, args)
-                                 for keys, args in commands])
-            return await self._write_and_read(data, len(commands))
         pipe = self.redis.pipeline(transaction=False)
         for keys, args in commands:
             if by_sha:
@@ -306,62 +389,43 @@ class Coalescer(CheckScript):
                 pipe.eval(self.script, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def _write_and_read(self, data: bytes, replies: int) -> list[Any]:
-        try:
-            return await self._write_and_read_once(data, replies)
-        except _NothingAnswered:
-            # The connection was dead (Redis restarted, closed it, failed over): nothing of
-            # this batch reached a live server, so sending it once more cannot take a hit
-            # twice. The other held connections are likely dead too: they go back to the
-            # pool, and the batch goes again on one the pool checks (and reconnects).
-            # A batch that broke after some answers is not sent again.
-            await self._drop_idle()
-            try:
-                return await self._write_and_read_once(data, replies, fresh=True)
-            except _NothingAnswered as exc:
-                raise exc.cause from None
 
-    async def _write_and_read_once(self, data: bytes, replies: int, *,
-                                   fresh: bool = False) -> list[Any]:
-        pool = self.redis.connection_pool
-        if self._idle and not fresh:
-            connection = self._idle.pop()
-        else:
-            connection = await pool.get_connection()
-            if self.timeout is not None:
-                # held: each batch is bounded by this coalescer's deadline (``_run``), so
-                # redis-py's own socket timeout, a task per send and a timer per read on
-                # Python 3.11, is set aside until the connection goes back (``_release``)
-                connection.socket_timeout = None
-        results: list[Any] = []
-        try:
-            await connection.send_packed_command(data, check_health=False)
-            for _ in range(replies):
-                try:
-                    results.append(await connection.read_response())
-                except ResponseError as exc:  # a script error is one call's answer
-                    results.append(exc)
-        except BaseException as exc:
-            # replies may still be on the wire: this connection cannot be reused
-            await self._release(connection)
-            if isinstance(exc, RedisConnectionError) and not results:
-                raise _NothingAnswered(exc) from exc
-            raise
-        self._idle.append(connection)
-        return results
+class _Batch:
+    """A batch out on a held connection: its callers, its script calls, where it stands."""
 
-    async def _drop_idle(self) -> None:
-        """Close the held connections and give them back to the pool."""
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await self._release(connection)
+    __slots__ = ("callers", "calls", "commands", "data", "deadline", "expected", "missing",
+                 "replies", "retried", "started")
 
-    async def _release(self, connection: Any) -> None:
-        """Close a held connection and give it back to the pool as the pool made it."""
-        await connection.disconnect(nowait=True)
-        pool = self.redis.connection_pool
-        connection.socket_timeout = pool.connection_kwargs.get("socket_timeout")
-        await pool.release(connection)
+    def __init__(self, calls: list[Call], commands: list[Command], callers: list[list[int]],
+                 data: bytes, deadline: float | None) -> None:
+        self.calls = calls
+        self.commands = commands
+        self.callers = callers
+        self.data = data  # what is (or was last) written
+        self.expected = len(commands)  # replies to it
+        self.deadline = deadline
+        self.started = time.perf_counter()
+        self.replies: list[Any] | None = None  # the EVALSHA replies, while some go again
+        self.missing: list[int] = []  # which of them go again as EVAL
+        self.retried = False  # this write went again on a fresh connection
+
+
+def _results(calls: Sequence[Call], callers: list[list[int]], replies: list[Any]) -> list[Any]:
+    """Each call's own reply (or exception), in batch order, from its script calls' replies."""
+    results: list[Any] = [None] * len(calls)
+    for indexes, reply in zip(callers, replies, strict=True):
+        if isinstance(reply, Exception):  # the whole call failed: so did each request
+            for i in indexes:
+                results[i] = reply
+            continue
+        answers = check_replies(reply)
+        if len(answers) != len(indexes):
+            error = ResponseError(f"check.lua answered {len(answers)} requests of "
+                                  f"{len(indexes)}")
+            answers = [error] * len(indexes)
+        for i, answer in zip(indexes, answers, strict=True):
+            results[i] = answer
+    return results
 
 
 def _expire(group: list[asyncio.Future[Any]]) -> None:
@@ -424,14 +488,6 @@ def _merged(batch: Sequence[Call]) -> tuple[list[Command], list[list[int]]]:
             runs.append(run)
         run.add(i, keys, rule_set, cost, len(keys))
     return [run.command() for run in runs], [run.callers for run in runs]
-
-
-class _NothingAnswered(Exception):
-    """The connection failed before the first reply of a batch."""
-
-    def __init__(self, cause: RedisConnectionError) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
 
 
 def coalesced(scripts: Scripts, redis: Any, timeout: float | None = None) -> Scripts:

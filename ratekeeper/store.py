@@ -30,10 +30,14 @@ class Store:
 
     redis: Any
     kind: str  # "memory", "redis", "cluster" or "sentinel"
+    # clients opened besides ``redis``: a Sentinel's, which it asks for the master
+    others: tuple[Any, ...] = ()
 
     async def close(self) -> None:
         """Close every connection."""
         await self.redis.aclose()
+        for client in self.others:
+            await client.aclose()
 
     async def ping(self) -> bool:
         """True when the store answers."""
@@ -96,7 +100,7 @@ def open_store(settings: Settings) -> Store:
             password=parts.password,
         )
         master = sentinel.master_for(service, retry=_retry(), max_connections=POOL_SIZE)
-        return Store(redis=master, kind="sentinel")
+        return Store(redis=master, kind="sentinel", others=tuple(sentinel.sentinels))
     from redis.asyncio import BlockingConnectionPool, Redis
 
     # A bounded pool that queues: a burst waits for a connection (within the call's

@@ -596,26 +596,27 @@ async def test_failed_batches_give_their_connection_back_to_the_pool(
         await client.aclose()
 
 
-async def test_held_connections_go_back_with_the_pools_socket_timeout(
+async def test_a_held_connection_goes_back_to_its_pool_usable(
         lone_redis: RedisServer, key_prefix: str) -> None:
-    """A coalescer with a deadline holds its connections without redis-py's socket timeout
-    (its own deadline bounds each batch); one it gives back to the pool carries the pool's
-    timeout again, so other callers keep their backstop."""
-    pool = BlockingConnectionPool.from_url(lone_redis.url, max_connections=2, timeout=0.5,
-                                           socket_timeout=7.0, retry=Retry(NoBackoff(), 0))
+    """The coalescer reads the connections it holds itself (``heldconn.py``); one it lets go
+    goes back to its pool, whose next user gets it connected anew and speaking through
+    redis-py (a pool of one connection: the same one each time)."""
+    pool = BlockingConnectionPool.from_url(lone_redis.url, max_connections=1, timeout=0.5,
+                                           retry=Retry(NoBackoff(), 0))
     client = aioredis.Redis.from_pool(pool)
     try:
         coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0)
         assert remaining(await coalescer.queue(*one_request(key_prefix, "a"))) == 99
-        (held,) = coalescer._idle
-        assert held.socket_timeout is None
-        await coalescer._drop_idle()  # (what a batch that found it dead does)
-        assert held.socket_timeout == 7.0 and coalescer._idle == []
-        async with client.client() as other:  # the pool's connections keep their timeout
-            assert await other.ping()
-            assert other.connection is not None and other.connection.socket_timeout == 7.0
+        (held,) = coalescer._held
+        assert held.transport.get_protocol() is held and not held.closed
+        coalescer._drop_held()  # (what a batch that found its connection dead does)
+        await asyncio.gather(*coalescer._tasks)
+        assert held.closed and coalescer._held == []
+        assert await client.ping()  # through redis-py, on the pool's one connection
+        assert await client.get(f"{key_prefix}:none") is None
         assert remaining(await coalescer.queue(*one_request(key_prefix, "a"))) == 98
-        assert [c.socket_timeout for c in coalescer._idle] == [None]
+        (again,) = coalescer._held
+        assert again is not held and again.connection is held.connection
     finally:
         await client.aclose()
 

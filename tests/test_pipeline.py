@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.flags import FlagBoard
@@ -237,3 +237,42 @@ async def test_a_dead_pooled_connection_is_replaced_once(key_prefix: str) -> Non
             assert [parse_outcome(r).windows[0].remaining for r in again] == [99, 98, 97]
         finally:
             await client.aclose()
+
+
+class MasterPool(BlockingConnectionPool):
+    """A pool that says it is a Sentinel's master pool (``SentinelConnectionPool``'s flag)."""
+
+    is_master = True
+
+
+@pytest.mark.parametrize("pool_class", [BlockingConnectionPool, MasterPool])
+async def test_readonly_through_a_sentinel_master_pool_goes_again_once(
+        pool_class: type[BlockingConnectionPool], key_prefix: str) -> None:
+    """READONLY through a Sentinel's master pool means the master was demoted while the
+    connection stayed open: as redis-py does with such a connection, the coalescer drops it
+    and, nothing having been written, sends the call once more on a fresh one; a replica
+    still answering READONLY fails the caller with a ConnectionError. Through a plain pool
+    the caller gets READONLY itself, on the one connection."""
+    with running_redis() as master, running_redis(
+            extra=("--replicaof", "127.0.0.1", str(master.port))) as replica:
+        pool = pool_class.from_url(replica.url, max_connections=4, timeout=1.0,
+                                   retry=Retry(NoBackoff(), 0))
+        client = aioredis.Redis.from_pool(pool)
+        try:
+            coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0)
+            before = int(replica.cli("INFO", "stats").split("total_connections_received:")[1]
+                         .split()[0])
+            with pytest.raises(RedisError) as raised:
+                await coalescer.queue(*counter_call(key_prefix, "x"))
+            after = int(replica.cli("INFO", "stats").split("total_connections_received:")[1]
+                        .split()[0])
+        finally:
+            await client.aclose()
+    if pool_class is MasterPool:
+        assert isinstance(raised.value, RedisConnectionError)
+        assert after - before == 3  # two connections (the call, once more), and our INFO
+        assert coalescer._held == []
+    else:
+        assert isinstance(raised.value, ReadOnlyError)
+        assert after - before == 2  # one connection, and our INFO
+        assert len(coalescer._held) == 1

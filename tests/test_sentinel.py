@@ -1,9 +1,11 @@
 """Sentinel: with a real master, replica and sentinel, the master is killed; decisions go on
-(degraded while the sentinel fails over, then normal ones from the promoted replica)."""
+(degraded while the sentinel fails over, then normal ones from the promoted replica). A
+master demoted in place is left for the new one."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -70,3 +72,36 @@ async def test_decisions_go_on_after_failover(make_client: Any, sentinel: Sentin
     assert body["limits"][0]["remaining"] == 96
     assert (await ask())["limits"][0]["remaining"] == 95
     assert (await client.get("/readyz")).status == 200
+
+
+async def test_a_master_demoted_in_place_is_left_for_the_new_one(
+        make_client: Any, sentinel: SentinelServers, key_prefix: str) -> None:
+    """A manual failover turns the master into a replica while the sidecar's connections to
+    it stay open: its write meets READONLY, and the check goes again to the new master
+    (nothing was written on the replica), so the answer is a normal decision counted once."""
+    settings = Settings(redis_url=sentinel.url, ip_salt=SALT, key_prefix=key_prefix,
+                        redis_timeout_ms=500)
+    client = await make_client(CONFIG, app_settings=settings)
+
+    async def ask() -> Any:
+        resp = await client.post("/v1/check", json={"action": "a", "ip": "192.0.2.1"})
+        assert resp.status == 200
+        return await resp.json()
+
+    for expected in (99, 98, 97):
+        body = await ask()
+        assert not body["degraded"] and body["limits"][0]["remaining"] == expected
+    old_master = sentinel.master.port
+    assert await asyncio.to_thread(sentinel.master.cli, "WAIT", "1", "2000") == "1"
+    await asyncio.to_thread(subprocess.run, ["redis-cli", "-p", str(sentinel.sentinel_port),
+                                             "SENTINEL", "FAILOVER", sentinel.service],
+                            check=True, capture_output=True, timeout=10)
+    started = time.monotonic()
+    while not (sentinel.master_port() == sentinel.replica.port
+               and "role:slave" in sentinel.master.cli("INFO", "replication")):
+        assert time.monotonic() - started < 30, "no failover within 30 s"
+        await asyncio.sleep(0.05)
+    assert sentinel.master_port() != old_master
+    for expected in (96, 95):
+        body = await ask()
+        assert not body["degraded"] and body["limits"][0]["remaining"] == expected
