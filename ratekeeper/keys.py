@@ -31,6 +31,9 @@ __all__ = ["Keyspace", "SubjectParts", "contains_ip", "is_subject_hash"]
 SubjectParts = Iterable[tuple[str, bytes]]
 
 DIGEST_BYTES = 16  # 128 bits kept of the HMAC-SHA256
+SHA256_BLOCK = 64  # bytes: HMAC pads (or first hashes) its key to this
+_IPAD = bytes(b ^ 0x36 for b in range(256))  # (bytes.translate tables: each byte XOR pad)
+_OPAD = bytes(b ^ 0x5C for b in range(256))
 # Recently seen IP texts and subjects, per process: a request hashes its IP subject twice (its
 # ban key and its rule key) and a flood repeats a few subjects, so most lookups hit. Bounded,
 # and emptied when full; it lives in process memory only, like the request itself.
@@ -81,8 +84,8 @@ def contains_ip(text: str) -> bool:
 class Keyspace:
     """Turns subjects into salted hashes and hashes into Redis key names."""
 
-    __slots__ = ("_grouping", "_ips", "_mac", "_rule_tags", "_salt", "_subjects", "prefix",
-                 "previous")
+    __slots__ = ("_grouping", "_inner", "_ips", "_outer", "_rule_tags", "_salt", "_subjects",
+                 "prefix", "previous")
 
     def __init__(self, salt: bytes, *, prefix: str = "rk", grouping: IPGrouping | None = None,
                  previous_salt: bytes | None = None) -> None:
@@ -92,8 +95,13 @@ class Keyspace:
         self.prefix = prefix
         self._grouping = grouping or IPGrouping()
         self._rule_tags: dict[tuple[str, str], str] = {}
-        # keyed once: copying a keyed HMAC is cheaper than keying one per subject
-        self._mac = hmac.new(salt, digestmod=hashlib.sha256)
+        # HMAC-SHA256 keyed once (RFC 2104): its inner and outer hashes, copied per subject;
+        # two hashlib copies cost less than copying an hmac.HMAC, which keys nothing anew
+        # but goes through Python (0.66 against 1.09 us per subject)
+        key = (hashlib.sha256(salt).digest() if len(salt) > SHA256_BLOCK else salt).ljust(
+            SHA256_BLOCK, b"\0")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
         self._ips: dict[str, bytes] = {}
         self._subjects: dict[tuple[tuple[str, bytes], ...], str] = {}
         # the same keyspace under the salt before the last rotation, while it is honoured
@@ -159,10 +167,12 @@ class Keyspace:
         cached = self._subjects.get(key)
         if cached is not None:
             return cached
-        mac = self._mac.copy()
+        inner = self._inner.copy()
         for field, value in key:
-            mac.update(b"%s\x00%d\x00%s" % (field.encode(), len(value), value))
-        subject = b64url(mac.digest()[:DIGEST_BYTES])
+            inner.update(b"%s\x00%d\x00%s" % (field.encode(), len(value), value))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        subject = b64url(outer.digest()[:DIGEST_BYTES])
         if len(self._subjects) >= CACHE_ENTRIES:
             self._subjects.clear()
         self._subjects[key] = subject
