@@ -106,7 +106,6 @@ class HeldConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader = self._reader
         reader.feed(data)
-        replies = self._replies
         try:
             while True:
                 reply = reader.gets()
@@ -114,6 +113,7 @@ class HeldConnection(asyncio.Protocol):
                     return
                 if self._token is None:  # a reply nobody asked for: not RESP we can follow
                     raise InvalidResponse("a reply came while no batch was out")
+                replies = self._replies  # (the owner's callback may have sent the next batch)
                 replies.append(reply)
                 if len(replies) == self._expected:
                     token, self._token = self._token, None

@@ -172,18 +172,16 @@ class Coalescer(CheckScript):
         With a ``timeout``, the future fails with TimeoutError once it has waited that long
         (queued or sent): the calls queued in one tick share one timer.
         """
-        return self.request_many([(keys, now, cost, rule_set)])[0]
+        loop = self._running()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.append((keys, now, cost, rule_set, future))
+        self._queued(loop, (future,))
+        return future
 
     def request_many(self, requests: Iterable[tuple[Sequence[str], Arg, Arg, tuple[Arg, ...]]]
                      ) -> list[asyncio.Future[Any]]:
         """``request`` for each (keys, now, cost, rule set), in order: one future each."""
-        loop = self._loop
-        # (asyncio.get_running_loop costs a getpid() syscall on Python 3.11: it is asked
-        # only when the loop this coalescer was last used on is not the one running)
-        if loop is None or not loop.is_running():
-            loop = asyncio.get_running_loop()
-            if loop is not self._loop:
-                self._adopt(loop)
+        loop = self._running()
         create = loop.create_future
         futures: list[asyncio.Future[Any]] = []
         queue = self._queue
@@ -191,6 +189,23 @@ class Coalescer(CheckScript):
             future: asyncio.Future[Any] = create()
             queue.append((keys, now, cost, rule_set, future))
             futures.append(future)
+        self._queued(loop, futures)
+        return futures
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        """The running loop (asyncio.get_running_loop costs a getpid() syscall on Python
+        3.11: it is asked only when the loop this coalescer was last used on is not the one
+        running)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                self._adopt(loop)
+        return loop
+
+    def _queued(self, loop: asyncio.AbstractEventLoop,
+                futures: Sequence[asyncio.Future[Any]]) -> None:
+        """Calls were queued: their deadline (one timer per tick) and the next flush."""
         if self.timeout is not None:
             group = self._group
             if group is None:
@@ -201,7 +216,6 @@ class Coalescer(CheckScript):
         if not self._scheduled and self._inflight < self.max_inflight:
             self._scheduled = True
             loop.call_soon(self._flush)
-        return futures
 
     def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start afresh on another event loop: what was pending belonged to the old one (its
@@ -412,6 +426,10 @@ class _Batch:
 
 def _results(calls: Sequence[Call], callers: list[list[int]], replies: list[Any]) -> list[Any]:
     """Each call's own reply (or exception), in batch order, from its script calls' replies."""
+    if len(replies) == 1 and not isinstance(replies[0], Exception):
+        answers = check_replies(replies[0])  # one script call, the batch's callers in order
+        if len(answers) == len(calls):
+            return answers
     results: list[Any] = [None] * len(calls)
     for indexes, reply in zip(callers, replies, strict=True):
         if isinstance(reply, Exception):  # the whole call failed: so did each request
