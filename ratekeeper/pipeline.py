@@ -106,7 +106,8 @@ def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -
 class Coalescer(CheckScript):
     """Runs check.lua for many callers: one call per event-loop tick, few in flight."""
 
-    __slots__ = ("_deadline", "_direct", "_group", "_held", "_inflight", "_loop", "_queue",
+    __slots__ = ("_deadline", "_direct", "_group", "_groups", "_held", "_inflight", "_loop",
+                 "_queue",
                  "_scheduled", "_sentinel", "_tasks", "batches", "calls", "dropped",
                  "max_batch", "max_inflight", "observe", "redis", "script_calls", "timeout")
 
@@ -128,6 +129,10 @@ class Coalescer(CheckScript):
         self.script_calls = 0  # check.lua calls sent: one per batch, unless its now_ms differ
         self.dropped = 0  # calls whose caller gave up before they were sent
         self._queue: list[Call] = []
+        # how many calls each request()/request_many() queued, in order: a batch request's
+        # checks are never split between two script calls, which two connections could
+        # deliver to Redis in either order
+        self._groups: list[int] = []
         self._scheduled = False
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -206,6 +211,7 @@ class Coalescer(CheckScript):
     def _queued(self, loop: asyncio.AbstractEventLoop,
                 futures: Sequence[asyncio.Future[Any]]) -> None:
         """Calls were queued: their deadline (one timer per tick) and the next flush."""
+        self._groups.append(len(futures))
         if self.timeout is not None:
             group = self._group
             if group is None:
@@ -228,6 +234,7 @@ class Coalescer(CheckScript):
         self._held = []  # connections of the old loop's transports: never used again
         self.dropped += len(self._queue)
         self._queue = []
+        self._groups = []
 
     def _close_group(self) -> None:
         self._group = None  # the next tick's calls get a timer of their own
@@ -235,8 +242,10 @@ class Coalescer(CheckScript):
     def _flush(self) -> None:
         self._scheduled = False
         while self._queue and self._inflight < self.max_inflight:
-            batch = self._queue[:self.max_batch]
-            del self._queue[:self.max_batch]
+            queue = self._queue
+            size = self._cut()
+            batch = queue[:size]
+            del queue[:size]
             # a caller that already gave up (its deadline passed) is not sent: it has had
             # its answer, and the hit it asked for must not be taken behind its back
             live = [call for call in batch if not call[4].done()]
@@ -250,6 +259,19 @@ class Coalescer(CheckScript):
                 self._start(live)
             else:
                 self._spawn(self._run_pipeline(live))
+
+    def _cut(self) -> int:
+        """How many queued calls the next batch takes: whole groups (``_groups``), at most
+        ``max_batch`` calls, or the first group whatever its size."""
+        groups = self._groups
+        size = taken = 0
+        for group in groups:
+            if taken and size + group > self.max_batch:
+                break
+            size += group
+            taken += 1
+        del groups[:taken]
+        return size
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

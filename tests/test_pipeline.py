@@ -94,6 +94,26 @@ async def test_one_tick_is_one_pipeline_and_answers_go_to_their_callers(
     assert all(r.status is Status.ALLOWED for r in results)
 
 
+async def test_a_batch_requests_checks_always_go_in_one_call(
+        redis: aioredis.Redis, key_prefix: str) -> None:
+    """A batch request's checks (one request_many) go in one script call whatever its size,
+    so Redis decides them in their order even past max_batch (two calls out on two
+    connections could reach it in either order); single calls queued with it go in calls of
+    their own around it."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check, max_batch=8)
+    before = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(5)]
+    subject = f"{key_prefix}:{{one}}:r"  # one subject, limit 30: the order shows
+    group = coalescer.request_many([([subject], "", 1, ("c", "0", 0, 1, 30, 60_000))] * 40)
+    after = [coalescer.queue(*counter_call(key_prefix, f"t{i}")) for i in range(5)]
+    replies = await asyncio.gather(*group)
+    await asyncio.gather(*before, *after)
+    assert coalescer.calls == 50 and coalescer.batches == 3  # 5, the 40, 5
+    assert [parse_outcome(r).status for r in replies] == (
+        [Status.ALLOWED] * 30 + [Status.LIMITED] * 10)
+    assert [parse_outcome(r).windows[0].remaining for r in replies[:30]] == list(
+        range(29, -1, -1))
+
+
 async def test_max_batch_splits_a_large_tick(redis: aioredis.Redis, key_prefix: str) -> None:
     """A tick with more calls than max_batch goes out as several pipelines, none lost."""
     coalescer = Coalescer(redis, Scripts.register(redis).check, max_batch=8)
