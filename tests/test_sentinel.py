@@ -93,10 +93,15 @@ async def test_a_master_demoted_in_place_is_left_for_the_new_one(
         assert not body["degraded"] and body["limits"][0]["remaining"] == expected
     old_master = sentinel.master.port
     assert await asyncio.to_thread(sentinel.master.cli, "WAIT", "1", "2000") == "1"
-    await asyncio.to_thread(subprocess.run, ["redis-cli", "-p", str(sentinel.sentinel_port),
-                                             "SENTINEL", "FAILOVER", sentinel.service],
-                            check=True, capture_output=True, timeout=10)
     started = time.monotonic()
+    while True:  # (NOGOODSLAVE until the sentinel has seen the replica caught up)
+        out = await asyncio.to_thread(subprocess.run, [
+            "redis-cli", "-p", str(sentinel.sentinel_port), "SENTINEL", "FAILOVER",
+            sentinel.service], capture_output=True, text=True, timeout=10)
+        if out.stdout.strip() == "OK":
+            break
+        assert time.monotonic() - started < 30, f"SENTINEL FAILOVER refused: {out.stdout}"
+        await asyncio.sleep(0.2)
     while not (sentinel.master_port() == sentinel.replica.port
                and "role:slave" in sentinel.master.cli("INFO", "replication")):
         assert time.monotonic() - started < 30, "no failover within 30 s"
