@@ -4,8 +4,8 @@ replies are parsed as they arrive, with no task and no stream in between.
 redis-py reads a reply through asyncio's streams: a batch sent with ``send_packed_command``
 and read with ``read_response`` costs a task to run it, an ``asyncio.timeout``, a
 ``StreamWriter.drain``, and for each reply a ``StreamReader`` wait and a pass of the task.
-With two workers that was about 5 us of worker CPU per ``/v1/check`` request at 15 checks
-per call, a tenth of it (``loadtest/README.md``).
+With two workers that was 3 - 5 us of worker CPU per ``/v1/check`` request at 15 checks
+per call, up to a tenth of it (``loadtest/README.md``).
 
 ``HeldConnection.take`` takes a connection redis-py's pool made, so connecting, AUTH, SELECT,
 TLS and Sentinel's choice of master stay redis-py's, and makes itself its transport's
