@@ -107,8 +107,7 @@ class Coalescer(CheckScript):
     """Runs check.lua for many callers: one call per event-loop tick, few in flight."""
 
     __slots__ = ("_deadline", "_direct", "_group", "_groups", "_held", "_inflight", "_loop",
-                 "_queue",
-                 "_scheduled", "_sentinel", "_tasks", "batches", "calls", "dropped",
+                 "_queue", "_scheduled", "_sentinel", "_tasks", "batches", "calls", "dropped",
                  "max_batch", "max_inflight", "observe", "redis", "script_calls", "timeout")
 
     def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -36,12 +36,12 @@ def sentinel() -> Iterator[SentinelServers]:
     servers.stop()
 
 
-async def test_decisions_go_on_after_failover(make_client: Any, sentinel: SentinelServers,
-                                              key_prefix: str) -> None:
-    """Kill the master: every answer is still a 200 decision; once the sentinel has promoted
-    the replica, decisions are normal again and keep counting the replicated hits."""
+async def three_hits_replicated(make_client: Any, sentinel: SentinelServers, key_prefix: str,
+                                timeout_ms: int) -> tuple[Any, Callable[[], Awaitable[Any]]]:
+    """A sidecar on the sentinel's service, and its ``ask`` (one check, always a 200): three
+    checks counted on the master, and on the replica too (replication is asynchronous)."""
     settings = Settings(redis_url=sentinel.url, ip_salt=SALT, key_prefix=key_prefix,
-                        redis_timeout_ms=100)
+                        redis_timeout_ms=timeout_ms)
     client = await make_client(CONFIG, app_settings=settings)
 
     async def ask() -> Any:
@@ -52,9 +52,16 @@ async def test_decisions_go_on_after_failover(make_client: Any, sentinel: Sentin
     for expected in (99, 98, 97):
         body = await ask()
         assert not body["degraded"] and body["limits"][0]["remaining"] == expected
-    old_master = sentinel.master.port
-    # the replica has the hits before the master dies (replication is asynchronous)
     assert await asyncio.to_thread(sentinel.master.cli, "WAIT", "1", "2000") == "1"
+    return client, ask
+
+
+async def test_decisions_go_on_after_failover(make_client: Any, sentinel: SentinelServers,
+                                              key_prefix: str) -> None:
+    """Kill the master: every answer is still a 200 decision; once the sentinel has promoted
+    the replica, decisions are normal again and keep counting the replicated hits."""
+    client, ask = await three_hits_replicated(make_client, sentinel, key_prefix, 100)
+    old_master = sentinel.master.port
     sentinel.master.kill()
 
     degraded = 0
@@ -79,20 +86,8 @@ async def test_a_master_demoted_in_place_is_left_for_the_new_one(
     """A manual failover turns the master into a replica while the sidecar's connections to
     it stay open: its write meets READONLY, and the check goes again to the new master
     (nothing was written on the replica), so the answer is a normal decision counted once."""
-    settings = Settings(redis_url=sentinel.url, ip_salt=SALT, key_prefix=key_prefix,
-                        redis_timeout_ms=500)
-    client = await make_client(CONFIG, app_settings=settings)
-
-    async def ask() -> Any:
-        resp = await client.post("/v1/check", json={"action": "a", "ip": "192.0.2.1"})
-        assert resp.status == 200
-        return await resp.json()
-
-    for expected in (99, 98, 97):
-        body = await ask()
-        assert not body["degraded"] and body["limits"][0]["remaining"] == expected
+    _, ask = await three_hits_replicated(make_client, sentinel, key_prefix, 500)
     old_master = sentinel.master.port
-    assert await asyncio.to_thread(sentinel.master.cli, "WAIT", "1", "2000") == "1"
     started = time.monotonic()
     while True:  # (NOGOODSLAVE until the sentinel has seen the replica caught up)
         out = await asyncio.to_thread(subprocess.run, [
