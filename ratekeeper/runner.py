@@ -12,10 +12,11 @@ Signals (to the single worker, or to the supervisor, which passes them on):
 
 Workers share one listening socket the supervisor made (bound with SO_REUSEPORT, so another
 instance may share the port), rather than each binding its own: with one SO_REUSEPORT socket
-per worker each has its own accept queue, and connections waiting
-in the queue of a worker that stops are reset; with one shared queue a draining worker just
-stops taking from it and the others take what waits there, so a rolling restart under load
-fails no request. Workers are spawned, not forked, so a rolling restart also picks up an
+per worker each has its own accept queue, and connections waiting in the queue of a worker
+that stops are reset; with one shared queue a draining worker just stops taking from it and
+the others take what waits there, so a rolling restart under load fails no request. Each
+worker takes its share of the queue's connections (``accept``), as the kernel's hash would
+have spread them. Workers are spawned, not forked, so a rolling restart also picks up an
 upgraded package.
 """
 
@@ -37,6 +38,7 @@ from types import FrameType
 
 from aiohttp import web
 
+from .accept import AcceptShare, AcceptSlots, BalancedSite
 from .config import Config, load_config
 from .errors import ConfigError
 from .hotpath import serve_hot_paths
@@ -65,16 +67,20 @@ def _use_uvloop() -> None:
 
 
 def run_worker(settings: Settings, config: Config, host: str, port: int, *,
-               sock: socket.socket | None = None, ready: Event | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; on ``sock`` when a supervisor made one."""
+               sock: socket.socket | None = None, ready: Event | None = None,
+               slots: AcceptSlots | None = None, slot: int = 0) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; on ``sock`` when a supervisor made one,
+    taking this worker's share of its connections (``slots[slot]``, see ``accept``)."""
     if sock is not None:  # a spawned worker: nothing of the parent's logging set-up survives
         configure_logging(settings.log_format, settings.log_level)
     _use_uvloop()
-    asyncio.run(_serve(settings, config, host, port, sock, ready))
+    share = AcceptShare(slots, slot) if sock is not None and slots is not None else None
+    asyncio.run(_serve(settings, config, host, port, sock, ready, share))
 
 
 async def _serve(settings: Settings, config: Config, host: str, port: int,
-                 sock: socket.socket | None, ready: Event | None) -> None:
+                 sock: socket.socket | None, ready: Event | None,
+                 share: AcceptShare | None) -> None:
     app = create_app(settings, config)
     stopping = app[STOPPING]  # once set, every answer says "Connection: close"
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -83,7 +89,9 @@ async def _serve(settings: Settings, config: Config, host: str, port: int,
     assert runner.server is not None
     serve_hot_paths(app, runner.server)
     site: web.BaseSite
-    if sock is not None:
+    if sock is not None and share is not None:
+        site = BalancedSite(runner, sock, share)
+    elif sock is not None:
         site = web.SockSite(runner, sock)
     else:
         site = web.TCPSite(runner, host, port, backlog=BACKLOG)
@@ -177,6 +185,7 @@ class _Worker:
     process: BaseProcess
     ready: Event
     started: float
+    slot: int  # its place in the supervisor's accept slots
 
     @property
     def pid(self) -> int:
@@ -195,12 +204,15 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.signals: deque[int] = deque()
         self.workers: list[_Worker] = []
+        # a slot per worker, and as many again for those a rolling restart runs side by side
+        self.slots = AcceptSlots(2 * workers, self.context)
 
     def run(self) -> int:
         """Supervise until SIGTERM or SIGINT; returns the exit code."""
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(signum, self._on_signal)
-        self.workers = [self._start() for _ in range(self.size)]
+        for _ in range(self.size):
+            self.workers.append(self._start())
         if not all(self._await_ready(worker) for worker in self.workers):
             log.error("a worker did not start; stopping")
             self._stop_all()
@@ -232,12 +244,16 @@ class Supervisor:
 
     def _start(self) -> _Worker:
         ready = self.context.Event()
+        taken = {worker.slot for worker in self.workers}
+        slot = next(i for i in range(len(self.slots)) if i not in taken)
+        self.slots.release(slot)
         process = self.context.Process(
             target=run_worker, name="ratekeeper-worker",
             args=(self.settings, self.config, "", 0),
-            kwargs={"sock": self.sock, "ready": ready}, daemon=False)
+            kwargs={"sock": self.sock, "ready": ready, "slots": self.slots, "slot": slot},
+            daemon=False)
         process.start()
-        return _Worker(process, ready, time.monotonic())
+        return _Worker(process, ready, time.monotonic(), slot)
 
     def _await_ready(self, worker: _Worker) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -255,6 +271,7 @@ class Supervisor:
             log.warning("worker pid %d did not drain in time; killing it", worker.pid)
             worker.process.kill()
             worker.process.join(5)
+        self.slots.release(worker.slot)
         mark_worker_dead(worker.pid)
 
     def _stop_all(self) -> None:
@@ -270,6 +287,7 @@ class Supervisor:
                 continue
             log.warning("worker pid %d exited with %s; starting another", worker.pid,
                         worker.process.exitcode)
+            self.slots.release(worker.slot)
             mark_worker_dead(worker.pid)
             if time.monotonic() - worker.started < 1.0:
                 time.sleep(1.0)  # a worker that dies at once would otherwise spin

@@ -1,0 +1,227 @@
+"""Workers sharing one accept queue, each taking its share of the connections.
+
+The supervisor's workers accept from one listening socket (``runner``: a draining worker
+just stops taking from the queue and the others take what waits there, so a rolling restart
+fails no request). Left to the event loop, whichever worker wakes first accepts every
+connection waiting: a client that opens its pool in one burst (nginx's upstream keepalive,
+wrk's 64 connections) could land entirely on one worker, and the other cores serve nobody.
+
+Here each worker publishes how many connections it holds in a slot of memory the workers
+share (a ``multiprocessing`` array the supervisor made), and a worker holding more than
+``SLACK`` connections above the least loaded worker that accepts stops listening for a
+moment (``PAUSE``), so that worker takes the ones waiting. No connection waits long for
+it: a worker that has yielded for ``PATIENCE`` while connections still wait takes them
+itself, and a worker that stops (draining, starting, dead) marks its slot ``NOT_ACCEPTING``
+so nobody yields to it. Only accepting looks at the slots; a request costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+__all__ = ["AcceptShare", "AcceptSlots", "BalancedSite"]
+
+log = logging.getLogger("ratekeeper.accept")
+
+NOT_ACCEPTING = -1  # a slot whose worker is starting, draining, gone or never was
+SLACK = 1  # connections a worker may hold above the least loaded one before it yields
+PAUSE = 0.001  # how long a worker that yields stops listening
+PATIENCE = 0.05  # after yielding this long with connections still waiting, accept them
+BEAT = 0.1  # a serving worker says it is alive this often
+STALE = 0.5  # a worker silent this long (stopped, stuck) is not yielded to
+ACCEPT_BURST = 64  # connections accepted per wake-up at most
+RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class AcceptSlots:
+    """Shared memory for ``size`` workers (``multiprocessing`` arrays the supervisor makes
+    and passes to each worker it spawns): per slot, the connections its worker holds
+    (NOT_ACCEPTING when it does not accept) and when it last said it was alive
+    (``time.monotonic``, one clock for every process of the machine)."""
+
+    def __init__(self, size: int, context: Any) -> None:
+        self.counts = context.RawArray("i", size)
+        self.beats = context.RawArray("d", size)
+        for slot in range(size):
+            self.counts[slot] = NOT_ACCEPTING
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def release(self, slot: int) -> None:
+        """The slot's worker is gone, or not yet serving."""
+        self.counts[slot] = NOT_ACCEPTING
+
+
+class AcceptShare:
+    """One worker's part of the slots: its own count, and whether it should yield."""
+
+    __slots__ = ("beats", "counts", "slot", "yielding_since")
+
+    def __init__(self, slots: AcceptSlots, slot: int) -> None:
+        self.counts, self.beats = slots.counts, slots.beats
+        self.slot = slot
+        self.yielding_since: float | None = None
+
+    def start(self) -> None:
+        self.beat()
+        self.counts[self.slot] = 0
+
+    def stop(self) -> None:
+        self.counts[self.slot] = NOT_ACCEPTING
+
+    def beat(self) -> None:
+        self.beats[self.slot] = time.monotonic()
+
+    def opened(self) -> None:
+        if self.counts[self.slot] >= 0:
+            self.counts[self.slot] += 1
+
+    def closed(self) -> None:
+        if self.counts[self.slot] > 0:
+            self.counts[self.slot] -= 1
+
+    def over_share(self, now: float) -> bool:
+        """Whether another live accepting worker holds more than SLACK fewer connections."""
+        counts, beats, mine = self.counts, self.beats, self.counts[self.slot]
+        alive = now - STALE
+        least = min((counts[i] for i in range(len(counts))
+                     if i != self.slot and counts[i] >= 0 and beats[i] > alive), default=None)
+        return least is not None and mine > least + SLACK
+
+    def should_yield(self, now: float) -> bool:
+        """Whether to leave the waiting connections to another worker now."""
+        if not self.over_share(now):
+            self.yielding_since = None
+            return False
+        if self.yielding_since is None:
+            self.yielding_since = now
+        return now - self.yielding_since < PATIENCE
+
+    def caught_up(self) -> None:
+        """Nothing waits any more: the next wait for another worker starts afresh."""
+        self.yielding_since = None
+
+
+class BalancedSite(web.BaseSite):
+    """aiohttp's site for a listening socket other workers share, accepting its share.
+
+    It accepts the connections itself (rather than through ``loop.create_server``) so that it
+    can stop between two of them; each accepted socket becomes a connection of the runner's
+    server through ``loop.connect_accepted_socket``, as the loop's own server would make it.
+    """
+
+    __slots__ = ("_beat", "_closed", "_loop", "_name", "_paused", "_share", "_sock", "_tasks")
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, share: AcceptShare) -> None:
+        super().__init__(runner)
+        self._sock = sock
+        self._share = share
+        host, port = sock.getsockname()[:2]
+        self._name = f"http://{host}:{port}"
+        self._loop = asyncio.get_running_loop()
+        self._paused: asyncio.TimerHandle | None = None
+        self._beat: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        _count_closes(server, self._share.closed)
+        self._sock.setblocking(False)
+        self._share.start()
+        self._beat = self._loop.call_later(BEAT, self._heartbeat)
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    async def stop(self) -> None:
+        self._closed = True
+        self._share.stop()
+        if self._beat is not None:
+            self._beat.cancel()
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        else:
+            self._loop.remove_reader(self._sock.fileno())
+        await super().stop()
+
+    def _accept(self) -> None:
+        share, server = self._share, self._runner.server
+        for _ in range(ACCEPT_BURST):
+            if share.should_yield(time.monotonic()):
+                self._pause(PAUSE)
+                return
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                share.caught_up()
+                return
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRORS:  # out of descriptors: leave them queued
+                    log.error("cannot accept a connection: %s", exc.strerror)
+                    self._pause(1.0)
+                    return
+                continue  # that one connection is gone (ECONNABORTED and the like)
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            share.opened()
+            task = self._loop.create_task(self._connect(server, conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, server: Any, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(server, sock=conn)
+        except Exception as exc:  # e.g. the client already reset it
+            log.debug("accepted connection dropped: %r", exc)
+            conn.close()
+            self._share.closed()
+
+    def _heartbeat(self) -> None:
+        self._share.beat()
+        self._beat = self._loop.call_later(BEAT, self._heartbeat)
+
+    def _pause(self, seconds: float) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._paused = self._loop.call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self._closed:
+            return
+        if not _waiting(self._sock):  # another worker took them
+            self._share.caught_up()
+        self._loop.add_reader(self._sock.fileno(), self._accept)
+
+
+def _waiting(sock: socket.socket) -> bool:
+    """Whether connections wait in the listening socket's queue."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def _count_closes(server: web.Server, closed: Callable[[], None]) -> None:
+    """Have ``server`` (aiohttp's, which every connection tells when it ends) call ``closed``
+    for each connection that ends, after its own bookkeeping."""
+    lost = server.connection_lost
+
+    def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+        lost(handler, exc)
+        closed()
+
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
