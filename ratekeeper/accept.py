@@ -128,7 +128,7 @@ class BalancedSite(web.BaseSite):
         self._sock = sock
         self._share = share
         host, port = sock.getsockname()[:2]
-        self._name = f"http://{host}:{port}"
+        self._name = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self._loop = asyncio.get_running_loop()
         self._paused: asyncio.TimerHandle | None = None
         self._beat: asyncio.TimerHandle | None = None
