@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from test_restarts import wait_for_log
 
 from ratekeeper.accept import NOT_ACCEPTING, PATIENCE, SLACK, STALE, AcceptShare, AcceptSlots
 
@@ -106,6 +107,7 @@ async def test_a_burst_of_64_connections_splits_between_two_workers(
     """wrk, or a proxy filling its keepalive pool, opens its connections in one burst; with
     the loop's own accept the first worker awake could take all 64."""
     server = serve_process(RULES, env_for(redis_server, key_prefix), workers=2)
+    wait_for_log(server, r"supervisor pid \d+: 2 workers serving")
     splits = []
     for _ in range(5):
         opened = await asyncio.gather(*(open_and_ask_pid(server.port) for _ in range(64)))
@@ -125,6 +127,7 @@ async def test_a_stopped_worker_holds_up_no_connection(
     """A worker that stops answering (SIGSTOP here; stuck in real life) while holding fewer
     connections than the other: the other stops waiting for it and takes every new one."""
     server = serve_process(RULES, env_for(redis_server, key_prefix), workers=2)
+    wait_for_log(server, r"supervisor pid \d+: 2 workers serving")
     opened = await asyncio.gather(*(open_and_ask_pid(server.port) for _ in range(8)))
     pids = {pid for _, pid in opened}
     assert len(pids) == 2
