@@ -121,7 +121,7 @@ class BalancedSite(web.BaseSite):
     server through ``loop.connect_accepted_socket``, as the loop's own server would make it.
     """
 
-    __slots__ = ("_beat", "_closed", "_loop", "_name", "_paused", "_share", "_sock", "_tasks")
+    __slots__ = ("_beat", "_loop", "_name", "_paused", "_share", "_sock", "_tasks")
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, share: AcceptShare) -> None:
         super().__init__(runner)
@@ -132,7 +132,6 @@ class BalancedSite(web.BaseSite):
         self._loop = asyncio.get_running_loop()
         self._paused: asyncio.TimerHandle | None = None
         self._beat: asyncio.TimerHandle | None = None
-        self._closed = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -150,7 +149,6 @@ class BalancedSite(web.BaseSite):
         self._loop.add_reader(self._sock.fileno(), self._accept)
 
     async def stop(self) -> None:
-        self._closed = True
         self._share.stop()
         if self._beat is not None:
             self._beat.cancel()
@@ -201,10 +199,8 @@ class BalancedSite(web.BaseSite):
         self._loop.remove_reader(self._sock.fileno())
         self._paused = self._loop.call_later(seconds, self._resume)
 
-    def _resume(self) -> None:
+    def _resume(self) -> None:  # (stop cancels it)
         self._paused = None
-        if self._closed:
-            return
         if not _waiting(self._sock):  # another worker took them
             self._share.caught_up()
         self._loop.add_reader(self._sock.fileno(), self._accept)
@@ -212,7 +208,9 @@ class BalancedSite(web.BaseSite):
 
 def _waiting(sock: socket.socket) -> bool:
     """Whether connections wait in the listening socket's queue."""
-    return bool(select.select([sock], [], [], 0)[0])
+    poll = select.poll()  # (not select.select: any descriptor number)
+    poll.register(sock, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def _count_closes(server: web.Server, closed: Callable[[], None]) -> None:

@@ -71,16 +71,18 @@ def run_worker(settings: Settings, config: Config, host: str, port: int, *,
                slots: AcceptSlots | None = None, slot: int = 0) -> None:
     """Serve until SIGTERM or SIGINT, then drain; on ``sock`` when a supervisor made one,
     taking this worker's share of its connections (``slots[slot]``, see ``accept``)."""
+    shared = None
     if sock is not None:  # a spawned worker: nothing of the parent's logging set-up survives
         configure_logging(settings.log_format, settings.log_level)
+        assert slots is not None, "a supervisor's socket comes with its accept slots"
+        shared = (sock, AcceptShare(slots, slot))
     _use_uvloop()
-    share = AcceptShare(slots, slot) if sock is not None and slots is not None else None
-    asyncio.run(_serve(settings, config, host, port, sock, ready, share))
+    asyncio.run(_serve(settings, config, host, port, shared, ready))
 
 
 async def _serve(settings: Settings, config: Config, host: str, port: int,
-                 sock: socket.socket | None, ready: Event | None,
-                 share: AcceptShare | None) -> None:
+                 shared: tuple[socket.socket, AcceptShare] | None, ready: Event | None
+                 ) -> None:
     app = create_app(settings, config)
     stopping = app[STOPPING]  # once set, every answer says "Connection: close"
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -89,10 +91,8 @@ async def _serve(settings: Settings, config: Config, host: str, port: int,
     assert runner.server is not None
     serve_hot_paths(app, runner.server)
     site: web.BaseSite
-    if sock is not None and share is not None:
-        site = BalancedSite(runner, sock, share)
-    elif sock is not None:
-        site = web.SockSite(runner, sock)
+    if shared is not None:
+        site = BalancedSite(runner, *shared)
     else:
         site = web.TCPSite(runner, host, port, backlog=BACKLOG)
     await site.start()
@@ -102,7 +102,7 @@ async def _serve(settings: Settings, config: Config, host: str, port: int,
     loop.add_signal_handler(signal.SIGINT, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload_config, app, config.source)
     watchdog: asyncio.Future[None] | None = None
-    if sock is None:
+    if shared is None:
         loop.add_signal_handler(signal.SIGUSR2, log.warning,
                                 "a rolling restart needs --workers 2 or more; ignored")
     else:
@@ -204,8 +204,9 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.signals: deque[int] = deque()
         self.workers: list[_Worker] = []
-        # a slot per worker, and as many again for those a rolling restart runs side by side
-        self.slots = AcceptSlots(2 * workers, self.context)
+        # a slot per worker, and one for the worker started while the one it replaces (a
+        # rolling restart's, a dead one's) still holds its slot
+        self.slots = AcceptSlots(workers + 1, self.context)
 
     def run(self) -> int:
         """Supervise until SIGTERM or SIGINT; returns the exit code."""
@@ -245,8 +246,7 @@ class Supervisor:
     def _start(self) -> _Worker:
         ready = self.context.Event()
         taken = {worker.slot for worker in self.workers}
-        slot = next(i for i in range(len(self.slots)) if i not in taken)
-        self.slots.release(slot)
+        slot = next(i for i in range(len(self.slots)) if i not in taken)  # (released)
         process = self.context.Process(
             target=run_worker, name="ratekeeper-worker",
             args=(self.settings, self.config, "", 0),
