@@ -187,7 +187,8 @@ class BalancedSite(web.BaseSite):
         try:
             await self._loop.connect_accepted_socket(server, sock=conn)
         except Exception as exc:  # e.g. the client already reset it
-            log.debug("accepted connection dropped: %r", exc)
+            # (its type only: an error about a socket may carry the client's address)
+            log.debug("accepted connection dropped: %s", type(exc).__name__)
             conn.close()
             self._share.closed()
 
