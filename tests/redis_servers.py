@@ -216,11 +216,32 @@ class SentinelServers:
         )
         return int(out.stdout.split()[1])
 
+    def wait_replicated(self, timeout: float = 10.0) -> None:
+        """Return once the replica has applied everything the master has written so far.
+
+        (Not ``WAIT``: it counts the writes of the connection that sends it, and a fresh
+        redis-cli connection has written nothing, so it returns at once.)"""
+        target = _offset(self.master.cli("INFO", "replication"), "master_repl_offset")
+        deadline = time.monotonic() + timeout
+        while _offset(self.replica.cli("INFO", "replication"), "slave_repl_offset") < target:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the replica did not reach offset {target} in {timeout} s")
+            time.sleep(0.02)
+
     def stop(self) -> None:
         """Stop the sentinel, the replica and the master."""
         stop_process(self.sentinel)
         self.replica.stop()
         self.master.stop()
+
+
+def _offset(info: str, field: str) -> int:
+    """A replication offset out of INFO replication's text."""
+    for line in info.splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value)
+    raise AssertionError(f"no {field} in INFO replication")
 
 
 def start_sentinel(*, down_after_ms: int = 400) -> SentinelServers:
