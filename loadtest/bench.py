@@ -5,7 +5,8 @@ workers, the bare aiohttp ceiling with N workers, wrk, the paced open-loop clien
 `limits` baseline; measures; stops everything. Figures, never assertions: a missed target
 is reported, not failed on. Everything runs on this machine's loopback, so the ratios (not
 the absolute rates) are what carry over to other machines. The ceiling and ``/v1/check`` run
-in alternating rounds, so that a drift in the machine's speed weighs on both alike.
+in alternating rounds, so that a drift in the machine's speed weighs on both alike; an info
+row repeats the comparison with one worker each.
 
     .venv/bin/python loadtest/bench.py [--workers 2] [--seconds 8] [--subjects 1000000]
 """
@@ -44,6 +45,7 @@ FLOOD_SUBJECTS = 300  # IPs sending 95% of the flood: half banned, half over the
 FLOOD_PCT = 95
 BATCH = 100  # checks per /v1/check/batch request
 ROUNDS = 4  # the ceiling and /v1/check alternate, each round --seconds / 2 long
+ONE_WORKER_ROUNDS = 2  # the same with one worker each (an info row)
 MAX_PER_CALL = 64  # decisions per check.lua call in the Redis CPU figure, at most
 HOUR_LIMIT = 1000  # bench-ip's hour window; one request with this cost fills it
 
@@ -278,6 +280,27 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             stop()
         del stops[1:]
 
+        # The same comparison with one worker each (context for the N-worker figure): one
+        # ratekeeper worker leaves the other core to Redis and wrk, where N workers share
+        # both cores with them
+        log("one worker each: the ceiling and /v1/check, alternating")
+        rk_one = start_ratekeeper(CONFIG, main_redis.url, 1, salt=salt_text, prefix="rk1")
+        stops.append(rk_one.stop)
+        ceiling_one = start_ceiling(1, body_size)
+        stops.append(ceiling_one.stop)
+        wrk(ceiling_one, "/v1/check", ["single", str(POOL)], 1)
+        wrk(rk_one, "/v1/check", ["single", str(POOL)], 1)
+        one_ceiling: list[dict[str, Any]] = []
+        one_check: list[dict[str, Any]] = []
+        for _ in range(ONE_WORKER_ROUNDS):
+            one_ceiling.append(wrk(ceiling_one, "/v1/check", ["single", str(POOL)], seconds / 2))
+            one_check.append(wrk(rk_one, "/v1/check", ["single", str(POOL)], seconds / 2))
+        raw["one_worker"] = {"ceiling": merged_runs(one_ceiling),
+                             "check": merged_runs(one_check)}
+        for stop in reversed(stops[1:]):
+            stop()
+        del stops[1:]
+
         log(f"memory: {args.subjects:,} subjects on a fresh redis-server; Redis CPU per "
             f"decision at {per_call} decisions per check.lua call (and at 1)")
         memory_redis = start_redis(extra=redis_cost.DEBUG_ARGS)
@@ -351,6 +374,7 @@ def rows_of(raw: dict[str, Any]) -> list[Row]:
     batch = raw["batch"]["decided_per_s"]
     flood = raw["flood"]["decided_per_s"]
     p = raw["paced"]
+    one = raw["one_worker"]
     flood_requests = raw["flood"]["requests"]
     flood_cmds = raw["flood_redis"]["commands_sent"] / max(flood_requests, 1)
     check_redis = raw["check_redis"]
@@ -410,6 +434,9 @@ def rows_of(raw: dict[str, Any]) -> list[Row]:
         Row(f"  info: /v1/check vs ceiling in each of the {len(raw['check_rounds'])} alternating"
             " rounds (the lowest; all of them)", min(raw["check_rounds"]),
             "(" + " ".join(f"{r:.3f}" for r in raw["check_rounds"]) + ")"),
+        Row("  info: with 1 worker each (alternating): /v1/check vs ceiling",
+            one["check"]["decided_per_s"] / one["ceiling"]["rps"],
+            f"({one['check']['decided_per_s']:,.0f} / {one['ceiling']['rps']:,.0f} req/s)"),
         Row("  info: wrk p99 latency at saturation, /v1/check", raw["check"]["p99_us"] / 1000,
             "ms"),
         Row("  info: p50 / p99.9 at the paced rate", p["p50_ms"], f"/ {p['p999_ms']:.2f} ms"),
