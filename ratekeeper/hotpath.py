@@ -16,8 +16,9 @@ hot request's body that comes in pieces is waited for here). Answers leave in th
 requests came: the protocol only answers while aiohttp has none of the connection's requests
 in hand, answers one at a time (one waiting for Redis, a ``Later``, holds the requests behind
 it), and hands aiohttp everything from the first request it does not answer itself. Answers
-given at once wait for the end of the tick in the ``Outbox``; a connection's next answer, or
-a request handed to aiohttp, first flushes it.
+wait for the end of the tick in the ``Outbox``, those given at once and those a script call
+settled alike; a request handed to aiohttp, or an answer that closes its connection, first
+flushes it.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class HotProtocol(RequestHandler):
             started = self._loop.time()
             await asyncio.wait([later.future], timeout=timeout)
             await asyncio.sleep(0)  # (its finishing callback runs first)
+            if self._queued:  # and its answer leaves before aiohttp closes the connection
+                self._outbox.flush()
             if timeout is not None:
                 timeout = max(0.0, timeout - (self._loop.time() - started))
         await super().shutdown(timeout)
@@ -298,8 +301,8 @@ class HotProtocol(RequestHandler):
             self._write(answer[:end] + b"Connection: close\r\n" + answer[end:])
             self.force_close()
             return
-        self._write(answer)
-        self._touch()
+        # with the rest of the run its script call settled (``Outbox``)
+        self._write_soon(answer)
         if self._held or self._parser_full:
             self._serve()
 
@@ -342,9 +345,12 @@ class Outbox:
     Written as each request is read, every answer wakes the client's reading thread by
     itself; written in one run, most of them find it awake. With one worker, a flood from
     the local cache costs about 30 us of CPU per request this way, against 40 written one by
-    one. Answers that waited for Redis already come in runs (one per script call) and are
-    written at once. A connection's answers still leave in order: one that is written at
-    once, or a request handed to aiohttp, first flushes the outbox.
+    one. Answers that waited for Redis come the same way: a script call's reply settles a run
+    of them in one tick, and they leave together once the last is made (2.9% more
+    throughput at two workers than writing each as it is made: wrk's reading threads spent
+    10.5 us of CPU per answer instead of 12, woken once per run). A connection's
+    answers still leave in order: one that is written at once, or a request handed to
+    aiohttp, first flushes the outbox.
     """
 
     __slots__ = ("_answers", "_loop")

@@ -493,6 +493,44 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 # --------------------------------------------------------------------------- lab: ordering
 
 
+def test_answers_settled_in_one_tick_leave_together() -> None:
+    """Eight connections each wait for a Later; the eight are resolved in one tick, as one
+    script call's reply settles them. Every answer is made before the first is written, so
+    each client's reading thread finds a run of answers out rather than being woken for each
+    as it is made (on asyncio's loop, whose transports can be watched)."""
+
+    async def scenario() -> None:
+        lab_ = Lab()
+        async with serving(lab_.app) as served, contextlib.AsyncExitStack() as stack:
+            streams = [await stack.enter_async_context(connect(served.port)) for _ in range(8)]
+            for seq, (_, writer) in enumerate(streams):
+                writer.write(lab("/later", seq))
+            async with asyncio.timeout(STALL):
+                while len(lab_.futures) < len(streams):
+                    await asyncio.sleep(0.005)
+            protocols = served.connections
+            # at each write of an answer: how many of the eight still waited for theirs
+            waiting_at_writes: list[int] = []
+            for protocol in protocols:
+                transport = protocol.transport
+                assert transport is not None
+                write = transport.write
+
+                def watched(data: Any, write: Callable[[Any], None] = write) -> None:
+                    waiting_at_writes.append(sum(p._later is not None for p in protocols))
+                    write(data)
+
+                transport.write = watched  # type: ignore[method-assign]
+            for index in range(len(streams)):
+                lab_.resolve(index, b" settled")
+            for seq, (reader, _) in enumerate(streams):
+                assert [r.text for r in await read_replies(reader, 1)] == [
+                    f"hot /later {seq} settled"]
+            assert waiting_at_writes == [0] * len(streams)
+
+    run("asyncio", scenario())
+
+
 @pytest.mark.parametrize("loop", list(LOOPS))
 def test_a_pending_later_holds_the_requests_behind_it(loop: str) -> None:
     """Five hot requests in one write: a Later, two answered at once, a Later, one more.
