@@ -207,14 +207,18 @@ class SentinelServers:
         """The redis+sentinel:// URL of the service."""
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}"
 
-    def master_port(self) -> int:
-        """The port the sentinel names as master right now."""
+    def cli(self, *args: str) -> str:
+        """Run ``SENTINEL <args> <service>`` with redis-cli; its output (an error reply is
+        output too)."""
         out = subprocess.run(
-            ["redis-cli", "-p", str(self.sentinel_port), "SENTINEL",
-             "get-master-addr-by-name", self.service],
+            ["redis-cli", "-p", str(self.sentinel_port), "SENTINEL", *args, self.service],
             capture_output=True, text=True, timeout=10, check=True,
         )
-        return int(out.stdout.split()[1])
+        return out.stdout.strip()
+
+    def master_port(self) -> int:
+        """The port the sentinel names as master right now."""
+        return int(self.cli("get-master-addr-by-name").split()[1])
 
     def wait_replicated(self, timeout: float = 10.0) -> None:
         """Return once the replica has applied everything the master has written so far.
@@ -266,13 +270,10 @@ def start_sentinel(*, down_after_ms: int = 400) -> SentinelServers:
     deadline = time.monotonic() + 15
     while True:
         try:
-            if servers.master_port() == master.port and "master_link_status:up" in replica.cli(
-                    "INFO", "replication"):
-                known = subprocess.run(
-                    ["redis-cli", "-p", str(port), "SENTINEL", "replicas", "rk"],
-                    capture_output=True, text=True, timeout=10, check=True).stdout
-                if str(replica.port) in known:
-                    return servers
+            if (servers.master_port() == master.port
+                    and "master_link_status:up" in replica.cli("INFO", "replication")
+                    and str(replica.port) in servers.cli("replicas")):
+                return servers
         except (subprocess.CalledProcessError, IndexError, ValueError):
             pass
         if time.monotonic() > deadline:

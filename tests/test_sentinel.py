@@ -5,7 +5,6 @@ master demoted in place is left for the new one."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -95,12 +94,10 @@ async def test_a_master_demoted_in_place_is_left_for_the_new_one(
     old_master = sentinel.master.port
     started = time.monotonic()
     while True:  # (NOGOODSLAVE until the sentinel has seen the replica caught up)
-        out = await asyncio.to_thread(subprocess.run, [
-            "redis-cli", "-p", str(sentinel.sentinel_port), "SENTINEL", "FAILOVER",
-            sentinel.service], capture_output=True, text=True, timeout=10)
-        if out.stdout.strip() == "OK":
+        out = await asyncio.to_thread(sentinel.cli, "FAILOVER")
+        if out == "OK":
             break
-        assert time.monotonic() - started < 30, f"SENTINEL FAILOVER refused: {out.stdout}"
+        assert time.monotonic() - started < 30, f"SENTINEL FAILOVER refused: {out}"
         await asyncio.sleep(0.2)
     while not (sentinel.master_port() == sentinel.replica.port
                and "role:slave" in sentinel.master.cli("INFO", "replication")):
