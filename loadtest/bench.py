@@ -208,24 +208,29 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             return run_wrk(server.url + path, seconds=secs, connections=connections,
                            threads=args.threads, script_args=script)
 
-        log("warming up")
-        wrk(ceiling, "/v1/check", ["single", str(POOL)], 2)
-        wrk(rk, "/v1/check", ["single", str(POOL)], 2)
-
-        # The ceiling and /v1/check alternate, ROUNDS times each: on a shared machine (a VM,
-        # its neighbours) the cores' speed drifts over seconds, and back-to-back runs of one
-        # then the other put that drift into their ratio; alternating spreads it over both.
-        rounds_ceiling: list[dict[str, Any]] = []
-        rounds_check: list[dict[str, Any]] = []
-        spent = redis_cost.CommandStats.empty()
-        for number in range(1, ROUNDS + 1):
-            log(f"ceiling, round {number} of {ROUNDS}")
-            rounds_ceiling.append(wrk(ceiling, "/v1/check", ["single", str(POOL)],
-                                      seconds / 2))
-            log(f"ratekeeper /v1/check, round {number} of {ROUNDS}")
+        def alternate(bare: Server, ours: Server, rounds: int, warm_up: float, label: str
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                 redis_cost.CommandStats]:
+            """After ``warm_up`` seconds of each, wrk's runs of the ceiling (``bare``) and of
+            /v1/check (``ours``), ``rounds`` of --seconds / 2 each, in turn; and what Redis
+            did meanwhile (the ceiling sends it nothing: it is /v1/check's). On a shared
+            machine (a VM, its neighbours) the cores' speed drifts over seconds, and
+            back-to-back runs of one then the other put that drift into their ratio;
+            alternating spreads it over both."""
+            single = ["single", str(POOL)]
+            wrk(bare, "/v1/check", single, warm_up)
+            wrk(ours, "/v1/check", single, warm_up)
             before = redis_cost.snapshot(client)
-            rounds_check.append(wrk(rk, "/v1/check", ["single", str(POOL)], seconds / 2))
-            spent = spent.plus(redis_cost.snapshot(client).minus(before))
+            runs_bare: list[dict[str, Any]] = []
+            runs_ours: list[dict[str, Any]] = []
+            for number in range(1, rounds + 1):
+                log(f"{label}: the ceiling, then /v1/check, round {number} of {rounds}")
+                runs_bare.append(wrk(bare, "/v1/check", single, seconds / 2))
+                runs_ours.append(wrk(ours, "/v1/check", single, seconds / 2))
+            return runs_bare, runs_ours, redis_cost.snapshot(client).minus(before)
+
+        rounds_ceiling, rounds_check, spent = alternate(ceiling, rk, ROUNDS, 2,
+                                                        f"{workers} workers")
         raw["ceiling"] = merged_runs(rounds_ceiling)
         raw["check"] = merged_runs(rounds_check)
         raw["check_rounds"] = [round(c["decided_per_s"] / e["rps"], 4)
@@ -275,7 +280,6 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         raw["flood_verify"] = {"asked": asked, "allowed": admitted, "failed_open": failed_open,
                                "hour_bucket_rolled": _hour_bucket(client)
                                != raw["flood_setup"]["hour_bucket"]}
-        client.close()
         for stop in reversed(stops[1:]):
             stop()
         del stops[1:]
@@ -283,20 +287,15 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         # The same comparison with one worker each (context for the N-worker figure): one
         # ratekeeper worker leaves the other core to Redis and wrk, where N workers share
         # both cores with them
-        log("one worker each: the ceiling and /v1/check, alternating")
         rk_one = start_ratekeeper(CONFIG, main_redis.url, 1, salt=salt_text, prefix="rk1")
         stops.append(rk_one.stop)
         ceiling_one = start_ceiling(1, body_size)
         stops.append(ceiling_one.stop)
-        wrk(ceiling_one, "/v1/check", ["single", str(POOL)], 1)
-        wrk(rk_one, "/v1/check", ["single", str(POOL)], 1)
-        one_ceiling: list[dict[str, Any]] = []
-        one_check: list[dict[str, Any]] = []
-        for _ in range(ONE_WORKER_ROUNDS):
-            one_ceiling.append(wrk(ceiling_one, "/v1/check", ["single", str(POOL)], seconds / 2))
-            one_check.append(wrk(rk_one, "/v1/check", ["single", str(POOL)], seconds / 2))
+        one_ceiling, one_check, _ = alternate(ceiling_one, rk_one, ONE_WORKER_ROUNDS, 1,
+                                              "one worker each")
         raw["one_worker"] = {"ceiling": merged_runs(one_ceiling),
                              "check": merged_runs(one_check)}
+        client.close()
         for stop in reversed(stops[1:]):
             stop()
         del stops[1:]

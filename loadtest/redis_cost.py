@@ -50,17 +50,6 @@ class CommandStats:
             calls={k: v - before.calls.get(k, 0) for k, v in self.calls.items()},
             usec={k: v - before.usec.get(k, 0) for k, v in self.usec.items()})
 
-    def plus(self, other: CommandStats) -> CommandStats:
-        """The sum of two differences (figures of runs with other load in between)."""
-        names = self.calls.keys() | other.calls.keys()
-        return CommandStats(
-            calls={k: self.calls.get(k, 0) + other.calls.get(k, 0) for k in names},
-            usec={k: self.usec.get(k, 0) + other.usec.get(k, 0) for k in names})
-
-    @staticmethod
-    def empty() -> CommandStats:
-        return CommandStats(calls={}, usec={})
-
     def sent(self, inner: frozenset[str]) -> int:
         """Commands clients sent: script calls plus every command no script runs.
 
