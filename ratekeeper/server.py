@@ -35,12 +35,12 @@ from .config import Config, load_config
 from .errors import ConfigError
 from .flags import FlagBoard
 from .headers import rate_limit_headers
-from .hotpath import HOT_PATHS, STOPPING, HotHandler, HotProtocol, Later
+from .hotpath import HOT_PATHS, OUTBOX, STOPPING, HotHandler, HotProtocol, Later, Outbox
 from .keys import Keyspace
 from .limiter import Limiter
 from .localcache import LocalCache
 from .metrics import Metrics
-from .pipeline import coalesced
+from .pipeline import Coalescer, coalesced
 from .service import Allowed, Checker, Pending
 from .settings import Settings
 from .spec import openapi_document
@@ -322,6 +322,10 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
                           metrics=metrics)
         # one Redis pipeline per event-loop tick instead of one round trip per check
         limiter.scripts = coalesced(limiter.scripts, live.redis, limiter.timeout)
+        # the hot paths' answers to a script call's checks leave as soon as they are all made
+        app[OUTBOX] = outbox = Outbox(asyncio.get_running_loop())
+        if isinstance(limiter.scripts.check, Coalescer):
+            limiter.scripts.check.after_settle.append(outbox.flush)
         flags = FlagBoard(config.flags)
         cache = LocalCache(settings.local_cache_size, now_ms=clock)
         keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip)

@@ -702,6 +702,21 @@ async def test_redis_time_is_observed_once_per_script_call(serve: Any) -> None:
     assert await redis_check_count(served) - start == 4
 
 
+async def test_the_coalescer_flushes_the_outbox_the_hot_paths_answer_into(serve: Any) -> None:
+    """The worker's one outbox is the served connections' and is flushed by the coalescer
+    once a script call's checks are settled (the order is test_pipeline's)."""
+    served = await serve(CONFIG)
+    server = served.client.server.runner.server
+    outbox = served.app[hotpath.OUTBOX]
+    check = served.runtime.limiter.scripts.check
+    assert isinstance(check, Coalescer)
+    assert server.outbox is outbox and check.after_settle == [outbox.flush]
+    answers = await asyncio.gather(*(served.answer("POST", HOT, json={
+        "action": "login", "ip": f"203.0.113.{i}", "user": "u"}) for i in range(6)))
+    assert [status for status, _, _ in answers] == [200] * 6
+    assert not outbox._answers
+
+
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_coalescer_used_from_a_second_event_loop_answers_there(lone_redis: RedisServer,

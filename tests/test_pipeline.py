@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -195,6 +196,33 @@ async def test_calls_wait_while_the_inflight_pipelines_are_out(redis: aioredis.R
     rest = [coalescer.queue(*counter_call(key_prefix, f"b{i}")) for i in range(10)]
     await asyncio.gather(first, *rest)
     assert (coalescer.batches, coalescer.calls) == (2, 11)
+
+
+async def test_after_settle_runs_once_the_batch_callers_ran_and_before_the_next_tick(
+        redis: aioredis.Redis, key_prefix: str) -> None:
+    """``after_settle`` runs after the done-callbacks of every future a batch settled, and
+    before anything those callbacks scheduled (the hot paths' outbox writes the answers a
+    script call settled in the tick they are made, not the one after)."""
+    loop = asyncio.get_running_loop()
+    coalescer = Coalescer(redis, Scripts.register(redis).check)
+    events: list[str] = []
+    coalescer.after_settle.append(lambda: events.append("after"))
+    futures = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(3)]
+
+    def answered(name: str) -> Callable[[asyncio.Future[Any]], None]:
+        def callback(future: asyncio.Future[Any]) -> None:
+            events.append(name)
+            loop.call_soon(events.append, f"{name} next")
+        return callback
+
+    for i, future in enumerate(futures):
+        future.add_done_callback(answered(f"caller {i}"))
+    await asyncio.gather(*futures)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert events == ["caller 0", "caller 1", "caller 2", "after",
+                      "caller 0 next", "caller 1 next", "caller 2 next"]
+    assert coalescer.batches == 1
 
 
 async def test_batch_deadline_fails_every_call_with_a_timeout(key_prefix: str) -> None:
