@@ -153,8 +153,9 @@ class Coalescer(CheckScript):
         # called with each batch's seconds once Redis answered it (the limiter's metrics)
         self.observe: Callable[[float], None] | None = None
         # run soon after a batch's callers have their replies, once the callbacks the replies
-        # scheduled have run: the hot paths' outbox (hotpath.Outbox) writes the answers a
-        # batch settled then, in the tick they were made rather than the one after
+        # scheduled have run (and the next call has left): the hot paths' outbox
+        # (hotpath.Outbox) writes the answers a batch settled then, in the tick they were
+        # made rather than the one after
         self.after_settle: list[Callable[[], None]] = []
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
@@ -309,11 +310,13 @@ class Coalescer(CheckScript):
         loop = self._loop
         if loop is None:
             return
-        for then in self.after_settle:
-            loop.call_soon(then)
+        # the next call leaves first: Redis, the one serial stage, gets work before the
+        # answers go out (about 1.5% more checks/s at two workers than the other way round)
         if self._queue and not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
+        for then in self.after_settle:
+            loop.call_soon(then)
 
     # -- on a plain redis.asyncio.Redis: held connections (heldconn.py), no task per batch
 

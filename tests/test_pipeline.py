@@ -200,14 +200,16 @@ async def test_calls_wait_while_the_inflight_pipelines_are_out(redis: aioredis.R
 
 async def test_after_settle_runs_once_the_batch_callers_ran_and_before_the_next_tick(
         redis: aioredis.Redis, key_prefix: str) -> None:
-    """``after_settle`` runs after the done-callbacks of every future a batch settled, and
-    before anything those callbacks scheduled (the hot paths' outbox writes the answers a
-    script call settled in the tick they are made, not the one after)."""
+    """``after_settle`` runs after the done-callbacks of every future a batch settled and
+    after the next call has left, and before anything those callbacks scheduled (the hot
+    paths' outbox writes the answers a script call settled in the tick they are made)."""
     loop = asyncio.get_running_loop()
     coalescer = Coalescer(redis, Scripts.register(redis).check)
     events: list[str] = []
-    coalescer.after_settle.append(lambda: events.append("after"))
+    coalescer.after_settle.append(lambda: events.append(f"after, {coalescer.batches} sent"))
     futures = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(3)]
+    await asyncio.sleep(0)  # the first call leaves; one more waits for it (one call out)
+    later = coalescer.queue(*counter_call(key_prefix, "later"))
 
     def answered(name: str) -> Callable[[asyncio.Future[Any]], None]:
         def callback(future: asyncio.Future[Any]) -> None:
@@ -220,9 +222,11 @@ async def test_after_settle_runs_once_the_batch_callers_ran_and_before_the_next_
     await asyncio.gather(*futures)
     for _ in range(3):
         await asyncio.sleep(0)
-    assert events == ["caller 0", "caller 1", "caller 2", "after",
-                      "caller 0 next", "caller 1 next", "caller 2 next"]
-    assert coalescer.batches == 1
+    assert events[:7] == ["caller 0", "caller 1", "caller 2", "after, 2 sent",
+                          "caller 0 next", "caller 1 next", "caller 2 next"]
+    assert parse_outcome(await later).status is Status.ALLOWED
+    await asyncio.sleep(0)  # (the hook was scheduled after this task's wake-up)
+    assert events[7:] == ["after, 2 sent"]
 
 
 async def test_batch_deadline_fails_every_call_with_a_timeout(key_prefix: str) -> None:
