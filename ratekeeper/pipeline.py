@@ -108,7 +108,8 @@ def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -
 
 
 class Coalescer(CheckScript):
-    """Runs check.lua for many callers: one call per event-loop tick, few in flight."""
+    """Runs check.lua for many callers: one call per event-loop tick, one out at a time (by
+    default: ``max_inflight``)."""
 
     __slots__ = ("_deadline", "_direct", "_group", "_groups", "_held", "_inflight", "_loop",
                  "_queue", "_scheduled", "_sentinel", "_tasks", "after_settle", "batches",
