@@ -55,11 +55,17 @@ Command = tuple[list[str], list[Arg]]  # KEYS and ARGV of one script call
 # A tick rarely holds more than the server's concurrency; the cap bounds one write's size and
 # one check.lua call (a few keys and three arguments per request, plus each action's rules).
 MAX_BATCH = 512
-# One script call out at a time: the checks of the requests that come meanwhile go in the next
-# call, which grows with the load. Two calls out made smaller calls and left the cores idle
-# more often while every request of a worker waited in Redis (make bench, two workers: idle
-# 4.6 -> 3.2%, about 1% more checks/s; the deadline and the order of calls are the same).
-MAX_INFLIGHT = 1
+# Script calls out at a time, and how many checks those out may carry for one more to leave
+# beside them. Under load one call is out and the checks of the requests that come meanwhile
+# go in the next, which grows with the load: a second call out beside a large one split the
+# checks into smaller calls and left the cores idle more often, every request of a worker
+# waiting in Redis (make bench, two workers: idle 4.6 -> 3.2%, about 1% more checks/s). A
+# lone check, or a few, still leave at once beside a small call, as they would with two
+# calls out: with Redis behind a proxy that delays each way by 0.25 ms, at 1,000 checks/s,
+# p99 was 2.0 - 2.8 ms with one call out at most, 1.7 - 2.0 ms this way and 1.7 - 1.9 ms
+# with two out always (loadtest/far_redis.py).
+MAX_INFLIGHT = 2
+OVERLAP_BELOW = 8
 # Encoded ARGV values that repeat (counts, algorithm letters, limits, windows), per process.
 _ENCODED: dict[str | int, bytes] = {}
 _MAX_ENCODED = 4096
@@ -108,24 +114,26 @@ def encode_eval(source: str | bytes, keys: Sequence[str], args: Sequence[Arg]) -
 
 
 class Coalescer(CheckScript):
-    """Runs check.lua for many callers: one call per event-loop tick, one out at a time (by
-    default: ``max_inflight``)."""
+    """Runs check.lua for many callers: one call per event-loop tick, few in flight."""
 
     __slots__ = ("_deadline", "_direct", "_group", "_groups", "_held", "_inflight", "_loop",
-                 "_queue", "_scheduled", "_sentinel", "_tasks", "after_settle", "batches",
-                 "calls", "dropped", "max_batch", "max_inflight", "observe", "redis",
-                 "script_calls", "timeout")
+                 "_out", "_queue", "_scheduled", "_sentinel", "_tasks", "after_settle",
+                 "batches", "calls", "dropped", "max_batch", "max_inflight", "observe",
+                 "overlap_below", "redis", "script_calls", "timeout")
 
     def __init__(self, redis: Any, script: LuaScript, *, max_batch: int = MAX_BATCH,
-                 max_inflight: int = MAX_INFLIGHT, timeout: float | None = None) -> None:
+                 max_inflight: int = MAX_INFLIGHT, overlap_below: int = OVERLAP_BELOW,
+                 timeout: float | None = None) -> None:
         super().__init__(redis, script.name, script.script)
         self.redis = redis
         # a subclass (fakeredis) or a cluster client takes the redis-py pipeline
         self._direct = type(redis) is Redis and heldconn.available()
         self.max_batch = max_batch
         # While this many pipelines are out, calls wait and go in the next, larger one: under
-        # load batches grow instead of connections and syscalls.
+        # load batches grow instead of connections and syscalls. A pipeline leaves while
+        # another is out only when those out carry fewer than ``overlap_below`` checks.
         self.max_inflight = max_inflight
+        self.overlap_below = overlap_below
         # each call's deadline (queued and sent), and a whole batch's
         self.timeout = timeout
         self._group: list[asyncio.Future[Any]] | None = None  # this tick's calls, one timer
@@ -140,6 +148,7 @@ class Coalescer(CheckScript):
         self._groups: list[int] = []
         self._scheduled = False
         self._inflight = 0
+        self._out = 0  # the checks of the pipelines out
         self._tasks: set[asyncio.Task[None]] = set()
         # pooled connections this coalescer holds between batches (at most max_inflight):
         # taking one from redis-py's pool and giving it back cost more than a batch's write
@@ -229,7 +238,7 @@ class Coalescer(CheckScript):
                 loop.call_later(self.timeout, _expire, group)
                 loop.call_soon(self._close_group)
             group += futures
-        if not self._scheduled and self._inflight < self.max_inflight:
+        if not self._scheduled and self._may_send():
             self._scheduled = True
             loop.call_soon(self._flush)
 
@@ -240,6 +249,7 @@ class Coalescer(CheckScript):
         self._group = None
         self._scheduled = False
         self._inflight = 0
+        self._out = 0
         self._tasks = set()
         self._held = []  # connections of the old loop's transports: never used again
         self.dropped += len(self._queue)
@@ -251,7 +261,7 @@ class Coalescer(CheckScript):
 
     def _flush(self) -> None:
         self._scheduled = False
-        while self._queue and self._inflight < self.max_inflight:
+        while self._queue and self._may_send():
             queue = self._queue
             size = self._cut()
             batch = queue[:size]
@@ -263,12 +273,18 @@ class Coalescer(CheckScript):
             if not live:
                 continue
             self._inflight += 1
+            self._out += len(live)
             self.calls += len(live)
             self.batches += 1
             if self._direct:
                 self._start(live)
             else:
                 self._spawn(self._run_pipeline(live))
+
+    def _may_send(self) -> bool:
+        """Whether a queued call may leave now (``max_inflight``, ``overlap_below``)."""
+        return self._inflight == 0 or (self._inflight < self.max_inflight
+                                       and self._out < self.overlap_below)
 
     def _cut(self) -> int:
         """How many queued calls the next batch takes: whole groups (``_groups``), at most
@@ -291,6 +307,7 @@ class Coalescer(CheckScript):
     def _settle(self, calls: Sequence[Call], outcome: list[Any] | BaseException) -> None:
         """A batch is over: each caller gets its reply, or every caller what ended it."""
         self._inflight -= 1
+        self._out -= len(calls)
         if isinstance(outcome, BaseException):
             cancelled = isinstance(outcome, asyncio.CancelledError)
             for call in calls:

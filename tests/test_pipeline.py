@@ -198,17 +198,39 @@ async def test_calls_wait_while_the_inflight_pipelines_are_out(redis: aioredis.R
     assert (coalescer.batches, coalescer.calls) == (2, 11)
 
 
+async def test_a_call_leaves_beside_a_small_one_and_waits_behind_a_large_one(
+        redis: aioredis.Redis, key_prefix: str) -> None:
+    """A second call goes out at once while the one out carries fewer than ``overlap_below``
+    checks (a lone check does not wait a round trip), and waits while it carries more (under
+    load the next call grows instead)."""
+    coalescer = Coalescer(redis, Scripts.register(redis).check, overlap_below=4)
+    small = [coalescer.queue(*counter_call(key_prefix, f"small{i}")) for i in range(3)]
+    await asyncio.sleep(0)
+    lone = coalescer.queue(*counter_call(key_prefix, "lone"))
+    await asyncio.sleep(0)
+    assert coalescer.batches == 2  # beside the small call, before it was answered
+    await asyncio.gather(*small, lone)
+    large = [coalescer.queue(*counter_call(key_prefix, f"large{i}")) for i in range(4)]
+    await asyncio.sleep(0)
+    behind = [coalescer.queue(*counter_call(key_prefix, f"behind{i}")) for i in range(2)]
+    await asyncio.sleep(0)
+    assert coalescer.batches == 3  # waits for the large call
+    replies = await asyncio.gather(*large, *behind)
+    assert coalescer.batches == 4 and coalescer.calls == 10
+    assert all(parse_outcome(reply).status is Status.ALLOWED for reply in replies)
+
+
 async def test_after_settle_runs_once_the_batch_callers_ran_and_before_the_next_tick(
         redis: aioredis.Redis, key_prefix: str) -> None:
     """``after_settle`` runs after the done-callbacks of every future a batch settled and
     after the next call has left, and before anything those callbacks scheduled (the hot
     paths' outbox writes the answers a script call settled in the tick they are made)."""
     loop = asyncio.get_running_loop()
-    coalescer = Coalescer(redis, Scripts.register(redis).check)
+    coalescer = Coalescer(redis, Scripts.register(redis).check, overlap_below=3)
     events: list[str] = []
     coalescer.after_settle.append(lambda: events.append(f"after, {coalescer.batches} sent"))
     futures = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(3)]
-    await asyncio.sleep(0)  # the first call leaves; one more waits for it (one call out)
+    await asyncio.sleep(0)  # the first call leaves; one more waits behind its 3 checks
     later = coalescer.queue(*counter_call(key_prefix, "later"))
 
     def answered(name: str) -> Callable[[asyncio.Future[Any]], None]:
