@@ -17,8 +17,8 @@ requests came: the protocol only answers while aiohttp has none of the connectio
 in hand, answers one at a time (one waiting for Redis, a ``Later``, holds the requests behind
 it), and hands aiohttp everything from the first request it does not answer itself. Answers
 wait for the end of the tick in the ``Outbox``, those given at once and those a script call
-settled alike; a request handed to aiohttp, or an answer that closes its connection, first
-flushes it.
+settled alike (the coalescer flushes it once a call's answers are all made); a request handed
+to aiohttp, or an answer that closes its connection, first flushes it.
 """
 
 from __future__ import annotations

@@ -330,7 +330,7 @@ class Coalescer(CheckScript):
             return
         # the next call leaves first: Redis, the one serial stage, gets work before the
         # answers go out (about 1.5% more checks/s at two workers than the other way round)
-        if self._queue and not self._scheduled:
+        if self._queue and not self._scheduled and self._may_send():
             self._scheduled = True
             loop.call_soon(self._flush)
         for then in self.after_settle:
@@ -339,9 +339,13 @@ class Coalescer(CheckScript):
     # -- on a plain redis.asyncio.Redis: held connections (heldconn.py), no task per batch
 
     def _start(self, calls: list[Call]) -> None:
-        commands, callers = _merged(calls)
+        try:
+            commands, callers = _merged(calls)
+            data = b"".join([encode_evalsha(self.sha, keys, args) for keys, args in commands])
+        except Exception as exc:  # (a bug) its callers fail; the batch must not keep its slot
+            self._settle(calls, ResponseError(f"the check calls could not be encoded: {exc!r}"))
+            return
         self.script_calls += len(commands)
-        data = b"".join([encode_evalsha(self.sha, keys, args) for keys, args in commands])
         deadline = None
         if self._deadline is not None:
             deadline = self._loop.time() + self._deadline  # type: ignore[union-attr]
@@ -418,7 +422,18 @@ class Coalescer(CheckScript):
         self._held.append(held)
         if self.observe is not None:
             self.observe(time.perf_counter() - batch.started)
-        self._settle(batch.calls, _results(batch.calls, batch.callers, replies))
+        self._settle_replies(batch.calls, batch.callers, replies)
+
+    def _settle_replies(self, calls: Sequence[Call], callers: list[list[int]],
+                        replies: list[Any]) -> None:
+        """``_settle`` with the script calls' replies; a reply that cannot be taken apart fails
+        the batch's callers as a Redis error would, rather than keep the batch's slot."""
+        try:
+            results = _results(calls, callers, replies)
+        except Exception as exc:
+            self._settle(calls, ResponseError(f"check.lua's reply could not be read: {exc!r}"))
+            return
+        self._settle(calls, results)
 
     def _drop_held(self) -> None:
         """Close the idle held connections and give them back to the pool."""
@@ -448,7 +463,7 @@ class Coalescer(CheckScript):
             return
         if self.observe is not None:
             self.observe(time.perf_counter() - started)
-        self._settle(calls, _results(calls, callers, replies))
+        self._settle_replies(calls, callers, replies)
 
     async def _pipeline(self, commands: Sequence[Command], *, by_sha: bool) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)

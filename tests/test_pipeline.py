@@ -21,7 +21,7 @@ from ratekeeper.flags import FlagBoard
 from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter, Status, parse_outcome
 from ratekeeper.pipeline import Coalescer, coalesced, encode_eval, encode_evalsha
-from ratekeeper.scripts import Scripts, check_args
+from ratekeeper.scripts import LuaScript, Scripts, check_args
 from ratekeeper.service import Checker
 
 from conftest import ONE_RULE, SALT, FakeClock, config_from
@@ -218,6 +218,32 @@ async def test_a_call_leaves_beside_a_small_one_and_waits_behind_a_large_one(
     replies = await asyncio.gather(*large, *behind)
     assert coalescer.batches == 4 and coalescer.calls == 10
     assert all(parse_outcome(reply).status is Status.ALLOWED for reply in replies)
+    # what was out is all back: a small call and a lone check overlap again
+    assert coalescer._out == coalescer._inflight == 0
+    again = [coalescer.queue(*counter_call(key_prefix, f"again{i}")) for i in range(2)]
+    await asyncio.sleep(0)
+    again.append(coalescer.queue(*counter_call(key_prefix, "again-lone")))
+    await asyncio.sleep(0)
+    assert coalescer.batches == 6
+    await asyncio.gather(*again)
+    assert coalescer._out == coalescer._inflight == 0
+
+
+async def test_an_unreadable_reply_fails_its_callers_and_frees_the_slot(
+        redis: aioredis.Redis, key_prefix: str) -> None:
+    """A script call whose reply is not one reply per request (here a script that answers a
+    number) fails each of its callers as a Redis error (the limiter's fail modes answer),
+    and the calls after it still go out: the batch does not keep its slot."""
+    odd = LuaScript(redis, "odd", "return 42")
+    coalescer = Coalescer(redis, odd, overlap_below=2)
+    for _ in range(2):
+        outcomes = await asyncio.wait_for(asyncio.gather(
+            *(coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(3)),
+            return_exceptions=True), 5)
+        assert all(isinstance(o, ResponseError) and "could not be read" in str(o)
+                   for o in outcomes), outcomes
+        assert coalescer._out == coalescer._inflight == 0
+    assert coalescer.batches == 2
 
 
 async def test_after_settle_runs_once_the_batch_callers_ran_and_before_the_next_tick(
