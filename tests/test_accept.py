@@ -17,16 +17,10 @@ from test_restarts import wait_for_log
 
 from ratekeeper.accept import NOT_ACCEPTING, PATIENCE, SLACK, STALE, AcceptShare, AcceptSlots
 
-from conftest import SALT, ServerProcess
+from conftest import ONE_RULE, SALT, ServerProcess
 from redis_servers import RedisServer
 
-RULES = """
-[rules.r]
-limit = "100 per minute"
-key = ["ip"]
-[actions.a]
-rules = ["r"]
-"""
+RULES = ONE_RULE.format(limit="100 per minute", algorithm="sliding-log")
 
 
 def env_for(redis_server: RedisServer, key_prefix: str) -> dict[str, str]:
