@@ -1,30 +1,32 @@
 """Runs the scripts and turns their answers (or Redis's failure) into typed results.
 
 This is the one place where Redis errors become ``StoreUnavailable``. Every call has a
-deadline (``timeout``, covering getting a connection, connecting and the call itself) and
-goes through the circuit breaker, so a dead or stopped Redis costs at most one deadline per
-call until the circuit opens, then nothing. On Redis Cluster a check whose keys span several
-slots is split per slot (see ``slots``); on a single Redis it is always one call.
+deadline (``timeout``, covering connecting and the call itself, and starting when the call
+leaves this process: waiting for its turn here is never Redis failing) and goes through a
+circuit breaker, so a dead or stopped Redis costs at most one deadline per call until the
+circuit opens, then nothing. On Redis Cluster each node has its own breaker, so a failing
+node degrades only the checks whose keys it holds, and a check whose keys span several slots
+is split per slot (see ``slots``); on one Redis the checks of a tick are one write
+(``pipeline``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple, TypeVar
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from . import slots
-from .breaker import Breaker
+from .breaker import Breaker, BreakerState
 from .errors import StoreUnavailable
 from .metrics import Metrics
-from .pipeline import Coalescer
-from .scripts import Scripts, check_args
+from .pipeline import Coalescer, within
+from .scripts import Scripts, check_args, check_replies
 
 __all__ = ["CheckCall", "Limiter", "Outcome", "Status", "WindowState", "parse_outcome"]
 
@@ -35,9 +37,10 @@ T = TypeVar("T")
 # client's errors that are not RedisErrors (no reachable node)
 REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 READY_TIMEOUT = 0.5  # seconds; readiness may wait longer than a check
-# Redis calls one process has in flight at most; more wait their turn within their deadline
-# (each call holds a connection, and redis-py's pools fail at once when they run out)
-MAX_IN_FLIGHT = 256
+# Redis calls (other than coalesced checks) one process has out at most; more wait their
+# turn, and their deadline starts when it comes (each call holds a connection, a Cluster
+# client opens one per call out, and a burst of connects would miss every deadline)
+MAX_IN_FLIGHT = 64
 
 
 # Limiter.check's arguments: keys, cost, number of ban keys, number of rules, rule ARGV
@@ -79,19 +82,28 @@ def _is_cluster(redis: Any) -> bool:
 
 
 class Limiter:
-    """Runs check.lua for each request (through a coalescer when ``scripts`` has one); Redis
-    time unless a test clock is given."""
+    """Decides checks with check.lua: coalesced per event-loop tick on one Redis (or a
+    Sentinel's master, or the embedded store), one call per check on a Cluster. Redis time
+    unless a test clock is given."""
 
     def __init__(self, redis: Any, *, timeout: float,
                  clock: Callable[[], int] | None = None, breaker: Breaker | None = None,
-                 sharded: bool | None = None, metrics: Metrics | None = None) -> None:
+                 sharded: bool | None = None, metrics: Metrics | None = None,
+                 coalesce: bool = True) -> None:
         self.redis = redis
         self.timeout = timeout
-        self._fast: Coalescer | None = None
-        self._scripts = Scripts.register(redis)
-        self.breaker = breaker or Breaker(timeout_window=timeout)
-        # on a cluster, keys of different hash tags may live in different slots
+        self.scripts = Scripts.register(redis)
+        self.breaker = breaker or Breaker()
+        # on a cluster, keys of different hash tags may live in different slots and nodes:
+        # each node has its breaker, so a failing node degrades only the checks it holds
         self.sharded = _is_cluster(redis) if sharded is None else sharded
+        self._node_breakers: dict[str, Breaker] = {}
+        self.coalescer: Coalescer | None = None
+        if coalesce and not self.sharded:
+            pool = getattr(redis, "connection_pool", None)
+            self.coalescer = Coalescer(redis, self.scripts.check, timeout=timeout,
+                                       sentinel=bool(getattr(pool, "is_master", False)))
+            self.coalescer.on_batch = self._batch_done
         self._clock = clock
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._topology = asyncio.Lock()
@@ -101,60 +113,62 @@ class Limiter:
         self.metrics = metrics
         self._reported_state = ""
 
-    @property
-    def scripts(self) -> Scripts:
-        """The scripts checks run; a ``pipeline.coalesced`` one sends them per tick."""
-        return self._scripts
-
-    @scripts.setter
-    def scripts(self, scripts: Scripts) -> None:
-        self._scripts = scripts
-        check = scripts.check
-        # a coalescer that keeps each check's deadline itself is called directly (``check``)
-        self._fast = check if type(check) is Coalescer and check.timeout is not None else None
-        if self._fast is not None:
-            self._fast.observe = self._observe_batch
-
-    def _observe_batch(self, seconds: float) -> None:
-        self._report("check", None, seconds)
+    def _batch_done(self, seconds: float, error: BaseException | None) -> None:
+        """A coalesced write ended: the breaker and the metrics count it once."""
+        if error is None:
+            self.breaker.success()
+            self._report("check", None, seconds)
+        elif isinstance(error, REDIS_FAILURES):
+            self._failed("check", error)
 
     async def _call(self, make: Callable[[], Awaitable[T]], *, op: str,
-                    timeout: float | None = None,
+                    timeout: float | None = None, breakers: Sequence[Breaker] = (),
                     healthy: Callable[[T], bool] | None = None) -> T:
-        """Run ``make()`` under the breaker and the deadline; Redis failures become ours.
+        """Run ``make()`` under the breakers (default: the limiter's) and the deadline; Redis
+        failures become ours.
 
-        ``healthy`` tells the breaker whether a result that came back is a success; ``op``
-        names the call in metrics.
+        The deadline starts once the call may go (``MAX_IN_FLIGHT``): waiting for its turn
+        in this process is not Redis failing. ``healthy`` tells the breakers whether a result
+        that came back is a success; ``op`` names the call in metrics.
         """
-        self._admit(op)
-        started = time.perf_counter()
+        breakers = breakers or (self.breaker,)
+        self._admit(op, breakers)
         try:
-            async with asyncio.timeout(self.timeout if timeout is None else timeout):
-                async with self._in_flight:
-                    if not self._topology_known:
-                        await self._learn_topology()
-                    result = await make()
+            async with self._in_flight:
+                started = time.perf_counter()
+                if not self._topology_known:
+                    await self._learn_topology()
+                result: T = await within(make(), self.timeout if timeout is None else timeout)
         except REDIS_FAILURES as exc:
-            raise self._failed(op, exc) from exc
+            raise self._failed(op, exc, breakers) from exc
         except BaseException:
-            self.breaker.abandon()
+            for breaker in breakers:
+                breaker.abandon()
             raise
-        if healthy is None or healthy(result):
-            self.breaker.success()
-        else:
-            self.breaker.failure()
+        ok = healthy is None or healthy(result)
+        for breaker in breakers:
+            if ok:
+                breaker.success()
+            else:
+                breaker.failure()
         self._report(op, None, time.perf_counter() - started)
         return result
 
-    def _admit(self, op: str) -> None:
-        """Raise StoreUnavailable at once while the circuit is open."""
-        if not self.breaker.allow():
+    def _admit(self, op: str, breakers: Sequence[Breaker] = ()) -> None:
+        """Raise StoreUnavailable at once while a circuit the call needs is open."""
+        breakers = breakers or (self.breaker,)
+        allowed = [breaker for breaker in breakers if breaker.allow()]
+        if len(allowed) < len(breakers):
+            for breaker in allowed:  # (a probe let through is not used)
+                breaker.abandon()
             self._report(op, "CircuitOpen")
             raise StoreUnavailable("redis: circuit open")
 
-    def _failed(self, op: str, exc: BaseException) -> StoreUnavailable:
-        """Count a failed call (breaker, log, metrics); the error to raise instead."""
-        self.breaker.failure(timed_out=isinstance(exc, TimeoutError))
+    def _failed(self, op: str, exc: BaseException,
+                breakers: Sequence[Breaker] = ()) -> StoreUnavailable:
+        """Count a failed call (breakers, log, metrics); the error to raise instead."""
+        for breaker in breakers or (self.breaker,):
+            breaker.failure(timed_out=isinstance(exc, TimeoutError))
         self._log_failure(exc)
         self._report(op, type(exc).__name__)
         return StoreUnavailable(f"redis: {type(exc).__name__}")
@@ -171,11 +185,20 @@ class Limiter:
 
     def _report_state(self) -> None:
         """Publish the breaker's state when it changed since last published."""
-        state = self.breaker.state
+        state = self.breaker_state
         if state != self._reported_state:
             self._reported_state = state
             if self.metrics is not None:
                 self.metrics.breaker_state(state)
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        """The worst state of the limiter's breakers (on a Cluster, one per node)."""
+        states = {self.breaker.state, *(b.state for b in self._node_breakers.values())}
+        for state in ("open", "half-open"):
+            if state in states:
+                return state
+        return "closed"
 
     def _log_failure(self, exc: BaseException) -> None:
         # at most one line a second: an outage fails every call
@@ -193,120 +216,81 @@ class Limiter:
                 await self.redis.initialize()
                 self._topology_known = True
 
-    async def check(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
-                    rule_args: Sequence[str | int]) -> Outcome:
-        """Run check.lua over ``keys``; ``rule_args`` is the per-rule ARGV tail."""
-        return parse_outcome(await self.check_reply(keys, cost, n_bans, n_rules, rule_args))
-
-    async def check_reply(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
-                          rule_args: Sequence[str | int]) -> Sequence[int]:
-        """``check``'s flat reply, as check.lua gives it (``parse_outcome`` reads it)."""
-        future = self.check_soon(keys, cost, n_bans, n_rules, rule_args)
-        if future is not None:
+    def _node_breakers_of(self, keys: Sequence[str]) -> tuple[Breaker, ...]:
+        """The breakers of the Cluster nodes that hold ``keys`` (as the client knows them)."""
+        names = set()
+        for key in keys:
             try:
-                await future
-            except REDIS_FAILURES:
-                pass  # reply() says so
-            except BaseException:
-                self.breaker.abandon()
-                raise
-            return self.reply(future)
-        now = "" if self._clock is None else str(self._clock())
-        if self.sharded:
-            plan = slots.split(keys, n_bans, n_rules, rule_args)
-            if len(plan.groups) > 1:
-                return await self._check_slots(plan, now, cost)
-        args = check_args(now, cost, len(keys), rule_args)
-        script = self.scripts.check
-        return await self._call(lambda: script(keys=list(keys), args=args), op="check")
+                node = self.redis.get_node_from_key(key)
+            except Exception:  # (no slot map yet, or a slot no node serves)
+                node = None
+            names.add("" if node is None else node.name)
+        breakers = []
+        for name in sorted(names):
+            breaker = self._node_breakers.get(name)
+            if breaker is None:
+                breaker = self._node_breakers[name] = Breaker()
+            breakers.append(breaker)
+        return tuple(breakers)
 
-    def check_soon(self, keys: Sequence[str], cost: int, n_bans: int, n_rules: int,
-                   rule_args: Sequence[str | int]) -> asyncio.Future[Any] | None:
-        """``check``'s call queued on the coalescer: its reply's future, for ``outcome`` once
-        done; None when the check is not one coalesced call (``check`` then). Raises
-        StoreUnavailable while the circuit is open."""
-        fast = self._fast  # (``_coalescer()``, without the call: this runs for every check)
-        if fast is None or not self._topology_known or (
-                self.sharded and len(slots.split(keys, n_bans, n_rules, rule_args).groups) > 1):
-            return None
-        # _call's breaker and errors, with the coalescer's deadline (one timer per event-loop
-        # tick, not one per call) and its metrics (one per script call)
-        self._admit("check")
-        return fast.request(keys, "" if self._clock is None else str(self._clock()), cost,
-                            tuple(rule_args))
+    async def decide(self, calls: Sequence[CheckCall]) -> list[Sequence[int] | StoreUnavailable]:
+        """check.lua's flat reply for each call (``parse_outcome`` reads it), in order; a
+        call Redis could not decide is its StoreUnavailable (the fail modes decide it).
 
-    def outcome(self, future: asyncio.Future[Any]) -> Outcome:
-        """The Outcome of a done ``check_soon`` future; StoreUnavailable when Redis failed."""
-        return parse_outcome(self.reply(future))
-
-    def reply(self, future: asyncio.Future[Any]) -> Sequence[int]:
-        """check.lua's flat reply in a done ``check_soon`` future (``parse_outcome`` reads
-        it); StoreUnavailable when Redis failed."""
-        try:
-            raw = future.result()
-        except REDIS_FAILURES as exc:
-            raise self._failed("check", exc) from exc
-        except StoreUnavailable:  # the circuit was open (Checker.check_soon): nothing was sent
-            raise
-        except BaseException:
-            self.breaker.abandon()
-            raise
-        self.breaker.success()
-        if self._reported_state != "closed":  # (the batch was observed before this)
-            self._report_state()
-        return raw  # type: ignore[no-any-return]
-
-    def _coalescer(self) -> Coalescer | None:
-        """The coalescer that keeps each check's deadline itself, when checks go through one."""
-        return self._fast if self._topology_known else None
-
-    async def check_many(self, calls: Sequence[CheckCall]) -> list[Outcome | StoreUnavailable]:
-        """``check`` for each call, in order; a failure is that call's StoreUnavailable."""
-        return [reply if isinstance(reply, StoreUnavailable) else parse_outcome(reply)
-                for reply in await self.replies_many(calls)]
-
-    async def replies_many(self, calls: Sequence[CheckCall]
-                           ) -> list[Sequence[int] | StoreUnavailable]:
-        """``check_reply`` for each call, in order; a failure is that call's StoreUnavailable.
-
-        On a coalescing limiter every call is queued at once (one submission, no task per
-        call), so they go to Redis together; elsewhere they run concurrently.
+        On one Redis the calls go in one write, decided in this order, so they get the
+        answers sequential checks would get; on a Cluster each is a call of its own.
         """
-        script = self._coalescer()
-        if script is None or not calls:
-            results = await asyncio.gather(*(self.check_reply(*call) for call in calls),
-                                           return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result,
-                                                                        StoreUnavailable):
-                    raise result
-            return results  # type: ignore[return-value]
+        if not calls:
+            return []
+        now = "" if self._clock is None else str(self._clock())
+        coalescer = self.coalescer
+        if coalescer is None:
+            return list(await asyncio.gather(*(self._decide_alone(call, now)
+                                               for call in calls)))
         try:
             self._admit("check")
         except StoreUnavailable as exc:
             return [exc] * len(calls)
-        now = "" if self._clock is None else str(self._clock())
-        futures = script.request_many([(keys, now, cost, tuple(rule_args))
-                                       for keys, cost, _, _, rule_args in calls])
-        answers: list[Sequence[int] | StoreUnavailable] = []
+        futures = coalescer.submit([(keys, now, cost, tuple(rule_args))
+                                    for keys, cost, _, _, rule_args in calls])
+        replies: list[Sequence[int] | StoreUnavailable] = []
         try:
-            for future in futures:  # each answered check counts as _call would count it
-                with contextlib.suppress(*REDIS_FAILURES):  # reply() says so
-                    await future
+            for future in futures:
                 try:
-                    answers.append(self.reply(future))
-                except StoreUnavailable as exc:
-                    answers.append(exc)
-        except BaseException:
+                    replies.append(await future)
+                except REDIS_FAILURES as exc:  # (the breaker counted its write: _batch_done)
+                    replies.append(StoreUnavailable(f"redis: {type(exc).__name__}"))
+        except BaseException:  # the caller went away: its checks are not sent, if not yet
             self.breaker.abandon()
             for future in futures:
-                if future.done() and not future.cancelled():
-                    future.exception()  # retrieved: no "never retrieved" warning
                 future.cancel()
             raise
-        return answers
+        return replies
 
-    async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> list[int]:
+    async def _decide_alone(self, call: CheckCall, now: str) -> Sequence[int] | StoreUnavailable:
+        """One check as a call of its own (a Cluster): split per slot when it must be."""
+        keys, cost, n_bans, n_rules, rule_args = call
+        breakers = self._node_breakers_of(keys) if self.sharded and self._topology_known else ()
+        try:
+            if self.sharded:
+                plan = slots.split(keys, n_bans, n_rules, rule_args)
+                if len(plan.groups) > 1:
+                    return await self._check_slots(plan, now, cost, breakers)
+            args = check_args(now, cost, len(keys), rule_args)
+            script = self.scripts.check
+
+            async def one() -> Sequence[int]:
+                [reply] = check_replies(await script(keys=list(keys), args=args))
+                if isinstance(reply, ResponseError):
+                    raise reply
+                return reply  # type: ignore[no-any-return]
+
+            return await self._call(one, op="check", breakers=breakers)
+        except StoreUnavailable as exc:
+            return exc
+
+    async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int,
+                           breakers: Sequence[Breaker] = ()) -> list[int]:
         """One check.lua call per slot; refund the slots that took if any denied.
 
         The first slot reads Redis TIME and the others are given that time, so every hit of
@@ -319,10 +303,15 @@ class Limiter:
             args = check_args(at, cost, len(keys), plan.args(group))
             return self.scripts.check(keys=keys, args=args)
 
+        async def ask_one(index: int, at: str) -> None:
+            [reply] = check_replies(await call(plan.groups[index], at))
+            if isinstance(reply, ResponseError):
+                raise reply
+            answered[index] = _answer(reply)
+
         answered: dict[int, slots.Answer] = {}  # filled as the slots answer
 
-        async def ask(index: int, at: str) -> None:
-            answered[index] = _answer(await call(plan.groups[index], at))
+        ask = ask_one
 
         async def ask_all() -> list[BaseException]:
             await ask(0, now)
@@ -339,7 +328,8 @@ class Limiter:
             return slots.taken(plan, [answered.get(i) for i in range(len(plan.groups))], cost)
 
         try:
-            failed = await self._call(ask_all, op="check", healthy=lambda failed: not failed)
+            failed = await self._call(ask_all, op="check", breakers=breakers,
+                                      healthy=lambda failed: not failed)
         except StoreUnavailable:
             # the deadline passed with some slots done: they may have taken hits
             self._in_background(self._refund_groups(plan, owed(), cost))
@@ -443,9 +433,12 @@ class Limiter:
             await self._call(copy, op="carry_over")
 
     async def ready(self) -> bool:
-        """True when Redis answers and the scripts are loaded (loading them if flushed)."""
+        """True when Redis answers and the scripts are loaded (loading them if flushed); on a
+        Cluster, once the slot map is known and every master answers."""
 
         async def load() -> None:
+            if self.sharded:
+                await self.redis.ping(target_nodes=self.redis.PRIMARIES)
             loaded = await self.redis.script_exists(*self.scripts.shas)
             if not all(loaded):
                 for script in self.scripts.all:

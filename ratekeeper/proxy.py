@@ -22,6 +22,14 @@ limits on users or projects belong in the app, through the client library. Answe
 (``200`` for Envoy) when allowed or when no route matches, with the RateLimit headers; ``429``
 or ``403`` as problem+json otherwise, plus ``Ratekeeper-Detail`` (the detail sentence, escaped
 for a JSON string) so nginx can build the body. Never a 5xx.
+
+Anything the forwarding headers say gets a defined answer. Missing method or path, or a path
+that is no request target (an absolute URI whose authority cannot be read, such as
+``http://[::1/legacy/x``), is a ``400`` with a JSON ``{"error": ...}`` that repeats none of it:
+no proxy forwards such a target from a request it served, and guessing a path for it could let
+it past its route, so it is refused rather than let through as unrouted. A client address that
+is no address, or that comes from a peer we do not trust, is replaced by the peer's
+(``forwarded``).
 """
 
 from __future__ import annotations
@@ -30,18 +38,15 @@ import json
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.http_parser import RawRequestMessage
 from multidict import CIMultiDictProxy
 
-from .answers import Answer, response, wire, wire_head, wire_tail
-from .config import Config
+from .answers import Answer, response
+from .config import Config, Route
 from .errors import BadRequest
 from .forwarded import TrustedProxies
-from .hotpath import HOT_PATHS, HotProtocol, Later
 from .problem import denial, passing_headers
 from .routes import RouteTable
-from .server import RUNTIME, decision_later
-from .service import Pending
+from .server import RUNTIME
 from .wire import Decision
 
 __all__ = ["ENVOY_PREFIX", "add_routes", "authz", "authz_envoy"]
@@ -50,6 +55,8 @@ ENVOY_PREFIX = "/v1/authz/envoy"
 DETAIL_HEADER = "Ratekeeper-Detail"
 MISSING = ("send the original method and path: X-Original-Method and X-Original-URI (nginx), "
            "or X-Forwarded-Method and X-Forwarded-Uri (Traefik)")
+UNREADABLE = ("the original URI (X-Original-URI or X-Forwarded-Uri) is not a valid request "
+              "target")
 
 
 @dataclass(slots=True)
@@ -65,11 +72,9 @@ PROXY_STATE = web.AppKey("proxy_state", _ProxyState)
 
 
 def add_routes(app: web.Application) -> None:
-    """Serve ``GET /v1/authz`` and Envoy's ``/v1/authz/envoy/...`` on ``app``; nginx's and
-    Traefik's ``GET /v1/authz`` is a hot path (``hotpath``)."""
+    """Serve ``GET /v1/authz`` and Envoy's ``/v1/authz/envoy/...`` on ``app``."""
     app[PROXY_STATE] = _ProxyState()
     app.router.add_get("/v1/authz", authz)
-    app[HOT_PATHS][("GET", "/v1/authz")] = _hot_authz
     # [\s\S], not ".": a percent-encoded newline in the path must match too
     app.router.add_route("*", ENVOY_PREFIX + r"{path:(/[\s\S]*)?}", authz_envoy)
 
@@ -81,47 +86,22 @@ def _forwarded(app: web.Application, headers: CIMultiDictProxy[str], peer: str |
     target = headers.get("X-Original-URI") or headers.get("X-Forwarded-Uri")
     if not method or not target:
         raise BadRequest(MISSING)
-    ip = _trusted(app).client_ip(peer, real_ip=headers.get("X-Real-IP"),
-                                 forwarded_for=_forwarded_for(headers))
-    return method, target, ip
+    return method, target, _trusted(app).from_headers(peer, headers)
 
 
 async def authz(request: web.Request) -> web.Response:
     """GET /v1/authz: may the request described by the forwarding headers go on?"""
     app = request.app
-    stage = _started(app, *_forwarded(app, request.headers, request.remote))
-    return response(await _decided(app, stage, allowed=204))
-
-
-def _hot_authz(app: web.Application, message: RawRequestMessage, body: bytes,
-               protocol: HotProtocol) -> bytes | Later:
-    stage = _started(app, *_forwarded(app, message.headers, protocol.remote))
-    if stage is None:
-        return _PASS + wire_tail()  # (most requests nginx asks about match no route)
-    if isinstance(stage, Pending):
-        return decision_later(app[RUNTIME], stage, _wire_204)
-    return _wire_204(stage)
-
-
-_PASS = wire_head(204, {}, 0)  # an unrouted request's answer, up to its Date
-
-
-def _wire_204(decision: Decision) -> bytes:
-    return wire(_answer(decision, 204))
+    return response(await _decided(app, *_forwarded(app, request.headers, request.remote),
+                                   allowed=204))
 
 
 async def authz_envoy(request: web.Request) -> web.Response:
     """Any method on /v1/authz/envoy<path>: Envoy's ext_authz check of ``<method> <path>``."""
     app = request.app
     target = request.raw_path[len(ENVOY_PREFIX):] or "/"
-    ip = _trusted(app).client_ip(request.remote, forwarded_for=_forwarded_for(request.headers))
-    return response(await _decided(app, _started(app, request.method, target, ip),
-                                   allowed=200))
-
-
-def _forwarded_for(headers: CIMultiDictProxy[str]) -> str | None:
-    values = headers.getall("X-Forwarded-For", [])
-    return ",".join(values) if values else None
+    ip = _trusted(app).from_headers(request.remote, request.headers, real_ip=False)
+    return response(await _decided(app, request.method, target, ip, allowed=200))
 
 
 def _trusted(app: web.Application) -> TrustedProxies:
@@ -138,24 +118,22 @@ def _table(app: web.Application, config: Config) -> RouteTable:
     return state.table
 
 
-def _started(app: web.Application, method: str, target: str, ip: str | None
-             ) -> Decision | Pending | None:
-    """The check of the route ``method target`` matches, begun (``Checker.check_now``); None
-    when no route matches (the request passes)."""
-    checker = app[RUNTIME].checker
-    route = _table(app, checker.config).match(method, target)
-    if route is None:
-        return None
-    return checker.check_now(checker.request_type(action=route.action, ip=ip))
+def _route(table: RouteTable, method: str, target: str) -> Route | None:
+    try:
+        return table.match(method, target)
+    except ValueError:
+        raise BadRequest(UNREADABLE) from None
 
 
-async def _decided(app: web.Application, stage: Decision | Pending | None, *,
+async def _decided(app: web.Application, method: str, target: str, ip: str | None, *,
                    allowed: int) -> Answer:
-    if stage is None:
+    """The answer for the request ``method target``: ``allowed`` when no route matches."""
+    checker = app[RUNTIME].checker
+    route = _route(_table(app, checker.config), method, target)
+    if route is None:
         return Answer(allowed, {})
-    if isinstance(stage, Pending):
-        stage = await app[RUNTIME].checker.check_pending(stage)
-    return _answer(stage, allowed)
+    decision = await checker.check(checker.request_type(action=route.action, ip=ip))
+    return _answer(decision, allowed)
 
 
 def _answer(decision: Decision, allowed: int) -> Answer:

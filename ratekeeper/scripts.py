@@ -1,8 +1,7 @@
 """The Lua scripts in ``lua/``: read once from package data, bound to a client.
 
-check.lua decides many requests per call (see its contract); ``check_args`` builds the ARGV
-of a call of one request, ``check_replies`` takes a call's answer apart per request, and
-``CheckScript`` runs a call of one request and answers as a one-request script would.
+check.lua decides many checks per call (see its contract); ``check_args`` builds the ARGV
+of a call of one check, and ``check_replies`` takes a call's answer apart per check.
 """
 
 from __future__ import annotations
@@ -13,9 +12,9 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
-__all__ = ["CheckScript", "LuaScript", "Scripts", "check_args", "check_replies", "read_script"]
+__all__ = ["LuaScript", "Scripts", "check_args", "check_replies", "read_script"]
 
 
 def read_script(name: str) -> str:
@@ -69,46 +68,28 @@ def check_replies(raw: Sequence[Any]) -> list[Any]:
             else _error(reply) if isinstance(reply, str) else reply for reply in raw]
 
 
+# error replies by their first word, as redis-py names them
+_ERRORS: dict[str, type[ResponseError]] = {"NOSCRIPT": NoScriptError, "READONLY": ReadOnlyError}
+
+
 def _error(text: str) -> ResponseError:
     """The error redis-py would raise for this error reply (its class by the reply's prefix)."""
-    try:
-        from redis._parsers.base import BaseParser
-    except ImportError:  # pragma: no cover - a redis-py that moved its parser
-        return ResponseError(text)
-    error = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
-    return error if isinstance(error, ResponseError) else ResponseError(text)
-
-
-class CheckScript(LuaScript):
-    """check.lua called with one request per call (``check_args``): that request's reply.
-
-    The call answers the request's flat reply, or raises the request's own ResponseError, so
-    a caller cannot tell this from the coalesced path (``pipeline.Coalescer``), which sends
-    many such calls as one.
-    """
-
-    __slots__ = ()
-
-    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
-                       client: Any = None) -> Any:
-        """Run one request; its flat reply (``client``: default the bound one)."""
-        [reply] = check_replies(await super().__call__(keys, args, client))
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+    prefix, _, rest = text.partition(" ")
+    kind = _ERRORS.get(prefix)
+    return kind(rest) if kind is not None else ResponseError(text)
 
 
 @dataclass(frozen=True, slots=True)
 class Scripts:
     """Every script of the package, bound to one client."""
 
-    check: CheckScript  # one request per call
+    check: LuaScript  # many checks per call (``check_args``, ``check_replies``)
     refund: LuaScript
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
         """Bind every script to ``redis`` (a client, cluster client or fakeredis)."""
-        return cls(check=CheckScript(redis, "check", read_script("check")),
+        return cls(check=LuaScript(redis, "check", read_script("check")),
                    refund=LuaScript(redis, "refund", read_script("refund")))
 
     @property

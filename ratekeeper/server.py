@@ -1,8 +1,4 @@
-"""The HTTP wire: the aiohttp application, its routes and its error translation.
-
-``POST /v1/check`` and ``/v1/check/batch`` are also answered inside the HTTP protocol
-(``hotpath``, installed by ``serve_hot_paths``); the answers are the same either way.
-"""
+"""The HTTP wire: the aiohttp application, its routes and its error translation."""
 
 from __future__ import annotations
 
@@ -12,36 +8,23 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .answers import (
-    CLIENT_ERRORS,
-    JSON,
-    MAX_BODY,
-    Answer,
-    error_answer,
-    json_answer,
-    response,
-    wire,
-    wire_head,
-    wire_tail,
-)
+from .answers import CLIENT_ERRORS, JSON, MAX_BODY, Answer, error_answer, json_answer, response
 from .config import Config, load_config
 from .errors import ConfigError
 from .flags import FlagBoard
 from .headers import rate_limit_headers
-from .hotpath import HOT_PATHS, OUTBOX, STOPPING, HotHandler, HotProtocol, Later, Outbox
 from .keys import Keyspace
 from .limiter import Limiter
 from .localcache import LocalCache
 from .metrics import Metrics
-from .pipeline import Coalescer, coalesced
-from .service import Allowed, Checker, Pending
+from .service import Checker
 from .settings import Settings
 from .spec import openapi_document
 from .store import Store, open_store
@@ -55,7 +38,6 @@ __all__ = [
     "Runtime",
     "build_checker",
     "create_app",
-    "decision_later",
     "error_response",
     "json_response",
     "reload_config",
@@ -64,8 +46,6 @@ __all__ = [
 log = logging.getLogger("ratekeeper.server")
 
 _encode = msgspec.json.Encoder().encode
-Settled = TypeVar("Settled", Decision, Decision | Allowed)
-_new = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -80,10 +60,11 @@ class Runtime:
     metrics: Metrics
     cache: LocalCache | None = None  # known banned / over-limit subjects, shared by reloads
     denials: TopDenials | None = None  # counts for GET /v1/admin/top, shared by reloads
-    bodies: DenialBodies = field(default_factory=lambda: DenialBodies())  # encoded denials
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
+# set by the runner when the worker drains: every answer then closes its connection
+STOPPING = web.AppKey("stopping", asyncio.Event)
 
 
 def build_checker(config: Config, settings: Settings, limiter: Limiter,
@@ -166,104 +147,22 @@ def _headers(decision: Decision) -> dict[str, str]:
     return headers
 
 
-class DenialBodies:
-    """The answers to ``POST /v1/check`` for its decisions; denials encoded once each.
-
-    The local cache hands out one Decision per subject until a figure in it changes, so a
-    flood of repeat offenders is answered with bytes encoded once (allowed answers are new
-    objects every time and are not kept). Entries hold their Decision, so an id is never
-    reused while it is here.
-    """
-
-    __slots__ = ("_known", "size")
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._known: dict[int, tuple[Decision, Answer, bytes]] = {}  # ..., its wire_head
-
-    def _denial(self, decision: Decision) -> tuple[Decision, Answer, bytes]:
-        known = self._known.get(id(decision))
-        if known is None or known[0] is not decision:
-            if len(self._known) >= self.size:
-                self._known.clear()
-            answer = Answer(200, _headers(decision), _encode(decision))
-            known = self._known[id(decision)] = (
-                decision, answer, wire_head(200, answer.headers, len(answer.body)))
-        return known
-
-    def response(self, decision: Decision) -> web.Response:
-        """The answer for ``decision``, for aiohttp to send."""
-        if decision.allowed:
-            return response(Answer(200, _headers(decision), _encode(decision)))
-        return response(self._denial(decision)[1])
-
-    def wire(self, decision: Decision | Allowed) -> bytes:
-        """The answer for ``decision``, as the bytes of an HTTP response (``hotpath``); an
-        Allowed's from its action's form."""
-        if type(decision) is Allowed:
-            return decision.form.wire(decision.figures, decision.token)
-        assert isinstance(decision, Decision)
-        if decision.allowed:
-            body = _encode(decision)
-            return wire_head(200, _headers(decision), len(body)) + wire_tail() + body
-        _, answer, head = self._denial(decision)
-        return head + wire_tail() + answer.body
-
-
-def decision_later(runtime: Runtime, stage: Pending, finish: Callable[[Decision], bytes]
-                   ) -> Later:
-    """The hot paths' ``check_pending``: ``finish`` gets the Decision once Redis answered."""
-    return _later(runtime.checker, stage, finish, runtime.checker.settle)
-
-
-def _later(checker: Checker, stage: Pending, finish: Callable[[Settled], bytes],
-           settle: Callable[[Pending, asyncio.Future[Any]], Settled]) -> Later:
-    future = checker.check_soon(stage)
-    if future is None:
-        return Later(asyncio.ensure_future(checker.check_pending(stage)),
-                     lambda done: finish(done.result()))
-    # (Later(...) without its Python __new__: one is made per check)
-    return _new(Later, (future, lambda done: finish(settle(stage, done))))
-
-
-def _hot_check(app: web.Application, message: Any, body: bytes, protocol: HotProtocol
-               ) -> bytes | Later:
-    runtime = app[RUNTIME]
-    checker = runtime.checker
-    decision = checker.check_now(checker.decode(body))
-    if isinstance(decision, Pending):
-        # an allowed answer is made from its action's form (Checker.settle_answer)
-        return _later(checker, decision, runtime.bodies.wire, checker.settle_answer)
-    return runtime.bodies.wire(decision)
-
-
-def batch_answer(results: list[Decision | Allowed]) -> Answer:
-    """The answer to a batch: each allowed check's JSON from its action's form."""
-    encoded = [msgspec.Raw(result.form.body(result.figures, result.token))
-               if type(result) is Allowed else result for result in results]
-    # (a Raw is encoded as the JSON it holds: the same bytes as the Decision it stands for)
-    return json_answer(BatchResponse(results=encoded))  # type: ignore[arg-type]
-
-
-def _hot_check_batch(app: web.Application, message: Any, body: bytes, protocol: HotProtocol
-                     ) -> Later:
-    checker = app[RUNTIME].checker
-    decisions = asyncio.ensure_future(checker.answer_many(checker.decode_batch(body)))
-    return Later(decisions, lambda done: wire(batch_answer(done.result())))
+def check_response(decision: Decision) -> web.Response:
+    """The answer to a check: the Decision's JSON and its RateLimit headers."""
+    return response(Answer(200, _headers(decision), _encode(decision)))
 
 
 async def check(request: web.Request) -> web.Response:
     """POST /v1/check: decide one request."""
-    runtime = request.app[RUNTIME]
-    decision = await runtime.checker.check(runtime.checker.decode(await request.read()))
-    return runtime.bodies.response(decision)
+    checker = request.app[RUNTIME].checker
+    return check_response(await checker.check(checker.decode(await request.read())))
 
 
 async def check_batch(request: web.Request) -> web.Response:
     """POST /v1/check/batch: decide several requests, answered in order."""
     checker = request.app[RUNTIME].checker
-    results = await checker.answer_many(checker.decode_batch(await request.read()))
-    return response(batch_answer(results))
+    decisions = await checker.check_batch(checker.decode_batch(await request.read()))
+    return json_response(BatchResponse(results=decisions))
 
 
 async def refund(request: web.Request) -> web.Response:
@@ -283,7 +182,7 @@ async def readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     ready = await runtime.limiter.ready()  # 503 at once while the circuit is open
     body = Readiness(status="ready" if ready else "unavailable", store=runtime.store.kind,
-                     breaker=runtime.limiter.breaker.state)
+                     breaker=runtime.limiter.breaker_state)
     return json_response(body, status=200 if ready else 503)
 
 
@@ -320,12 +219,6 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         metrics = Metrics()
         limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock,
                           metrics=metrics)
-        # one Redis pipeline per event-loop tick instead of one round trip per check
-        limiter.scripts = coalesced(limiter.scripts, live.redis, limiter.timeout)
-        # the hot paths' answers to a script call's checks leave as soon as they are all made
-        app[OUTBOX] = outbox = Outbox(asyncio.get_running_loop())
-        if isinstance(limiter.scripts.check, Coalescer):
-            limiter.scripts.check.after_settle.append(outbox.flush)
         flags = FlagBoard(config.flags)
         cache = LocalCache(settings.local_cache_size, now_ms=clock)
         keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip)
@@ -352,9 +245,6 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     app.add_subapp("/admin", webadmin_app())
     app.router.add_post("/v1/check", check)
     app.router.add_post("/v1/check/batch", check_batch)
-    hot: dict[tuple[str, str], HotHandler] = {("POST", "/v1/check"): _hot_check,
-                                              ("POST", "/v1/check/batch"): _hot_check_batch}
-    app[HOT_PATHS] = hot
     app.router.add_post("/v1/refund", refund)
     from .proxy import add_routes as add_proxy_routes  # here: proxy.py imports RUNTIME from us
     add_proxy_routes(app)

@@ -8,16 +8,14 @@ cannot be asked, the rules' fail modes decide here, and only here.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgspec
 
-from .allowed import AllowedForm
 from .config import Action, Config, Rule
 from .errors import BadRequest, StoreUnavailable
 from .flags import SHADOW_FLAG, FlagBoard
@@ -39,7 +37,7 @@ from .wire import (
     decode,
 )
 
-__all__ = ["Allowed", "Checker", "Pending", "reply_figures"]
+__all__ = ["Checker", "Pending"]
 
 REFUND_SLACK_MS = 1000  # as check.lua's SLACK_MS: the marker outlives the hits it guards
 
@@ -58,12 +56,6 @@ class ActionPlan:
     windows: tuple[tuple[str, int, int], ...]  # (rule, limit, seconds) of every window, in order
     boxes: tuple[bool, ...]  # each rule: has a penalty and is not in shadow mode
     key_parts: tuple[tuple[str, str, str], ...]  # each rule's Keyspace.key_parts
-    allowed: AllowedForm | None  # its allowed answers' form (allowed.py)
-    # When every rule keys on one field alone: that field, and what follows its subject in
-    # each key of a request that carries only it (its ban key, then each rule's), without
-    # and with global shadow mode; the keys' common head is key_parts' (``Checker._stage``).
-    one_field: str | None
-    one_field_tails: tuple[tuple[str, ...], tuple[str, ...]]
 
 
 def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
@@ -78,22 +70,6 @@ def _rule_args(rule: Rule, *, shadow: bool) -> list[str | int]:
     return args
 
 
-def _one_field_tails(action: Action, keyspace: Keyspace
-                     ) -> tuple[str | None, tuple[tuple[str, ...], tuple[str, ...]]]:
-    fields = {tuple(rule.key) for rule in action.rules}
-    if len(fields) != 1 or len(next(iter(fields))) != 1:
-        return None, ((), ())
-    _, ban_tail, _ = keyspace.key_parts()
-    tails, shadow_tails = [ban_tail], [ban_tail]
-    for rule in action.rules:
-        _, tail, penalty_tail = keyspace.key_parts(rule)  # (every key's head is the same)
-        tails.append(tail)
-        shadow_tails.append(tail)
-        if rule.penalty and not rule.shadow:  # (as _stage: global shadow mode boxes nobody)
-            tails.append(penalty_tail)
-    return next(iter(fields))[0], (tuple(tails), tuple(shadow_tails))
-
-
 def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
     required: dict[str, str] = {}
     normal: list[str | int] = []
@@ -106,7 +82,6 @@ def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
         shadow += _rule_args(rule, shadow=True)
         refund += ["l" if rule.algorithm == "sliding-log" else "c", len(rule.windows)]
         refund += [window.seconds * 1000 for window in rule.windows]
-    one_field, one_field_tails = _one_field_tails(action, keyspace)
     return ActionPlan(
         action=action,
         required=tuple(required.items()),
@@ -119,32 +94,17 @@ def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
                       for w in rule.windows),
         boxes=tuple(bool(rule.penalty) and not rule.shadow for rule in action.rules),
         key_parts=tuple(keyspace.key_parts(rule) for rule in action.rules),
-        allowed=AllowedForm.of(action.name, [(rule.name, w.limit, w.seconds)
-                                             for rule in action.rules for w in rule.windows]),
-        one_field=one_field,
-        one_field_tails=one_field_tails,
     )
 
 
-_new = tuple.__new__
 
 # What decided a ban or penalty-box denial: (the subject's fields, its hash), for the log
 Culprit = tuple[str, str] | None
 Answer = tuple[Decision, Culprit]
 
 
-class Allowed(NamedTuple):
-    """An allowed, enforced check that took hits, settled without its Decision
-    (``Checker.settle_answer``): ``form.wire(figures, token)`` is its answer."""
-
-    form: AllowedForm
-    figures: list[int]  # its windows' figures (``reply_figures``)
-    token: bytes  # its refund token
-
-
 class Pending(NamedTuple):
-    """A check staged up to its Redis call (``Checker.check_now``), finished by
-    ``Checker.check_pending``."""
+    """A check staged up to its Redis call: what deciding it after the call needs."""
 
     plan: ActionPlan
     values: dict[str, bytes]  # the request's normalised subject values
@@ -164,11 +124,6 @@ def _shown(remaining: int, reset_ms: int) -> tuple[int, int]:
     """A window as an answer shows it: hits left, never below 0, and whole seconds until it
     resets, rounded up."""
     return remaining if remaining > 0 else 0, -(-reset_ms // 1000) if reset_ms > 0 else 0
-
-
-def reply_figures(reply: Sequence[int]) -> list[int]:
-    """Each window's figures (``_shown``) from check.lua's flat reply, in order."""
-    return [figure for i in range(5, len(reply), 3) for figure in _shown(reply[i], reply[i + 1])]
 
 
 def _seconds(ms: int) -> int:
@@ -258,7 +213,7 @@ class Checker:
         """Validate a decoded request against the config; raise BadRequest."""
         plan = self.plans.get(request.action)
         if plan is None:
-            raise BadRequest(f"unknown action '{request.action}'")
+            raise BadRequest("unknown action: it names no action of the config")
         values = self.subjects(request)
         for field, rule_name in plan.required:
             if field not in values:
@@ -268,137 +223,47 @@ class Checker:
                 )
         return plan, values
 
-    def check_now(self, request: Any) -> Decision | Pending:
-        """Start deciding one decoded request: its Decision when the kill switches or the
-        local cache decide it (no Redis call), else the call ``check_pending`` makes."""
-        plan, values = self.prepare(request)
-        return self._start(plan, values, request.cost)
+    async def check(self, request: Any) -> Decision:
+        """Decide one decoded request."""
+        return (await self._decide([self.prepare(request)], [request.cost]))[0]
 
-    def _start(self, plan: ActionPlan, values: dict[str, bytes], cost: int
-               ) -> Decision | Pending:
-        stage = self._stage(plan, values, cost)
-        return stage if isinstance(stage, Pending) else self._observed(plan, values, cost, stage)
+    async def check_batch(self, requests: Sequence[Any]) -> list[Decision]:
+        """Decide decoded requests in order, each as if after the one before it.
 
-    async def _decided(self, stage: Decision | Pending) -> Decision:
-        return await self.check_pending(stage) if isinstance(stage, Pending) else stage
+        Every request is validated before any is decided: a bad one is a BadRequest that
+        names its index, and nothing is consumed.
+        """
+        prepared = []
+        for index, request in enumerate(requests):
+            try:
+                prepared.append(self.prepare(request))
+            except BadRequest as exc:
+                raise BadRequest(f"checks[{index}]: {exc}") from None
+        return await self._decide(prepared, [request.cost for request in requests])
 
-    async def check_pending(self, stage: Pending) -> Decision:
-        """Finish a check ``check_now`` staged: bans, penalty boxes and limits in one script
-        call (or the fail modes when Redis cannot be asked); counted and logged."""
-        try:
-            if self.rotation is not None:
-                await self.rotation.carry_over(self.limiter, stage.plan.action.rules,
-                                               stage.values)
-            reply: Sequence[int] | StoreUnavailable = await self.limiter.check_reply(*stage.call)
-        except StoreUnavailable as exc:  # (the fail modes decide, in _finish)
-            reply = exc
-        return self._observed(stage.plan, stage.values, stage.cost,
-                              self._finish(stage, reply))
-
-    def check_soon(self, stage: Pending) -> asyncio.Future[Any] | None:
-        """``check_pending`` without a coroutine: the future of its Redis call, for ``settle``
-        once done; None when the check needs ``check_pending`` (key rotation, a check split
-        over cluster slots, a store without a coalescer)."""
-        if self.rotation is not None:
-            return None
-        try:
-            return self.limiter.check_soon(*stage.call)
-        except StoreUnavailable as exc:  # the circuit is open: the fail modes decide
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            future.set_exception(exc)
-            return future
-
-    def settle(self, stage: Pending, future: asyncio.Future[Any]) -> Decision:
-        """The Decision of a check ``check_soon`` sent, once its future is done."""
-        return self._observed(stage.plan, stage.values, stage.cost,
-                              self._finish(stage, self._reply(future)))
-
-    def settle_answer(self, stage: Pending, future: asyncio.Future[Any]) -> Decision | Allowed:
-        """``settle``, but an allowed, enforced check that took hits comes as an Allowed: its
-        answer is made from its action's form, and no Decision is built (counted alike)."""
-        reply = self._reply(future)
-        allowed = self._allowed(stage, reply)
-        if allowed is None:
-            return self._observed(stage.plan, stage.values, stage.cost,
-                                  self._finish(stage, reply))
-        self._count_allowed(stage.plan.action.name, 1)
-        return allowed
-
-    def _reply(self, future: asyncio.Future[Any]) -> Sequence[int] | StoreUnavailable:
-        """check.lua's reply in a done ``check_soon`` future, or why Redis gave none."""
-        try:
-            return self.limiter.reply(future)
-        except StoreUnavailable as exc:  # (the fail modes decide, in _finish)
-            return exc
-
-    def _allowed(self, stage: Pending, reply: Sequence[int] | StoreUnavailable
-                 ) -> Allowed | None:
-        """The Allowed for check.lua's reply when it allowed an enforced check that took hits
-        and the action has a form; else None (``_finish`` decides)."""
-        form = stage.plan.allowed
-        # (reply: status, now_ms, shadowed, ...; status 1 is Status.ALLOWED)
-        if (form is None or isinstance(reply, StoreUnavailable) or len(reply) != form.size
-                or reply[0] != 1 or reply[2] != 0 or stage.cost <= 0 or not stage.subjects):
-            return None
-        token = self.refunds.issue_bytes(stage.plan.action.name, stage.subjects, stage.cost,
-                                         reply[1])
-        # (Allowed(...) without its Python __new__: one is made per check)
-        return _new(Allowed, (form, reply_figures(reply), token))
+    async def _decide(self, prepared: Sequence[tuple[ActionPlan, dict[str, bytes]]],
+                      costs: Sequence[int]) -> list[Decision]:
+        """Stage every check, decide the ones Redis must in one call, settle them all."""
+        staged = [self._stage(plan, values, cost)
+                  for (plan, values), cost in zip(prepared, costs, strict=True)]
+        pending = [stage for stage in staged if isinstance(stage, Pending)]
+        replies: Iterator[Sequence[int] | StoreUnavailable] = iter(())
+        if pending:
+            if self.rotation is not None:  # a check may first copy keys to the new salt
+                for stage in pending:
+                    with contextlib.suppress(StoreUnavailable):  # (then decide says so)
+                        await self.rotation.carry_over(self.limiter, stage.plan.action.rules,
+                                                       stage.values)
+            replies = iter(await self.limiter.decide([stage.call for stage in pending]))
+        return [self._observed(plan, values, cost,
+                               self._finish(stage, next(replies))
+                               if isinstance(stage, Pending) else stage)
+                for stage, (plan, values), cost in zip(staged, prepared, costs, strict=True)]
 
     def _count_allowed(self, action: str, count: int) -> None:
         self.decided += count
         if self.metrics is not None:
             self.metrics.decision(action, "", "allowed", count)
-
-    async def check(self, request: Any) -> Decision:
-        """Decide one decoded request."""
-        return await self._decided(self.check_now(request))
-
-    async def check_many(self, requests: Sequence[Any]) -> list[Decision]:
-        """Decide a batch; every request is validated before any is decided.
-
-        Every request that needs Redis is queued at once, so the coalescer sends them in one
-        go; Redis decides them one after another in this order, so the answers are the ones
-        sequential checks would get.
-        """
-        return await self._many(requests, forms=False)  # type: ignore[return-value]
-
-    async def answer_many(self, requests: Sequence[Any]) -> list[Decision | Allowed]:
-        """``check_many``, with each allowed, enforced check that took hits as an Allowed
-        (``settle_answer``)."""
-        return await self._many(requests, forms=True)
-
-    async def _many(self, requests: Sequence[Any], *, forms: bool
-                    ) -> list[Decision | Allowed]:
-        prepared = [self.prepare(r) for r in requests]
-        if self.rotation is not None:  # each check may first copy keys: one at a time
-            return [await self._decided(self._start(plan, values, r.cost))
-                    for (plan, values), r in zip(prepared, requests, strict=True)]
-        staged = [self._stage(plan, values, r.cost)
-                  for (plan, values), r in zip(prepared, requests, strict=True)]
-        pending = [stage for stage in staged if isinstance(stage, Pending)]
-        replies = iter(await self.limiter.replies_many([stage.call for stage in pending]))
-        answers: list[Decision | Allowed] = []
-        counted: dict[str, int] = {}  # allowed ones, counted once per action below
-        for stage, (plan, values), request in zip(staged, prepared, requests, strict=True):
-            if isinstance(stage, Pending):
-                reply = next(replies)
-                allowed = self._allowed(stage, reply) if forms else None
-                if allowed is not None:
-                    counted[plan.action.name] = counted.get(plan.action.name, 0) + 1
-                    answers.append(allowed)
-                    continue
-                decision, culprit = self._finish(stage, reply)
-            else:
-                decision, culprit = stage
-            if decision.allowed and not decision.shadow and not decision.degraded:
-                counted[decision.action] = counted.get(decision.action, 0) + 1
-            else:
-                self._observed(plan, values, request.cost, (decision, culprit))
-            answers.append(decision)
-        for action, count in counted.items():
-            self._count_allowed(action, count)
-        return answers
 
     def _observed(self, plan: ActionPlan, values: dict[str, bytes], cost: int,
                   answer: Answer) -> Decision:
@@ -424,21 +289,12 @@ class Checker:
                                 message=self.flags.message_for(blocking)), None
         shadow_all = self._shadow_all or self.flags.is_on(SHADOW_FLAG, now)
         subject = self.keyspace.subject
-        one = plan.one_field
-        if one is not None and len(values) == 1 and one in values:
-            # the usual shape: the request's one subject is each rule's too
-            ban_fields = [one]
-            ban_subjects = [subject(((one, values[one]),))]
-            subjects = ban_subjects * len(plan.rule_keys)
-        else:
-            one = None
-            # one subject per field (its bans), then one per rule: a one-field rule's is the
-            # same
-            by_field = {field: subject(((field, value),)) for field, value in values.items()}
-            ban_fields, ban_subjects = list(by_field), list(by_field.values())
-            subjects = [by_field[fields[0]] if len(fields) == 1
-                        else subject(tuple([(f, values[f]) for f in fields]))
-                        for fields in plan.rule_keys]
+        # one subject per field (its bans), then one per rule: a one-field rule's is the same
+        by_field = {field: subject(((field, value),)) for field, value in values.items()}
+        ban_fields, ban_subjects = list(by_field), list(by_field.values())
+        subjects = [by_field[fields[0]] if len(fields) == 1
+                    else subject(tuple([(f, values[f]) for f in fields]))
+                    for fields in plan.rule_keys]
         cache = self.cache
         if cache is not None:
             hit = cache.lookup(action, ban_subjects, subjects, cost, shadow_all)
@@ -454,29 +310,23 @@ class Checker:
                     culprit = next(((f, s) for f, s in zip(ban_fields, ban_subjects, strict=True)
                                     if s == hit.banned), None)
                 return hit.decision, culprit
-        # the key names, from their parts (keys.py): each is built for every check
+        # the key names, from their parts (keys.py): the bans', then each rule's
         head, tail, _ = self._ban_key_parts
-        if one is not None and self.rotation is None:
-            only = head + ban_subjects[0]
-            keys = [only + tail for tail in plan.one_field_tails[shadow_all]]
-            n_bans = 1
-        else:
-            keys = [head + s + tail for s in ban_subjects]
-            if self.rotation is not None:
-                keys += self.rotation.ban_keys(values)
-            n_bans = len(keys)
-            for rule_subject, (head, tail, penalty_tail), boxes in zip(
-                    subjects, plan.key_parts, plan.boxes, strict=True):
-                keys.append(head + rule_subject + tail)
-                if boxes and not shadow_all:
-                    keys.append(head + rule_subject + penalty_tail)
+        keys = [head + s + tail for s in ban_subjects]
+        if self.rotation is not None:
+            keys += self.rotation.ban_keys(values)
+        n_bans = len(keys)
+        for rule_subject, (head, tail, penalty_tail), boxes in zip(
+                subjects, plan.key_parts, plan.boxes, strict=True):
+            keys.append(head + rule_subject + tail)
+            if boxes and not shadow_all:
+                keys.append(head + rule_subject + penalty_tail)
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name), None
         rule_args = plan.shadow_args if shadow_all else plan.rule_args
-        # (Pending(...) without its Python __new__: one is made per check)
-        return _new(Pending, (plan, values, cost, ban_fields, ban_subjects, subjects,
-                              cache.now_ms() if cache is not None else 0,
-                              (keys, cost, n_bans, len(action.rules), rule_args)))
+        return Pending(plan, values, cost, ban_fields, ban_subjects, subjects,
+                       cache.now_ms() if cache is not None else 0,
+                       (keys, cost, n_bans, len(action.rules), rule_args))
 
     def _finish(self, stage: Pending, reply: Sequence[int] | StoreUnavailable) -> Answer:
         """Everything after Redis answered (check.lua's reply) or could not."""

@@ -19,7 +19,6 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio.cluster import RedisCluster
 
 from ratekeeper.config import Config, parse_config
-from ratekeeper.hotpath import serve_hot_paths
 from ratekeeper.server import create_app
 from ratekeeper.settings import Settings
 from ratekeeper.store import CLUSTER_MAX_CONNECTIONS, open_store
@@ -172,8 +171,6 @@ def make_client(aiohttp_client: Callable[..., Any], settings: Settings
         cfg = config_from(config) if isinstance(config, str) else config
         app: web.Application = create_app(app_settings or settings, cfg, clock=clock)
         client: TestClient[Any, Any] = await aiohttp_client(app)
-        assert client.server.runner is not None and client.server.runner.server is not None
-        serve_hot_paths(app, client.server.runner.server)  # as `ratekeeper serve` does
         return client
 
     return factory

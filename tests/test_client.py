@@ -160,7 +160,7 @@ async def test_bad_requests_raise_request_rejected(make: MakeAdapter, sidecar: s
     client = make(sidecar, default_fail="open")
     with pytest.raises(RequestRejected) as caught:
         await client.check("nope", ip="192.0.2.1")
-    assert caught.value.status == 400 and "unknown action 'nope'" in str(caught.value)
+    assert caught.value.status == 400 and "unknown action" in str(caught.value)
     with pytest.raises(RequestRejected, match="needs 'user'"):
         await client.check("project-create", ip="192.0.2.1")
     with pytest.raises(RequestRejected, match="not valid"):
