@@ -197,17 +197,21 @@ class Coalescer:
         one was dead before any reply."""
         sha = self.script.sha
         data = b"".join([encode_command(b"EVALSHA", sha, keys, args) for keys, args in commands])
-        try:
-            replies = await self._send(data, len(commands))
-        except _DeadBeforeReply as dead:
-            replies = await self._send(data, len(commands), first_error=dead.error)
+        replies = await self._send_retried(data, len(commands))
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             again = b"".join([encode_command(b"EVAL", self.script.script, *commands[i])
                               for i in missing])
-            for i, reply in zip(missing, await self._send(again, len(missing)), strict=True):
+            for i, reply in zip(missing, await self._send_retried(again, len(missing)),
+                                strict=True):
                 replies[i] = reply
         return replies
+
+    async def _send_retried(self, data: bytes, expected: int) -> list[Any]:
+        try:
+            return await self._send(data, expected)
+        except _DeadBeforeReply as dead:
+            return await self._send(data, expected, first_error=dead.error)
 
     async def _send(self, data: bytes, expected: int,
                     first_error: BaseException | None = None) -> list[Any]:

@@ -1,15 +1,17 @@
-"""The coalescer against a real redis-server: exactness, order, errors, NOSCRIPT, cancellation."""
+"""The coalescer against a real redis-server: exactness, order, errors, NOSCRIPT, deadlines."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-from collections.abc import Callable
+import os
+import signal
+import time
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -19,322 +21,258 @@ from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.flags import FlagBoard
 from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import Limiter, Status, parse_outcome
-from ratekeeper.pipeline import Coalescer, coalesced, encode_eval, encode_evalsha
-from ratekeeper.scripts import LuaScript, Scripts, check_args
+from ratekeeper.limiter import Limiter, parse_outcome
+from ratekeeper.pipeline import Coalescer, Request, encode_command
+from ratekeeper.scripts import Scripts
 from ratekeeper.service import Checker
 
-from conftest import ONE_RULE, SALT, FakeClock, config_from
+from conftest import ONE_RULE, SALT, config_from
 from redis_servers import RedisServer, free_port, running_redis
 
-
-class PipelinedRedis(aioredis.Redis):
-    """Not exactly redis.asyncio.Redis, so the Coalescer takes redis-py's pipeline."""
+NOW_MS = 1_700_000_000_000
 
 
-def coalesced_checker(text: str, redis: aioredis.Redis, prefix: str,
-                      clock: FakeClock | None = None) -> tuple[Checker, Coalescer]:
-    """A Checker whose limiter sends its check script through a Coalescer."""
-    config = config_from(text)
-    limiter = Limiter(redis, timeout=2.0, clock=clock)
-    limiter.scripts = coalesced(limiter.scripts, redis)
-    checker = Checker(config, Keyspace(SALT, prefix=prefix, grouping=config.ip), limiter,
-                      FlagBoard(config.flags))
-    assert isinstance(limiter.scripts.check, Coalescer)
-    return checker, limiter.scripts.check
+def coalescer_for(redis: aioredis.Redis, **options: Any) -> Coalescer:
+    options.setdefault("timeout", 2.0)
+    return Coalescer(redis, Scripts.register(redis).check, **options)
+
+
+def counter(prefix: str, subject: str, *, cost: int = 1, limit: int = 100,
+            now: str | int = NOW_MS) -> Request:
+    """One check of one sliding-counter rule of one window of a minute, no ban key."""
+    return [f"{prefix}:{{{subject}}}:r"], now, cost, ("c", "0", 0, 1, limit, 60_000)
+
+
+def remaining(reply: Any) -> int:
+    return parse_outcome(reply).windows[0].remaining  # type: ignore[no-any-return]
 
 
 async def ask(checker: Checker, **fields: Any) -> Any:
     return await checker.check(checker.decode(json.dumps(fields).encode()))
 
 
-def counter_call(prefix: str, subject: str, *, cost: int = 1, limit: int = 100,
-                 now_ms: int = 1_700_000_000_000) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV of a one-request check.lua call: one sliding-counter rule of one window
-    of a minute."""
-    keys = [f"{prefix}:{{{subject}}}:r"]
-    return keys, check_args(now_ms, cost, len(keys), ["c", "0", 0, 1, limit, 60_000])
+FIVE = ONE_RULE.format(limit="5 per minute", algorithm="sliding-counter")
 
 
-@pytest.mark.parametrize("transport", ["direct", "redis-py pipeline"])
+def checker_on(redis: Any, prefix: str, text: str = FIVE, timeout: float = 2.0
+               ) -> Checker:
+    config = config_from(text)
+    limiter = Limiter(redis, timeout=timeout)
+    return Checker(config, Keyspace(SALT, prefix=prefix, grouping=config.ip), limiter,
+                   FlagBoard(config.flags))
+
+
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
-async def test_concurrent_checks_admit_exactly_the_limit(
-        redis_server: RedisServer, key_prefix: str, clock: FakeClock, algorithm: str,
-        transport: str) -> None:
-    """200 concurrent checks of one subject at a limit of 20 admit exactly 20, coalesced,
-    on either transport."""
-    kind = aioredis.Redis if transport == "direct" else PipelinedRedis
-    redis = kind.from_url(redis_server.url)
-    checker, coalescer = coalesced_checker(
-        ONE_RULE.format(limit="20 per minute", algorithm=algorithm), redis, key_prefix, clock)
-    assert coalescer._direct is (transport == "direct")
-    decisions = await asyncio.gather(
-        *(ask(checker, action="a", ip="198.51.100.7") for _ in range(200)))
-    allowed = [d for d in decisions if d.allowed]
-    assert len(allowed) == 20
-    assert all(d.reason == "rate_limited" for d in decisions if not d.allowed)
-    # the hits were taken in call order: remaining counts down 19..0 over the first 20
-    assert [d.limits[0].remaining for d in decisions[:20]] == list(range(19, -1, -1))
-    assert coalescer.calls == 200
-    assert coalescer.batches < coalescer.calls
-    await redis.aclose()
+async def test_concurrent_checks_admit_exactly_the_limit(redis: aioredis.Redis,
+                                                         key_prefix: str,
+                                                         algorithm: str) -> None:
+    """100 concurrent checks at a limit of 5 (one write or several): exactly 5 allowed."""
+    checker = checker_on(redis, key_prefix,
+                         ONE_RULE.format(limit="5 per minute", algorithm=algorithm))
+    decisions = await asyncio.gather(*(ask(checker, action="a", ip="192.0.2.1")
+                                       for _ in range(100)))
+    assert sum(d.allowed for d in decisions) == 5
+    assert not any(d.degraded for d in decisions)
 
 
-async def test_one_tick_is_one_pipeline_and_answers_go_to_their_callers(
+async def test_one_tick_is_one_write_and_answers_go_to_their_callers(
         redis: aioredis.Redis, key_prefix: str) -> None:
-    """Calls queued in one tick are one pipeline; each caller gets its own subject's answer."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check)
-    futures = []
-    for i in range(50):
-        keys, args = counter_call(key_prefix, f"s{i}", cost=i, limit=100)
-        futures.append(coalescer.queue(keys, args))
-    results = [parse_outcome(raw) for raw in await asyncio.gather(*futures)]
-    assert coalescer.batches == 1 and coalescer.calls == 50
-    # cost 0 only looks, so the first subject still has all 100
-    assert [r.windows[0].remaining for r in results] == [100 - i for i in range(50)]
-    assert all(r.status is Status.ALLOWED for r in results)
+    """Checks submitted in one tick leave in one write; each caller gets its own reply."""
+    coalescer = coalescer_for(redis)
+    futures = [future for i in range(10)
+               for future in coalescer.submit([counter(key_prefix, f"s{i}", cost=i + 1)])]
+    replies = await asyncio.gather(*futures)
+    assert [remaining(r) for r in replies] == [100 - (i + 1) for i in range(10)]
+    assert (coalescer.batches, coalescer.checks) == (1, 10)
 
 
-async def test_a_batch_requests_checks_always_go_in_one_call(
+async def test_a_large_group_goes_as_several_calls_in_order_in_one_write(
         redis: aioredis.Redis, key_prefix: str) -> None:
-    """A batch request's checks (one request_many) go in one script call whatever its size,
-    so Redis decides them in their order even past max_batch (two calls out on two
-    connections could reach it in either order); single calls queued with it go in calls of
-    their own around it."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check, max_batch=8)
-    before = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(5)]
-    subject = f"{key_prefix}:{{one}}:r"  # one subject, limit 30: the order shows
-    group = coalescer.request_many([([subject], "", 1, ("c", "0", 0, 1, 30, 60_000))] * 40)
-    after = [coalescer.queue(*counter_call(key_prefix, f"t{i}")) for i in range(5)]
-    replies = await asyncio.gather(*group)
-    await asyncio.gather(*before, *after)
-    assert coalescer.calls == 50 and coalescer.batches == 3  # 5, the 40, 5
-    assert [parse_outcome(r).status for r in replies] == (
-        [Status.ALLOWED] * 30 + [Status.LIMITED] * 10)
-    assert [parse_outcome(r).windows[0].remaining for r in replies[:30]] == list(
-        range(29, -1, -1))
+    """A group larger than one call's share is split into calls that run in order: each
+    check sees what the ones before it took."""
+    coalescer = coalescer_for(redis, max_checks=7)
+    futures = coalescer.submit([counter(key_prefix, "same") for _ in range(30)])
+    replies = await asyncio.gather(*futures)
+    assert [remaining(r) for r in replies] == list(range(99, 69, -1))
+    assert coalescer.batches == 1
 
 
-async def test_max_batch_splits_a_large_tick(redis: aioredis.Redis, key_prefix: str) -> None:
-    """A tick with more calls than max_batch goes out as several pipelines, none lost."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check, max_batch=8)
-    futures = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(20)]
-    results = await asyncio.gather(*futures)
-    assert len(results) == 20 and coalescer.calls == 20
+async def test_a_group_is_never_split_between_writes(redis: aioredis.Redis,
+                                                     key_prefix: str) -> None:
+    """Writes take whole groups up to their size cap; a group larger than the cap goes whole."""
+    coalescer = coalescer_for(redis, max_batch=4)
+    first = coalescer.submit([counter(key_prefix, "a") for _ in range(3)])
+    second = coalescer.submit([counter(key_prefix, "b") for _ in range(6)])
+    third = coalescer.submit([counter(key_prefix, "c")])
+    await asyncio.gather(*first, *second, *third)
     assert coalescer.batches == 3
 
 
-async def test_a_script_error_fails_only_its_own_call(redis: aioredis.Redis,
-                                                      key_prefix: str) -> None:
-    """A call whose ARGV the script rejects raises ResponseError; its batch-mates, decided
-    in the same check.lua call, succeed."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check)
-    good = coalescer.queue(*counter_call(key_prefix, "good"))
-    keys, args = counter_call(key_prefix, "bad")
-    args[7] = "not-a-number"  # the rule's window count
-    bad = coalescer.queue(keys, args)
-    also_good = coalescer.queue(*counter_call(key_prefix, "good"))
-    first, error, second = await asyncio.gather(good, bad, also_good, return_exceptions=True)
-    assert isinstance(error, ResponseError)
-    assert parse_outcome(first).windows[0].remaining == 99
-    assert parse_outcome(second).windows[0].remaining == 98
-    assert coalescer.batches == 1 and coalescer.script_calls == 1
+async def test_a_script_error_fails_only_its_own_check(redis: aioredis.Redis,
+                                                       key_prefix: str) -> None:
+    """A check check.lua cannot decide fails alone; the checks beside it are answered."""
+    coalescer = coalescer_for(redis)
+    keys, now, cost, rule_set = counter(key_prefix, "bad")
+    bad: Request = (keys, now, cost, ("x", *rule_set[1:]))  # an algorithm check.lua lacks
+    good = coalescer.submit([counter(key_prefix, "ok")])
+    wrong = coalescer.submit([bad])
+    later = coalescer.submit([counter(key_prefix, "ok")])
+    assert remaining(await good[0]) == 99
+    with pytest.raises(ResponseError):
+        await wrong[0]
+    assert remaining(await later[0]) == 98
 
 
-async def test_script_flush_is_recovered_within_the_batch(redis: aioredis.Redis,
+async def test_script_flush_is_recovered_within_the_write(redis: aioredis.Redis,
                                                           key_prefix: str) -> None:
-    """After SCRIPT FLUSH the batch is answered (its calls sent again with EVAL), each hit
-    counted once, and the script is cached again."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check)
-    await asyncio.gather(coalescer.queue(*counter_call(key_prefix, "x")))
+    """After SCRIPT FLUSH the checks are answered (sent again as EVAL), each hit counted once,
+    and the script is cached again."""
+    coalescer = coalescer_for(redis)
+    await coalescer.submit([counter(key_prefix, "x")])[0]
     await redis.script_flush()
-    results = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, "x"))
-                                     for _ in range(5)))
-    assert [parse_outcome(r).windows[0].remaining for r in results] == [98, 97, 96, 95, 94]
-    assert (await redis.script_exists(coalescer.sha)) == [True]
+    replies = await asyncio.gather(*coalescer.submit([counter(key_prefix, "x")] * 5))
+    assert [remaining(r) for r in replies] == [98, 97, 96, 95, 94]
+    assert (await redis.script_exists(coalescer.script.sha)) == [True]
 
 
-async def test_connection_failure_fails_every_call_and_the_limiter_translates_it() -> None:
-    """With Redis unreachable each caller gets a RedisError, which the Limiter makes
-    StoreUnavailable, so the fail-open/closed decision still happens in one place."""
-    # no retries: redis-py's default backoff would only make the test slow
+async def test_an_unreachable_redis_is_each_checks_store_unavailable() -> None:
+    """With Redis unreachable every check of the write gets StoreUnavailable from the
+    limiter, and its breaker counts the failed write once, not once per check."""
     dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5,
                           retry=Retry(NoBackoff(), 0))
     try:
-        coalescer = Coalescer(dead, Scripts.register(dead).check)
-        outcomes = await asyncio.gather(*(coalescer.queue(*counter_call("p", f"s{i}"))
-                                          for i in range(3)), return_exceptions=True)
-        assert all(isinstance(o, RedisConnectionError) for o in outcomes)
         limiter = Limiter(dead, timeout=1.0)
-        limiter.scripts = coalesced(limiter.scripts, dead)
-        keys, args = counter_call("p", "s")
-        with pytest.raises(StoreUnavailable):
-            await limiter.check(keys, 1, 0, 1, args[4:-3])
+        calls = [([f"p:{{s{i}}}:r"], 1, 0, 1, ("c", "0", 0, 1, 5, 60_000)) for i in range(20)]
+        replies = await limiter.decide(calls)
+        assert all(isinstance(r, StoreUnavailable) for r in replies)
+        assert limiter.breaker.state == "closed"  # one failure of the five that open it
     finally:
         await dead.aclose()
 
 
 async def test_a_caller_that_gives_up_before_sending_is_not_sent(
         redis: aioredis.Redis, key_prefix: str) -> None:
-    """A call cancelled before its batch leaves never runs (its hit is not taken); the
-    others are answered."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check)
-    futures = [coalescer.queue(*counter_call(key_prefix, "same")) for i in range(3)]
+    """A check cancelled before its write leaves never runs (its hit is not taken)."""
+    coalescer = coalescer_for(redis)
+    futures = [coalescer.submit([counter(key_prefix, "same")])[0] for _ in range(3)]
     futures[1].cancel()
     first, third = await asyncio.gather(futures[0], futures[2])
-    assert parse_outcome(first).windows[0].remaining == 99
-    assert parse_outcome(third).windows[0].remaining == 98
-    assert (coalescer.calls, coalescer.dropped) == (2, 1)
+    assert (remaining(first), remaining(third)) == (99, 98)
+    assert coalescer.checks == 2
 
 
-async def test_calls_wait_while_the_inflight_pipelines_are_out(redis: aioredis.Redis,
-                                                               key_prefix: str) -> None:
-    """With one pipeline allowed out, calls made meanwhile go together in the next one."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check, max_inflight=1)
-    first = coalescer.queue(*counter_call(key_prefix, "a"))
-    await asyncio.sleep(0)  # the first pipeline leaves
-    rest = [coalescer.queue(*counter_call(key_prefix, f"b{i}")) for i in range(10)]
-    await asyncio.gather(first, *rest)
-    assert (coalescer.batches, coalescer.calls) == (2, 11)
+async def test_checks_wait_while_the_writes_allowed_out_are_out(redis: aioredis.Redis,
+                                                                key_prefix: str) -> None:
+    """With one write allowed out, checks submitted meanwhile go together in the next."""
+    coalescer = coalescer_for(redis, max_inflight=1)
+    first = coalescer.submit([counter(key_prefix, "a")])
+    await asyncio.sleep(0)  # the first write leaves
+    rest = [f for i in range(10) for f in coalescer.submit([counter(key_prefix, f"b{i}")])]
+    await asyncio.gather(*first, *rest)
+    assert (coalescer.batches, coalescer.checks) == (2, 11)
 
 
-async def test_a_call_leaves_beside_a_small_one_and_waits_behind_a_large_one(
+async def test_time_spent_in_this_process_is_not_a_deadline_miss(
         redis: aioredis.Redis, key_prefix: str) -> None:
-    """A second call goes out at once while the one out carries fewer than ``overlap_below``
-    checks (a lone check does not wait a round trip), and waits while it carries more (under
-    load the next call grows instead)."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check, overlap_below=4)
-    small = [coalescer.queue(*counter_call(key_prefix, f"small{i}")) for i in range(3)]
-    await asyncio.sleep(0)
-    lone = coalescer.queue(*counter_call(key_prefix, "lone"))
-    await asyncio.sleep(0)
-    assert coalescer.batches == 2  # beside the small call, before it was answered
-    await asyncio.gather(*small, lone)
-    large = [coalescer.queue(*counter_call(key_prefix, f"large{i}")) for i in range(4)]
-    await asyncio.sleep(0)
-    behind = [coalescer.queue(*counter_call(key_prefix, f"behind{i}")) for i in range(2)]
-    await asyncio.sleep(0)
-    assert coalescer.batches == 3  # waits for the large call
-    replies = await asyncio.gather(*large, *behind)
-    assert coalescer.batches == 4 and coalescer.calls == 10
-    assert all(parse_outcome(reply).status is Status.ALLOWED for reply in replies)
-    # what was out is all back: a small call and a lone check overlap again
-    assert coalescer._out == coalescer._inflight == 0
-    again = [coalescer.queue(*counter_call(key_prefix, f"again{i}")) for i in range(2)]
-    await asyncio.sleep(0)
-    again.append(coalescer.queue(*counter_call(key_prefix, "again-lone")))
-    await asyncio.sleep(0)
-    assert coalescer.batches == 6
-    await asyncio.gather(*again)
-    assert coalescer._out == coalescer._inflight == 0
+    """A check that waits in this process's queue while the event loop is busy far past the
+    deadline is still decided by Redis: the deadline starts when its write leaves."""
+    checker = checker_on(redis, key_prefix, timeout=0.02)
+    tasks = [asyncio.ensure_future(ask(checker, action="a", ip="192.0.2.9"))
+             for _ in range(10)]
+    await asyncio.sleep(0)  # the checks are staged and queued
+    time.sleep(0.2)  # the loop is busy (decoding a flood, say) for ten deadlines
+    decisions = await asyncio.gather(*tasks)
+    assert not any(d.degraded for d in decisions)
+    assert sum(d.allowed for d in decisions) == 5
 
 
-async def test_an_unreadable_reply_fails_its_callers_and_frees_the_slot(
-        redis: aioredis.Redis, key_prefix: str) -> None:
-    """A script call whose reply is not one reply per request (here a script that answers a
-    number) fails each of its callers as a Redis error (the limiter's fail modes answer),
-    and the calls after it still go out: the batch does not keep its slot."""
-    odd = LuaScript(redis, "odd", "return 42")
-    coalescer = Coalescer(redis, odd, overlap_below=2)
-    for _ in range(2):
-        outcomes = await asyncio.wait_for(asyncio.gather(
-            *(coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(3)),
-            return_exceptions=True), 5)
-        assert all(isinstance(o, ResponseError) and "could not be read" in str(o)
-                   for o in outcomes), outcomes
-        assert coalescer._out == coalescer._inflight == 0
-    assert coalescer.batches == 2
+def test_a_reply_that_came_while_the_loop_was_busy_is_read_before_the_deadline_fails(
+        redis_server: RedisServer, key_prefix: str) -> None:
+    """On uvloop, whose timers run before it polls its sockets: a write that left, then an
+    event loop busy past the deadline while Redis answered, is decided by that answer."""
 
-
-async def test_after_settle_runs_once_the_batch_callers_ran_and_before_the_next_tick(
-        redis: aioredis.Redis, key_prefix: str) -> None:
-    """``after_settle`` runs after the done-callbacks of every future a batch settled and
-    after the next call has left, and before anything those callbacks scheduled (the hot
-    paths' outbox writes the answers a script call settled in the tick they are made)."""
-    loop = asyncio.get_running_loop()
-    coalescer = Coalescer(redis, Scripts.register(redis).check, overlap_below=3)
-    events: list[str] = []
-    coalescer.after_settle.append(lambda: events.append(f"after, {coalescer.batches} sent"))
-    futures = [coalescer.queue(*counter_call(key_prefix, f"s{i}")) for i in range(3)]
-    await asyncio.sleep(0)  # the first call leaves; one more waits behind its 3 checks
-    later = coalescer.queue(*counter_call(key_prefix, "later"))
-
-    def answered(name: str) -> Callable[[asyncio.Future[Any]], None]:
-        def callback(future: asyncio.Future[Any]) -> None:
-            events.append(name)
-            loop.call_soon(events.append, f"{name} next")
-        return callback
-
-    for i, future in enumerate(futures):
-        future.add_done_callback(answered(f"caller {i}"))
-    await asyncio.gather(*futures)
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert events[:7] == ["caller 0", "caller 1", "caller 2", "after, 2 sent",
-                          "caller 0 next", "caller 1 next", "caller 2 next"]
-    assert parse_outcome(await later).status is Status.ALLOWED
-    await asyncio.sleep(0)  # (the hook was scheduled after this task's wake-up)
-    assert events[7:] == ["after, 2 sent"]
-
-
-async def test_batch_deadline_fails_every_call_with_a_timeout(key_prefix: str) -> None:
-    """With its own deadline, a batch a server never answers fails each caller with a
-    timeout (a RedisError or TimeoutError, both of which the Limiter translates)."""
-    with socket.socket() as mute:  # accepts connections, never answers
-        mute.bind(("127.0.0.1", 0))
-        mute.listen()
-        port = mute.getsockname()[1]
-        client = aioredis.Redis(port=port, retry=Retry(NoBackoff(), 0),
-                                socket_connect_timeout=1.0, protocol=2)
+    async def scenario() -> list[Any]:
+        client = aioredis.Redis(port=redis_server.port)
         try:
-            coalescer = Coalescer(client, Scripts.register(client).check, timeout=0.05)
-            outcomes = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, f"s{i}"))
-                                              for i in range(3)), return_exceptions=True)
+            coalescer = coalescer_for(client, timeout=0.02)
+            await coalescer.submit([counter(key_prefix, "warm")])[0]  # a pooled connection
+            futures = coalescer.submit([counter(key_prefix, "busy")] * 3)
+            for _ in range(5):  # the write leaves
+                await asyncio.sleep(0)
+            time.sleep(0.2)  # Redis answers meanwhile; the loop is busy
+            return list(await asyncio.gather(*futures, return_exceptions=True))
         finally:
             await client.aclose()
-    assert all(isinstance(o, TimeoutError | RedisError) for o in outcomes), outcomes
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        replies = runner.run(scenario())
+    assert [remaining(r) for r in replies] == [99, 98, 97]
+
+
+async def test_a_large_batch_gets_a_deadline_its_size_needs(redis: aioredis.Redis,
+                                                            key_prefix: str) -> None:
+    """1,000 checks in one group under a 1 ms deadline: the budget grows with the size, so
+    Redis decides every one (3 of each subject's rule allowed), none by the fail mode."""
+    text = ONE_RULE.format(limit="3 per minute", algorithm="sliding-counter")
+    checker = checker_on(redis, key_prefix, text, timeout=0.001)
+    requests = [checker.decode(json.dumps({"action": "a", "ip": f"198.51.100.{i % 250}"})
+                               .encode()) for i in range(1000)]
+    decisions = await checker.check_batch(requests)
+    assert not any(d.degraded for d in decisions)
+    assert sum(d.allowed for d in decisions) == 250 * 3
+
+
+async def test_a_stalled_redis_fails_the_write_at_its_deadline(lone_redis: RedisServer,
+                                                               key_prefix: str) -> None:
+    """A write Redis does not answer (the process is stopped) fails with a TimeoutError once
+    its budget and grace are spent; once Redis runs again, the next write is answered."""
+    client = aioredis.Redis(port=lone_redis.port)
+    try:
+        coalescer = coalescer_for(client, timeout=0.05)
+        await coalescer.submit([counter(key_prefix, "x")])[0]
+        os.kill(lone_redis.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                await coalescer.submit([counter(key_prefix, "x")])[0]
+        finally:
+            os.kill(lone_redis.process.pid, signal.SIGCONT)
+        reply = await coalescer.submit([counter(key_prefix, "x")])[0]
+        assert remaining(reply) in (97, 98)  # the stalled write may have run once Redis woke
+    finally:
+        await client.aclose()
 
 
 def test_encoding_matches_redis_py() -> None:
-    """The coalescer's own RESP encoding is byte for byte what redis-py would send."""
-    keys = ["rk:{abc}:b", "rk:{abc}:tag", "é-key"]
-    args: list[str | int] = ["", 1, 1, 1, "c", "0", 0, 2, 1000, 3_600_000, -5, "x y"]
-    packed = b"".join(bytes(part) for part in
-                      Connection().pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args))
-    assert encode_evalsha("f" * 40, keys, args) == packed
-    assert encode_evalsha("f" * 40, keys, args) == packed  # from the encoding cache
-    ascii_keys = keys[:2]  # encoded in one go (a non-ASCII one goes key by key)
-    packed = b"".join(bytes(part) for part in Connection().pack_command(
-        "EVALSHA", "f" * 40, len(ascii_keys), *ascii_keys, *args))
-    assert encode_evalsha("f" * 40, ascii_keys, args) == packed
-    source = "return {KEYS[1], ARGV[1]}"
-    packed = b"".join(bytes(part) for part in
-                      Connection().pack_command("EVAL", source, len(keys), *keys, *args))
-    assert encode_eval(source, keys, args) == packed
+    """EVALSHA and EVAL are encoded byte for byte as redis-py's public pack_command would."""
+    connection = Connection()
+    keys, now, cost, rule_set = counter("p", "s")
+    args = [now, 1, 1, len(rule_set), *rule_set, cost, 1, 1]
+    for name, first in ((b"EVALSHA", "a" * 40), (b"EVAL", "return 1")):
+        ours = encode_command(name, first, keys, args)
+        theirs = b"".join(connection.pack_command(name.decode(), first, len(keys), *keys,
+                                                  *args))
+        assert ours == theirs
 
 
-async def test_readiness_sees_the_coalesced_script(redis: aioredis.Redis) -> None:
-    """The limiter's readiness check loads and finds the coalesced script by its SHA."""
+async def test_readiness_loads_the_scripts(redis: aioredis.Redis) -> None:
+    """ready() loads the scripts a SCRIPT FLUSH took."""
     limiter = Limiter(redis, timeout=1.0)
-    limiter.scripts = coalesced(limiter.scripts, redis)
     await redis.script_flush()
     assert await limiter.ready()
     assert all(await redis.script_exists(*limiter.scripts.shas))
 
 
 async def test_a_dead_pooled_connection_is_replaced_once(key_prefix: str) -> None:
-    """After a Redis restart the pooled connection is dead: the batch goes again on a new
+    """After a Redis restart the pooled connection is dead: the write goes again on a new
     one, once, and its hits are counted once (no persistence: counting starts over)."""
     with running_redis() as server:
         client = aioredis.Redis(port=server.port, retry=Retry(NoBackoff(), 0))
         try:
-            coalescer = Coalescer(client, Scripts.register(client).check)
-            first = await coalescer(*counter_call(key_prefix, "x"))
-            assert parse_outcome(first).windows[0].remaining == 99
+            coalescer = coalescer_for(client)
+            assert remaining(await coalescer.submit([counter(key_prefix, "x")])[0]) == 99
             server.restart()
-            again = await asyncio.gather(*(coalescer.queue(*counter_call(key_prefix, "x"))
-                                           for _ in range(3)))
-            assert [parse_outcome(r).windows[0].remaining for r in again] == [99, 98, 97]
+            again = await asyncio.gather(*coalescer.submit([counter(key_prefix, "x")] * 3))
+            assert [remaining(r) for r in again] == [99, 98, 97]
         finally:
             await client.aclose()
 
@@ -345,34 +283,34 @@ class MasterPool(BlockingConnectionPool):
     is_master = True
 
 
+def connections_received(server: RedisServer) -> int:
+    return int(server.cli("INFO", "stats").split("total_connections_received:")[1].split()[0])
+
+
 @pytest.mark.parametrize("pool_class", [BlockingConnectionPool, MasterPool])
 async def test_readonly_through_a_sentinel_master_pool_goes_again_once(
         pool_class: type[BlockingConnectionPool], key_prefix: str) -> None:
-    """READONLY through a Sentinel's master pool means the master was demoted while the
-    connection stayed open: as redis-py does with such a connection, the coalescer drops it
-    and, nothing having been written, sends the call once more on a fresh one; a replica
-    still answering READONLY fails the caller with a ConnectionError. Through a plain pool
-    the caller gets READONLY itself, on the one connection."""
+    """READONLY through a Sentinel's master pool means the master was demoted under an open
+    connection: the coalescer drops it and, nothing having been answered, sends the write
+    once more on a fresh one; a replica still answering READONLY fails the checks with a
+    ConnectionError. Through a plain pool the check gets READONLY itself."""
     with running_redis() as master, running_redis(
             extra=("--replicaof", "127.0.0.1", str(master.port))) as replica:
         pool = pool_class.from_url(replica.url, max_connections=4, timeout=1.0,
                                    retry=Retry(NoBackoff(), 0))
         client = aioredis.Redis.from_pool(pool)
         try:
-            coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0)
-            before = int(replica.cli("INFO", "stats").split("total_connections_received:")[1]
-                         .split()[0])
+            coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0,
+                                  sentinel=pool_class is MasterPool)
+            before = connections_received(replica)
             with pytest.raises(RedisError) as raised:
-                await coalescer.queue(*counter_call(key_prefix, "x"))
-            after = int(replica.cli("INFO", "stats").split("total_connections_received:")[1]
-                        .split()[0])
+                await coalescer.submit([counter(key_prefix, "x")])[0]
+            after = connections_received(replica)
         finally:
             await client.aclose()
     if pool_class is MasterPool:
         assert isinstance(raised.value, RedisConnectionError)
-        assert after - before == 3  # two connections (the call, once more), and our INFO
-        assert coalescer._held == []
+        assert after - before == 3  # two connections (the write, once more), and our INFO
     else:
         assert isinstance(raised.value, ReadOnlyError)
         assert after - before == 2  # one connection, and our INFO
-        assert len(coalescer._held) == 1
