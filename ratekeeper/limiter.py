@@ -19,7 +19,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from enum import IntEnum
 from typing import Any, NamedTuple, TypeVar
 
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from . import slots
 from .breaker import Breaker, BreakerState
@@ -41,6 +49,9 @@ READY_TIMEOUT = 0.5  # seconds; readiness may wait longer than a check
 # turn, and their deadline starts when it comes (each call holds a connection, a Cluster
 # client opens one per call out, and a burst of connects would miss every deadline)
 MAX_IN_FLIGHT = 64
+TOPOLOGY_REFRESH = 1.0  # seconds between reads of a Cluster's slot map after a failure
+# what a Cluster node answers for a slot it does not hold (the Cluster client follows them)
+REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
 
 
 # Limiter.check's arguments: keys, cost, number of ban keys, number of rules, rule ARGV
@@ -89,7 +100,7 @@ class Limiter:
     def __init__(self, redis: Any, *, timeout: float,
                  clock: Callable[[], int] | None = None, breaker: Breaker | None = None,
                  sharded: bool | None = None, metrics: Metrics | None = None,
-                 coalesce: bool = True) -> None:
+                 node_client: Callable[[str, int], Any] | None = None) -> None:
         self.redis = redis
         self.timeout = timeout
         self.scripts = Scripts.register(redis)
@@ -98,8 +109,13 @@ class Limiter:
         # each node has its breaker, so a failing node degrades only the checks it holds
         self.sharded = _is_cluster(redis) if sharded is None else sharded
         self._node_breakers: dict[str, Breaker] = {}
+        # on a cluster: a client of each master (``node_client(host, port)``), whose checks
+        # are coalesced as one Redis's are
+        self.node_client = node_client
+        self._nodes: dict[str, tuple[Coalescer, Breaker]] = {}
+        self._refreshed_at = float("-inf")
         self.coalescer: Coalescer | None = None
-        if coalesce and not self.sharded:
+        if not self.sharded:
             pool = getattr(redis, "connection_pool", None)
             self.coalescer = Coalescer(redis, self.scripts.check, timeout=timeout,
                                        sentinel=bool(getattr(pool, "is_master", False)))
@@ -113,13 +129,15 @@ class Limiter:
         self.metrics = metrics
         self._reported_state = ""
 
-    def _batch_done(self, seconds: float, error: BaseException | None) -> None:
-        """A coalesced write ended: the breaker and the metrics count it once."""
+    def _batch_done(self, seconds: float, error: BaseException | None,
+                    breaker: Breaker | None = None) -> None:
+        """A coalesced write ended: its breaker and the metrics count it once."""
+        breaker = breaker or self.breaker
         if error is None:
-            self.breaker.success()
+            breaker.success()
             self._report("check", None, seconds)
         elif isinstance(error, REDIS_FAILURES):
-            self._failed("check", error)
+            self._failed("check", error, (breaker,))
 
     async def _call(self, make: Callable[[], Awaitable[T]], *, op: str,
                     timeout: float | None = None, breakers: Sequence[Breaker] = (),
@@ -216,23 +234,6 @@ class Limiter:
                 await self.redis.initialize()
                 self._topology_known = True
 
-    def _node_breakers_of(self, keys: Sequence[str]) -> tuple[Breaker, ...]:
-        """The breakers of the Cluster nodes that hold ``keys`` (as the client knows them)."""
-        names = set()
-        for key in keys:
-            try:
-                node = self.redis.get_node_from_key(key)
-            except Exception:  # (no slot map yet, or a slot no node serves)
-                node = None
-            names.add("" if node is None else node.name)
-        breakers = []
-        for name in sorted(names):
-            breaker = self._node_breakers.get(name)
-            if breaker is None:
-                breaker = self._node_breakers[name] = Breaker()
-            breakers.append(breaker)
-        return tuple(breakers)
-
     async def decide(self, calls: Sequence[CheckCall]) -> list[Sequence[int] | StoreUnavailable]:
         """check.lua's flat reply for each call (``parse_outcome`` reads it), in order; a
         call Redis could not decide is its StoreUnavailable (the fail modes decide it).
@@ -268,77 +269,124 @@ class Limiter:
         return replies
 
     async def _decide_alone(self, call: CheckCall, now: str) -> Sequence[int] | StoreUnavailable:
-        """One check as a call of its own (a Cluster): split per slot when it must be."""
+        """One check on a Cluster: one call to the node of its slot, or one per slot."""
         keys, cost, n_bans, n_rules, rule_args = call
-        breakers = self._node_breakers_of(keys) if self.sharded and self._topology_known else ()
         try:
-            if self.sharded:
-                plan = slots.split(keys, n_bans, n_rules, rule_args)
-                if len(plan.groups) > 1:
-                    return await self._check_slots(plan, now, cost, breakers)
-            args = check_args(now, cost, len(keys), rule_args)
-            script = self.scripts.check
-
-            async def one() -> Sequence[int]:
-                [reply] = check_replies(await script(keys=list(keys), args=args))
-                if isinstance(reply, ResponseError):
-                    raise reply
-                return reply  # type: ignore[no-any-return]
-
-            return await self._call(one, op="check", breakers=breakers)
+            if not self._topology_known:
+                await self._call(self._no_op, op="topology")
+            plan = slots.split(keys, n_bans, n_rules, rule_args)
+            if len(plan.groups) > 1:
+                return await self._check_slots(plan, now, cost)
+            return await self._script_call(keys, now, cost, tuple(rule_args))
         except StoreUnavailable as exc:
             return exc
 
-    async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int,
-                           breakers: Sequence[Breaker] = ()) -> list[int]:
+    async def _no_op(self) -> None:
+        """Nothing: ``_call`` learns the Cluster's slots before it runs a call."""
+
+    async def _script_call(self, keys: Sequence[str], now: str, cost: int,
+                           rule_set: tuple[str | int, ...]) -> Sequence[int]:
+        """check.lua for keys of one slot, coalesced on the node that holds it; through the
+        Cluster client when that node is unknown or answers that it no longer holds the slot
+        (the client follows MOVED and ASK). Raises StoreUnavailable."""
+        node = self._node_of(keys[0])
+        if node is not None:
+            coalescer, breaker = node
+            self._admit("check", (breaker,))
+            future = coalescer.submit([(keys, now, cost, rule_set)])[0]
+            try:
+                return await future  # type: ignore[no-any-return]
+            except REDIRECTS:
+                self._refresh_topology()
+            except REDIS_FAILURES as exc:  # (the node's breaker counted its write)
+                self._refresh_topology()
+                raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
+            except BaseException:
+                breaker.abandon()
+                future.cancel()
+                raise
+        args = check_args(now, cost, len(keys), rule_set)
+        script = self.scripts.check
+
+        async def one() -> Sequence[int]:
+            [reply] = check_replies(await script(keys=list(keys), args=args))
+            if isinstance(reply, ResponseError):
+                raise reply
+            return reply  # type: ignore[no-any-return]
+
+        return await self._call(one, op="check")
+
+    def _node_of(self, key: str) -> tuple[Coalescer, Breaker] | None:
+        """The coalescer and breaker of the Cluster node that holds ``key``, as the client's
+        slot map says; None when it cannot say."""
+        if self.node_client is None:
+            return None
+        try:
+            node = self.redis.get_node_from_key(key)
+        except Exception:  # (a slot no node serves, in a topology change)
+            return None
+        return None if node is None else self._node(node)
+
+    def _node(self, node: Any) -> tuple[Coalescer, Breaker] | None:
+        """The coalescer and breaker of a Cluster node (a ``ClusterNode``)."""
+        if self.node_client is None:
+            return None
+        known = self._nodes.get(node.name)
+        if known is None:
+            client = self.node_client(node.host, node.port)
+            coalescer = Coalescer(client, self.scripts.check, timeout=self.timeout,
+                                  slot_of=self.redis.keyslot)
+            breaker = self._node_breakers.setdefault(node.name, Breaker())
+            coalescer.on_batch = lambda seconds, error: self._batch_done(seconds, error, breaker)
+            known = self._nodes[node.name] = (coalescer, breaker)
+        return known
+
+    def _refresh_topology(self) -> None:
+        """Have the Cluster client read the slot map again (at most once a second): a node
+        failed or no longer holds a slot, and a replica may have taken its place."""
+        now = time.monotonic()
+        if now - self._refreshed_at < TOPOLOGY_REFRESH:
+            return
+        self._refreshed_at = now
+
+        async def refresh() -> None:
+            try:
+                await within(self.redis.nodes_manager.initialize(), READY_TIMEOUT * 4)
+            except (*REDIS_FAILURES, Exception) as exc:
+                log.debug("the Cluster's slot map could not be read (%s)", type(exc).__name__)
+
+        self._in_background(refresh())
+
+    async def _check_slots(self, plan: slots.SlotPlan, now: str, cost: int) -> list[int]:
         """One check.lua call per slot; refund the slots that took if any denied.
 
         The first slot reads Redis TIME and the others are given that time, so every hit of
         the request is stamped alike and one (now_ms, cost) gives all of it back: refund.lua
         removes log entries by their exact stamp, and slots live on nodes whose clocks differ.
         """
-
-        def call(group: slots.SlotGroup, at: str) -> Any:
-            keys = plan.keys(group)
-            args = check_args(at, cost, len(keys), plan.args(group))
-            return self.scripts.check(keys=keys, args=args)
-
-        async def ask_one(index: int, at: str) -> None:
-            [reply] = check_replies(await call(plan.groups[index], at))
-            if isinstance(reply, ResponseError):
-                raise reply
-            answered[index] = _answer(reply)
-
         answered: dict[int, slots.Answer] = {}  # filled as the slots answer
 
-        ask = ask_one
-
-        async def ask_all() -> list[BaseException]:
-            await ask(0, now)
-            at = str(answered[0].now_ms)
-            results = await asyncio.gather(*(ask(i, at) for i in range(1, len(plan.groups))),
-                                           return_exceptions=True)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            for exc in failed:
-                if not isinstance(exc, REDIS_FAILURES):
-                    raise exc
-            return failed
+        async def ask(index: int, at: str) -> None:
+            group = plan.groups[index]
+            reply = await self._script_call(plan.keys(group), at, cost, tuple(plan.args(group)))
+            answered[index] = _answer(reply)
 
         def owed() -> list[slots.Refund]:
             return slots.taken(plan, [answered.get(i) for i in range(len(plan.groups))], cost)
 
-        try:
-            failed = await self._call(ask_all, op="check", breakers=breakers,
-                                      healthy=lambda failed: not failed)
-        except StoreUnavailable:
-            # the deadline passed with some slots done: they may have taken hits
-            self._in_background(self._refund_groups(plan, owed(), cost))
-            raise
+        await ask(0, now)  # (a failure here took nothing: no slot answered)
+        at = str(answered[0].now_ms)
+        results = await asyncio.gather(*(ask(i, at) for i in range(1, len(plan.groups))),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        for exc in failed:
+            if not isinstance(exc, StoreUnavailable):
+                raise exc
         if failed:
             # some slots answered, others failed: give back what was taken, and let the fail
             # modes decide this request as if Redis had not answered at all
             self._in_background(self._refund_groups(plan, owed(), cost))
-            raise StoreUnavailable(f"redis: {type(failed[0]).__name__}") from failed[0]
+            raise failed[0]
         merged = slots.merge(plan, [answered[i] for i in range(len(plan.groups))], cost)
         if merged.refunds:
             # awaited: once the denial is answered, the request has consumed nothing
@@ -365,12 +413,12 @@ class Limiter:
         if not refunds:
             return
         # not through the breaker: a refund is owed even while the circuit opens
-        try:
-            async with asyncio.timeout(self.timeout):
-                results = await asyncio.gather(*(call(rules, at) for _, rules, at in refunds),
-                                               return_exceptions=True)
-        except TimeoutError:
-            results = [TimeoutError()]
+        async def give_back(rules: tuple[int, ...], at_ms: int) -> Any:
+            async with self._in_flight:  # (its deadline starts when its turn comes)
+                return await within(call(rules, at_ms), max(self.timeout, READY_TIMEOUT))
+
+        results = await asyncio.gather(*(give_back(rules, at) for _, rules, at in refunds),
+                                       return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 log.warning("could not give back hits after a cross-slot denial (%s); they "
@@ -438,7 +486,7 @@ class Limiter:
 
         async def load() -> None:
             if self.sharded:
-                await self.redis.ping(target_nodes=self.redis.PRIMARIES)
+                await self._warm_masters()
             loaded = await self.redis.script_exists(*self.scripts.shas)
             if not all(loaded):
                 for script in self.scripts.all:
@@ -449,6 +497,26 @@ class Limiter:
         except StoreUnavailable:
             return False
         return True
+
+
+    async def _warm_masters(self) -> None:
+        """Connect to every master and load the scripts there (``ready``)."""
+        for node in self.redis.get_primaries():
+            known = self._node(node)
+            if known is None:
+                await self.redis.ping(target_nodes=node)
+                continue
+            client = known[0].redis
+            loaded = await client.script_exists(*self.scripts.shas)
+            if not all(loaded):
+                for script in self.scripts.all:
+                    await client.script_load(script.script)
+
+    async def close(self) -> None:
+        """Close the clients of the Cluster's nodes (the store closes its own)."""
+        for coalescer, _ in self._nodes.values():
+            await coalescer.redis.aclose()
+        self._nodes.clear()
 
 
 def _answer(raw: Sequence[int]) -> slots.Answer:

@@ -82,7 +82,8 @@ class Coalescer:
     def __init__(self, redis: Any, script: LuaScript, *, timeout: float,
                  per_check: float = PER_CHECK, max_batch: int = MAX_BATCH,
                  max_checks: int = MAX_CHECKS, max_inflight: int = MAX_INFLIGHT,
-                 overlap_below: int = OVERLAP_BELOW, sentinel: bool = False) -> None:
+                 overlap_below: int = OVERLAP_BELOW, sentinel: bool = False,
+                 slot_of: Callable[[str], int] | None = None) -> None:
         self.redis = redis
         self.script = script
         self.timeout = timeout
@@ -93,6 +94,8 @@ class Coalescer:
         self.overlap_below = overlap_below
         # a Sentinel's master: READONLY there means it was demoted (``_exchange``)
         self.sentinel = sentinel
+        # a Cluster node's: a script call's keys must share one slot (``_merged``)
+        self.slot_of = slot_of
         self.on_batch: BatchObserver | None = None
         self.batches = 0  # writes sent
         self.checks = 0  # checks sent
@@ -158,7 +161,8 @@ class Coalescer:
         started = time.perf_counter()
         outcome: list[Any] | BaseException
         try:
-            commands, callers = _merged([request for request, _ in batch], self.max_checks)
+            commands, callers = _merged([request for request, _ in batch], self.max_checks,
+                                        self.slot_of)
             replies = await within(self._exchange(commands),
                                    self.timeout + self.per_check * len(batch))
             outcome = _results(len(batch), callers, replies)
@@ -324,19 +328,31 @@ class _Call:
                            *self.requests]
 
 
-def _merged(requests: Sequence[Request], max_checks: int
+def _merged(requests: Sequence[Request], max_checks: int,
+            slot_of: Callable[[str], int] | None = None
             ) -> tuple[list[Command], list[list[int]]]:
     """The batch as check.lua calls, and which checks each call answers.
 
     Consecutive checks with one ``now`` (always '' in production) and at most
     ``max_checks`` of them become one call, in order; a rule set several of them carry (the
-    same action) is sent once per call.
+    same action) is sent once per call. With ``slot_of`` (a Cluster node), a call holds the
+    checks of one slot: the checks are taken slot by slot, in order within each slot (checks
+    of different slots share no key, so their order does not matter).
     """
+    order: Sequence[int] = range(len(requests))
+    slots = [0] * len(requests)
+    if slot_of is not None:
+        slots = [slot_of(keys[0]) for keys, _, _, _ in requests]
+        order = sorted(order, key=slots.__getitem__)
     calls: list[_Call] = []
     call: _Call | None = None
-    for i, (keys, now, cost, rule_set) in enumerate(requests):
-        if call is None or now != call.now or len(call.callers) >= max_checks:
+    call_slot = -1
+    for i in order:
+        keys, now, cost, rule_set = requests[i]
+        if (call is None or now != call.now or slots[i] != call_slot
+                or len(call.callers) >= max_checks):
             call = _Call(now)
+            call_slot = slots[i]
             calls.append(call)
         call.add(i, keys, cost, rule_set)
     return [c.command() for c in calls], [c.callers for c in calls]

@@ -10,6 +10,7 @@ is dead, and the first call on each would otherwise fail.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ __all__ = ["Store", "open_store"]
 log = logging.getLogger("ratekeeper.store")
 
 MAX_CONNECTIONS = 64  # per process, to one Redis (a blocking pool: more calls queue)
+NODE_MAX_CONNECTIONS = 8  # per process, to one Cluster node, for its coalesced checks
 
 
 @dataclass(slots=True)
@@ -32,6 +34,9 @@ class Store:
     kind: str  # "memory", "redis", "cluster" or "sentinel"
     # clients opened besides ``redis``: a Sentinel's, which it asks for the master
     others: tuple[Any, ...] = ()
+    # on a Cluster: a plain client of one node (host, port), with the cluster's credentials
+    # and timeouts, for calls the limiter sends to the node itself
+    node_client: Callable[[str, int], Any] | None = None
 
     async def close(self) -> None:
         """Close every connection."""
@@ -83,7 +88,17 @@ def open_store(settings: Settings) -> Store:
             retry=_cluster_retry(),
             max_connections=CLUSTER_MAX_CONNECTIONS,
         )
-        return Store(redis=client, kind="cluster")
+        def node_client(host: str, port: int) -> Any:
+            from redis.asyncio import BlockingConnectionPool, Redis
+
+            pool = BlockingConnectionPool(
+                host=host, port=port, password=parts.password,
+                username=parts.username or None, max_connections=NODE_MAX_CONNECTIONS,
+                timeout=backstop, socket_timeout=backstop, socket_connect_timeout=backstop,
+                retry=_retry())
+            return Redis.from_pool(pool)
+
+        return Store(redis=client, kind="cluster", node_client=node_client)
     if url.startswith("redis+sentinel://"):
         from redis.asyncio.sentinel import Sentinel
 
