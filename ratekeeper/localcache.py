@@ -10,9 +10,11 @@ request past a limit. It must not deny wrongly either:
 - deadlines start from the moment *before* the Redis call, so they end no later than the
   real ones;
 - what can end an entry early is an admin lift or reset, or a refund: those are applied at
-  once by the process that made them and sent to every other one on pub/sub; the cache is
-  only consulted while that channel is connected and is emptied whenever it reconnects
-  (see ``sync.py``);
+  once by the process that made them and sent to every other one on pub/sub. While that
+  channel is down (Redis down, a failover) the cache goes on answering until each entry's
+  deadline, as what Redis said is then the best knowledge there is; once it is back, the
+  changes made meanwhile are applied from a log, or the cache is emptied if some could have
+  been missed (see ``sync.py``);
 - per-rule shadow rules are never cached, and nothing but bans is answered while global
   shadow mode is on; a config reload starts from an empty cache;
 - a request that could earn a penalty box (cost > 0 on an action with a penalty rule) is
@@ -127,7 +129,8 @@ class LocalCache:
                  now_ms: Callable[[], int] | None = None) -> None:
         self.max_entries = max_entries
         self.now_ms = now_ms or monotonic_ms
-        # False while invalidations could be missed (the pub/sub channel is down)
+        # False until the pub/sub channel is first up: before, changes could be missed with no
+        # log position to catch up from (sync.py)
         self.active = True
         # tells the other processes that hits were given back (see sync.py)
         self.announce: Callable[[list[tuple[str, str]]], Awaitable[object]] | None = None

@@ -7,14 +7,12 @@ another (each call reads TIME once). Exactness is unchanged: each call is atomic
 calls of a write run in the order they were queued, which is the order the callers asked.
 
 The deadline: a batch's fail modes decide only when Redis fails. The clock of a batch starts
-when it leaves this process's queue (never while it waits there behind other batches), and
-its budget grows with its size (``timeout`` plus ``per_check`` for each check it carries), so
-a large batch is not failed for being large. When the budget is spent, the batch gets one
-more short ``GRACE`` before it fails: a reply that reached the socket while the event loop
-was busy (a burst of new connections, a big batch being decoded) is read first, and the
-process's own load never turns into a deadline miss. Large groups are sent as several
-check.lua calls of at most ``max_checks`` checks in the one write, so Redis serves other
-clients between them, and the calls still run in order.
+when it leaves this process's queue (never while it waits there behind other batches), its
+budget grows with its size (``timeout`` plus ``per_check`` for each check it carries), so a
+large batch is not failed for being large, and a deadline the event loop was too busy to
+keep is moved on (``within``): the process's own load never turns into a deadline miss.
+Large groups are sent as several check.lua calls of at most ``max_checks`` checks in the one
+write, so Redis serves other clients between them, and the calls still run in order.
 
 Batches go over connections taken from the client's pool with redis-py's public
 connection API (``send_packed_command`` / ``read_response``). A batch is sent again, once,
@@ -56,6 +54,7 @@ MAX_INFLIGHT = 2
 OVERLAP_BELOW = 8
 PER_CHECK = 0.0002  # seconds of budget each check adds to its batch's deadline
 GRACE = 0.005  # seconds a batch past its budget waits for a reply the loop has not read yet
+LAG = 0.002  # seconds late a timer may fire and still count as the loop keeping time
 
 # (seconds, None) when Redis answered a batch; (seconds, exception) when it ended otherwise
 BatchObserver = Callable[[float, BaseException | None], None]
@@ -256,31 +255,42 @@ class _DeadBeforeReply(Exception):
 
 
 async def within(work: Any, budget: float) -> Any:
-    """``await work`` with a deadline of ``budget`` seconds and a ``GRACE`` after it.
+    """``await work`` with a deadline of ``budget`` seconds that this process's own load
+    cannot make it miss.
 
-    The deadline is not asyncio.timeout's: its timer may run before the loop reads a reply
-    that is already in the socket (uvloop runs timers before polling), so a busy loop would
-    fail calls Redis had answered in time. Past the budget, the work gets ``GRACE`` more,
-    in which the loop polls its sockets at least once.
+    asyncio.timeout's timer may fire before the loop has read a reply that is already in the
+    socket (uvloop runs timers before it polls), and a loop busy with a burst wakes every
+    timer late. So a deadline that passes while the loop is late by more than ``LAG`` is
+    moved ``GRACE`` on, and the work fails only at a deadline the loop met on time, after
+    one more ``GRACE`` in which it polls its sockets. Under load that never lets up, the
+    client's socket timeout (a backstop beyond the deadline, store.py) still ends the wait
+    for a Redis that is gone.
     """
     task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    last_chance = False
     try:
-        done, _ = await asyncio.wait((task,), timeout=budget)
-        if not done:
-            done, _ = await asyncio.wait((task,), timeout=GRACE)
+        while True:
+            done, _ = await asyncio.wait((task,), timeout=max(deadline - loop.time(), 0))
+            if done:
+                return task.result()
+            now = loop.time()
+            if last_chance and now - deadline <= LAG:
+                break
+            last_chance = now - deadline <= LAG  # on time: one more poll, then it fails
+            deadline = now + GRACE
     except asyncio.CancelledError:
         task.cancel()
         raise
-    if not done:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-        except Exception as exc:
-            raise TimeoutError("Redis did not answer within the deadline") from exc
-        raise TimeoutError("Redis did not answer within the deadline")
-    return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception as exc:
+        raise TimeoutError("Redis did not answer within the deadline") from exc
+    raise TimeoutError("Redis did not answer within the deadline")
 
 
 def _results(size: int, callers: list[list[int]], replies: list[Any]) -> list[Any]:

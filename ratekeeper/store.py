@@ -107,7 +107,7 @@ def open_store(settings: Settings) -> Store:
         if not service:
             raise SettingsError("RATEKEEPER_REDIS_URL: redis+sentinel:// needs /service_name")
         hosts = [_host_port(item, 26379) for item in parts.netloc.rpartition("@")[2].split(",")]
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(
             hosts,
             socket_timeout=backstop,
             socket_connect_timeout=backstop,

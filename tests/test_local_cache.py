@@ -30,7 +30,7 @@ from admin_support import (
     wait_until,
 )
 from conftest import FakeClock, config_from
-from redis_servers import RedisServer, start_redis
+from redis_servers import RedisServer
 
 IP = "198.51.100.200"
 
@@ -186,35 +186,6 @@ async def test_a_refund_ends_remembered_denials_everywhere(make_client: Any,
     assert took < 1.0
 
 
-async def test_the_cache_rests_while_its_channel_is_down(make_client: Any,
-                                                         key_prefix: str) -> None:
-    """While the pub/sub channel is down (lifts could be missed) the cache answers nothing;
-    once it is back, it starts empty and works again."""
-    server = start_redis()
-    try:
-        client = await make_client(CONFIG, app_settings=admin_settings(
-            server.url, key_prefix, sync_interval_ms=50))
-        cache = runtime_of(client).cache
-        assert cache is not None
-        await wait_until(lambda: _subscribed(client))
-        for _ in range(4):
-            await check(client, action="register", ip=IP)
-        assert len(cache) == 1 and cache.active
-
-        server.stop()
-        await wait_until(lambda: _unsubscribed(client))
-        assert not cache.active
-        decision = await check(client, action="register", ip=IP)
-        assert decision["degraded"] is True  # asked Redis (and failed open), not the cache
-
-        server.restart()
-        await wait_until(lambda: _subscribed(client))
-        assert cache.active and len(cache) == 0
-        assert (await check(client, action="register", ip=IP))["allowed"]  # Redis was emptied
-    finally:
-        server.stop()
-
-
 async def test_embedded_memory_mode_bans_and_flags(make_client: Any) -> None:
     """memory:// (one process, fakeredis): flags, bans, lifts and the cache all work without
     a pub/sub channel."""
@@ -258,10 +229,6 @@ async def _reason_is(client: Any, reason: str | None, **fields: Any) -> bool:
 
 async def _subscribed(client: Any) -> bool:
     return bool(admin_of(client).sync.subscribed)
-
-
-async def _unsubscribed(client: Any) -> bool:
-    return not admin_of(client).sync.subscribed
 
 
 def test_a_remembered_answer_is_the_one_computed_afresh() -> None:
