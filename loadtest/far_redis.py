@@ -1,11 +1,12 @@
-"""Paced latency with Redis far away: how many script calls the coalescer lets out at once.
+"""Paced latency with Redis far away: how many writes the coalescer lets out at once.
 
 On the bench's machine Redis answers in tens of microseconds; in production it is across a
 network. This puts a proxy that delays each direction by ``--delay-us`` between one
 ratekeeper worker and its Redis, and runs the paced client (``paced.py``) at ``--rate``
-against three ways of letting script calls out (``pipeline.Coalescer``): one at most, the
-default (a second one beside calls that carry fewer than ``OVERLAP_BELOW`` checks), and two
-always. The proxy's threads add their own delay: compare the rows, not the absolute figures.
+against three ways of letting writes out (``pipeline.Coalescer``'s ``max_inflight`` and
+``overlap_below``): one at most, the default (a second one beside writes out that carry
+fewer than ``OVERLAP_BELOW`` checks), and two always. The proxy's threads add their own
+delay: compare the rows, not the absolute figures.
 
     .venv/bin/python loadtest/far_redis.py [--delay-us 250] [--rate 1000] [--seconds 8]
 """
@@ -26,7 +27,12 @@ import uvloop
 
 from procs import HERE, free_port, start_redis
 
-WAYS = {"one call out at most": 0, "default": None, "two calls out always": 1 << 30}
+# each way's (max_inflight, overlap_below); None: the coalescer's defaults
+WAYS: dict[str, tuple[int, int] | None] = {
+    "one write out at most": (1, 0),
+    "default": None,
+    "two writes out always": (2, 1 << 30),
+}
 
 
 def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
@@ -70,12 +76,11 @@ def proxy(listen: int, target: int, delay_us: float) -> None:
             threading.Thread(target=_pump, args=(*pair, delay_us / 1e6), daemon=True).start()
 
 
-async def serve(port: int, redis_url: str, overlap_below: int | None) -> None:
-    """One ratekeeper worker (hot paths included) whose coalescer lets calls out this way."""
+async def serve(port: int, redis_url: str, knobs: tuple[int, int] | None) -> None:
+    """One ratekeeper worker whose coalescer lets writes out this way."""
     from aiohttp import web
 
     from ratekeeper.config import load_config
-    from ratekeeper.hotpath import serve_hot_paths
     from ratekeeper.server import RUNTIME, create_app
     from ratekeeper.settings import Settings
 
@@ -84,11 +89,11 @@ async def serve(port: int, redis_url: str, overlap_below: int | None) -> None:
                                   "RATEKEEPER_KEY_PREFIX": f"far{port}"})
     app = create_app(settings, load_config(str(HERE / "bench.toml")))
     runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    assert runner.server is not None
-    serve_hot_paths(app, runner.server)
-    if overlap_below is not None:
-        app[RUNTIME].limiter.scripts.check.overlap_below = overlap_below  # type: ignore[attr-defined]
+    await runner.setup()  # (the runtime, and its limiter, exist from here on)
+    coalescer = app[RUNTIME].limiter.coalescer
+    assert coalescer is not None, "one Redis: the checks are coalesced"
+    if knobs is not None:
+        coalescer.max_inflight, coalescer.overlap_below = knobs
     await web.TCPSite(runner, "127.0.0.1", port).start()
     print("ready", flush=True)
     await asyncio.Event().wait()
@@ -106,11 +111,12 @@ def measure(args: argparse.Namespace) -> None:
         print(f"Redis behind a proxy delaying each direction by {args.delay_us:g} us; "
               f"{args.rate:g} checks/s for {args.seconds:g} s per row, {args.rounds} rounds")
         for round_ in range(args.rounds):
-            for name, overlap in WAYS.items():
+            for name, knobs in WAYS.items():
                 port = free_port()
                 server = subprocess.Popen(
                     [sys.executable, __file__, "--serve", str(port),
-                     f"redis://127.0.0.1:{near}", "" if overlap is None else str(overlap)],
+                     f"redis://127.0.0.1:{near}",
+                     "" if knobs is None else ",".join(map(str, knobs))],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 try:
                     assert server.stdout is not None
@@ -120,7 +126,7 @@ def measure(args: argparse.Namespace) -> None:
                 finally:
                     server.terminate()
                     server.wait(10)
-                print(f"round {round_ + 1}, {name:22s} p50 {figures['p50_ms']:.2f}  p90 "
+                print(f"round {round_ + 1}, {name:21s} p50 {figures['p50_ms']:.2f}  p90 "
                       f"{figures['p90_ms']:.2f}  p99 {figures['p99_ms']:.2f}  p99.9 "
                       f"{figures['p999_ms']:.2f} ms  (non-200: {figures['non_200']:g})",
                       flush=True)
@@ -142,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.proxy:
         proxy(int(args.proxy[0]), int(args.proxy[1]), float(args.proxy[2]))
     elif args.serve:
-        port, url, overlap = args.serve
-        uvloop.run(serve(int(port), url, int(overlap) if overlap else None))
+        port, url, knobs = args.serve
+        inflight, _, overlap = knobs.partition(",")
+        uvloop.run(serve(int(port), url, (int(inflight), int(overlap)) if knobs else None))
     else:
         measure(args)
     return 0

@@ -246,8 +246,7 @@ class Limiter:
         now = "" if self._clock is None else str(self._clock())
         coalescer = self.coalescer
         if coalescer is None:
-            return list(await asyncio.gather(*(self._decide_alone(call, now)
-                                               for call in calls)))
+            return await self._decide_sharded(calls, now)
         try:
             self._admit("check")
         except StoreUnavailable as exc:
@@ -268,16 +267,36 @@ class Limiter:
             raise
         return replies
 
-    async def _decide_alone(self, call: CheckCall, now: str) -> Sequence[int] | StoreUnavailable:
-        """One check on a Cluster: one call to the node of its slot, or one per slot."""
-        keys, cost, n_bans, n_rules, rule_args = call
-        try:
-            if not self._topology_known:
+    async def _decide_sharded(self, calls: Sequence[CheckCall], now: str
+                              ) -> list[Sequence[int] | StoreUnavailable]:
+        """The checks on a Cluster, in order: checks of one slot each go out together (each
+        node's coalescer keeps their order); a check over several slots waits for the ones
+        before it, and the ones after it wait for it, so a batch is decided as one check
+        after another."""
+        if not self._topology_known:
+            try:
                 await self._call(self._no_op, op="topology")
+            except StoreUnavailable as exc:
+                return [exc] * len(calls)
+        replies: list[Sequence[int] | StoreUnavailable] = []
+        waiting: list[asyncio.Future[Sequence[int] | StoreUnavailable]] = []
+        for keys, cost, n_bans, n_rules, rule_args in calls:
             plan = slots.split(keys, n_bans, n_rules, rule_args)
-            if len(plan.groups) > 1:
-                return await self._check_slots(plan, now, cost)
-            return await self._script_call(keys, now, cost, tuple(rule_args))
+            if len(plan.groups) == 1:
+                waiting.append(asyncio.ensure_future(self._unavailable_as_reply(
+                    self._script_call(keys, now, cost, tuple(rule_args)))))
+                continue
+            replies += await asyncio.gather(*waiting)
+            waiting = []
+            replies.append(await self._unavailable_as_reply(self._check_slots(plan, now, cost)))
+        replies += await asyncio.gather(*waiting)
+        return replies
+
+    @staticmethod
+    async def _unavailable_as_reply(call: Awaitable[Sequence[int]]
+                                    ) -> Sequence[int] | StoreUnavailable:
+        try:
+            return await call
         except StoreUnavailable as exc:
             return exc
 

@@ -1,24 +1,39 @@
-"""check.lua deciding many requests in one call, against a real redis-server and a real
-cluster: the same answers and the same state as one call per request, and one request's
-error fails only that request. The coalescer's side (one call per batch, each caller its own
-reply) is checked on every transport, the embedded fakeredis included."""
+"""Many requests decided together, against a real redis-server and a real cluster: check.lua
+deciding many requests in one call, the coalescer (``Coalescer.submit``) sending many callers'
+checks in one write, the limiter (``Limiter.decide``) and the checker
+(``Checker.check_batch``) deciding many checks at once. Each gives the answers and leaves the
+state that one call per request would, and one request's error fails only that request."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import fakeredis
+import msgspec
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ReadOnlyError, ResponseError
 
+from ratekeeper.errors import StoreUnavailable
+from ratekeeper.flags import FlagBoard
+from ratekeeper.keys import Keyspace
+from ratekeeper.limiter import CheckCall, Limiter, parse_outcome
+from ratekeeper.metrics import Metrics
 from ratekeeper.pipeline import Coalescer
+from ratekeeper.pipeline import Request as Check
 from ratekeeper.scripts import LuaScript, Scripts, check_args, check_replies, read_script
+from ratekeeper.service import Checker
+from ratekeeper.wire import Decision
 
-from redis_servers import RedisServer
+from conftest import SALT, FakeClock, config_from, sample
+from redis_servers import RedisServer, running_redis
 
 # Rules as check.lua's ARGV: algorithm, shadow, penalty_ms, nw, then (limit, window_ms) pairs.
 RULES: dict[str, list[str | int]] = {
@@ -127,14 +142,15 @@ def same(got: Sequence[Any], expected: Sequence[Any]) -> bool:
 
 async def one_by_one(client: Any, prefix: str, chunks: Sequence[tuple[int, list[Request]]]
                      ) -> list[Any]:
-    """Each request as its own call (CheckScript: one request, its flat reply)."""
+    """Each request as its own call: its flat reply, or its ResponseError."""
     script = Scripts.register(client).check
     replies = []
     for now, requests in chunks:
         for request in requests:
             keys = request.keys(prefix)
-            replies.append(await script(keys=keys, args=check_args(
-                now, request.cost, len(keys), request.rule_args())))
+            raw = await script(keys=keys, args=check_args(now, request.cost, len(keys),
+                                                         request.rule_args()))
+            replies += check_replies(raw)
     return replies
 
 
@@ -205,22 +221,32 @@ async def test_counts_that_do_not_add_up_fail_the_call_before_any_write(
     assert [key async for key in redis.scan_iter(match=f"{key_prefix}:*")] == []
 
 
-class PipelinedRedis(aioredis.Redis):
-    """Not exactly redis.asyncio.Redis, so the Coalescer takes redis-py's pipeline."""
+def evalsha_calls(server: RedisServer) -> int:
+    """EVALSHA calls Redis has run since it started (INFO commandstats)."""
+    stats = server.cli("INFO", "commandstats")
+    found = re.search(r"cmdstat_evalsha:calls=(\d+)", stats)
+    return int(found[1]) if found else 0
 
 
-@pytest.mark.parametrize("transport", ["direct", "redis-py pipeline", "fakeredis"])
+def as_check(request: Request, prefix: str, now: int = START_MS) -> Check:
+    """``request`` as the coalescer takes it."""
+    return request.keys(prefix), now, request.cost, tuple(request.rule_args())
+
+
+@pytest.mark.parametrize("transport", ["redis", "fakeredis"])
 async def test_the_coalescer_answers_every_caller_as_one_call_each(
-        redis_server: RedisServer, key_prefix: str, transport: str) -> None:
-    """One tick of 80 random calls goes as one check.lua call; each caller gets the reply
-    its request gets when sent alone, in order, and the caller whose key has the wrong type
-    gets its own ResponseError."""
+        request: pytest.FixtureRequest, key_prefix: str, transport: str) -> None:
+    """80 random checks submitted by 80 callers in one tick go as one write of one
+    check.lua call (counted by Redis); each caller gets the reply its request gets when sent
+    alone, in order, and the caller whose key has the wrong type gets its own
+    ResponseError."""
     client: Any
+    server: RedisServer | None = None
     if transport == "fakeredis":
         client = fakeredis.FakeAsyncRedis()
     else:
-        kind = aioredis.Redis if transport == "direct" else PipelinedRedis
-        client = kind.from_url(redis_server.url)
+        server = request.getfixturevalue("lone_redis")
+        client = aioredis.Redis(port=server.port)
     try:
         rng = random.Random(7)
         requests = random_requests(rng, 80)
@@ -228,21 +254,16 @@ async def test_the_coalescer_answers_every_caller_as_one_call_each(
         for prefix in (one, many):
             await ban(client, prefix)
             await client.set(f"{prefix}:{{{prefix}}}:s2:log", b"not a list")
-        expected: list[Any] = []
-        for request in requests:
-            try:
-                expected += await one_by_one(client, one, [(START_MS, [request])])
-            except ResponseError as exc:
-                expected.append(exc)
+        expected = await one_by_one(client, one, [(START_MS, requests)])
 
-        coalescer = Coalescer(client, Scripts.register(client).check)
-        futures = []
-        for request in requests:
-            keys = request.keys(many)
-            futures.append(coalescer.queue(keys, check_args(START_MS, request.cost, len(keys),
-                                                            request.rule_args())))
+        coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0)
+        before = evalsha_calls(server) if server is not None else 0
+        futures = [future for r in requests
+                   for future in coalescer.submit([as_check(r, many)])]
         got = await asyncio.gather(*futures, return_exceptions=True)
-        assert (coalescer.batches, coalescer.script_calls, coalescer.calls) == (1, 1, 80)
+        assert (coalescer.batches, coalescer.checks) == (1, 80)
+        if server is not None:
+            assert evalsha_calls(server) - before == 1
         errors = [i for i, reply in enumerate(expected) if isinstance(reply, BaseException)]
         assert errors, "one of the requests should hit the wrongly typed key"
         for i, (want, have) in enumerate(zip(expected, got, strict=True)):
@@ -256,108 +277,188 @@ async def test_the_coalescer_answers_every_caller_as_one_call_each(
 
 
 async def test_calls_with_another_clock_go_as_another_call_in_order(
-        redis: aioredis.Redis, key_prefix: str) -> None:
-    """Calls of one tick with test clocks t, t, t + 1 s, t go as three check.lua calls, in
-    the order they were queued."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check)
-    request = Request("a", "s0", None, 1)
-    keys = request.keys(key_prefix)
-    clocks = [START_MS, START_MS, START_MS + 1000, START_MS]
-    futures = [coalescer.queue(keys, check_args(at, 1, len(keys), request.rule_args()))
-               for at in clocks]
-    replies = await asyncio.gather(*futures)
-    assert coalescer.script_calls == 3
-    assert [(reply[1], reply[5]) for reply in replies] == list(zip(clocks, [2, 1, 0, 0],
-                                                                   strict=True))
+        lone_redis: RedisServer, key_prefix: str) -> None:
+    """Checks of one tick with test clocks t, t, t + 1 s, t go in one write as three
+    check.lua calls (counted by Redis), run in the order they were submitted."""
+    client = aioredis.Redis(port=lone_redis.port)
+    try:
+        coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0)
+        await client.script_load(coalescer.script.script)
+        before = evalsha_calls(lone_redis)
+        request = Request("a", "s0", None, 1)
+        clocks = [START_MS, START_MS, START_MS + 1000, START_MS]
+        futures = [future for at in clocks
+                   for future in coalescer.submit([as_check(request, key_prefix, at)])]
+        replies = await asyncio.gather(*futures)
+        assert evalsha_calls(lone_redis) - before == 3
+        assert coalescer.batches == 1
+        assert [(reply[1], reply[5]) for reply in replies] == list(zip(clocks, [2, 1, 0, 0],
+                                                                       strict=True))
+    finally:
+        await client.aclose()
 
 
-async def test_a_call_of_several_requests_is_refused_by_the_coalescer(
-        redis: aioredis.Redis, key_prefix: str) -> None:
-    """The coalescer takes one request per call: a call of two fails alone."""
-    coalescer = Coalescer(redis, Scripts.register(redis).check)
-    request = Request("a", "s0", None, 1)
-    keys, args = many_args(START_MS, [request, request], key_prefix)
-    single = request.keys(key_prefix)
-    bad = coalescer.queue(keys, args)
-    good = coalescer.queue(single, check_args(START_MS, 1, len(single), request.rule_args()))
-    error, reply = await asyncio.gather(bad, good, return_exceptions=True)
-    assert isinstance(error, ValueError)
-    assert reply[5] == 2
+def remaining(answer: Any) -> int:
+    """The first window's hits left in a decided check's reply."""
+    assert not isinstance(answer, StoreUnavailable), answer
+    return parse_outcome(answer).windows[0].remaining
+
+
+LOG_RULE: tuple[str | int, ...] = ("l", "0", 0, 1, 1000, 60_000)
+
+
+def log_call(prefix: str, name: str) -> CheckCall:
+    """A check of one sliding-log rule with one ban key, as the checker sends it."""
+    return [f"{prefix}:{name}:b", f"{prefix}:{name}:s"], 1, 1, 1, LOG_RULE
 
 
 async def test_one_bad_request_in_a_batch_does_not_open_the_circuit(
         redis: aioredis.Redis, key_prefix: str) -> None:
-    """A batch whose one request fails (WRONGTYPE) and the rest succeed counts as _call
-    counts: the answered requests are successes, so the breaker stays closed."""
-    from ratekeeper.errors import StoreUnavailable
-    from ratekeeper.limiter import Limiter, Outcome
-    from ratekeeper.pipeline import coalesced
-
-    rule = ["l", "0", 0, 1, 1000, 60000]
+    """Calls of which one fails (WRONGTYPE) and the rest are decided, eight times over:
+    the failed one is its own StoreUnavailable, the others are Redis's answers, and Redis
+    having answered every write, the breaker stays closed."""
     await redis.set(f"{key_prefix}:bad:s", "not a list")
     limiter = Limiter(redis, timeout=2.0)
-    limiter.scripts = coalesced(limiter.scripts, redis, limiter.timeout)
-
-    def call(name: str) -> Any:
-        return ([f"{key_prefix}:{name}:b", f"{key_prefix}:{name}:s"], 1, 1, 1, rule)
-
+    assert limiter.coalescer is not None
     for round_ in range(8):
-        answers = await limiter.check_many([call("bad")] + [call(f"ok{round_}-{j}")
-                                                            for j in range(10)])
+        answers = await limiter.decide([log_call(key_prefix, "bad")] + [
+            log_call(key_prefix, f"ok{round_}-{j}") for j in range(10)])
         assert isinstance(answers[0], StoreUnavailable)
-        assert all(isinstance(a, Outcome) for a in answers[1:])
+        assert [remaining(answer) for answer in answers[1:]] == [999] * 10
     assert limiter.breaker.state == "closed"
 
 
-def test_a_coalescer_moved_to_another_loop_keeps_its_deadlines(
+def test_a_coalescer_used_from_a_new_event_loop_answers_there(
         redis_server: RedisServer, key_prefix: str) -> None:
-    """A call queued in an event loop's last iteration leaves no state that a later loop
-    inherits: a check on the next loop is answered (or times out) within its deadline."""
-    from ratekeeper.limiter import Limiter
-    from ratekeeper.pipeline import coalesced
-
-    rule = ["l", "0", 0, 1, 1000, 60000]
-    client = aioredis.Redis.from_url(redis_server.url)
-    limiter = Limiter(client, timeout=0.3)
-    limiter.scripts = coalesced(limiter.scripts, client, limiter.timeout)
-    coalescer = limiter.scripts.check
-    assert isinstance(coalescer, Coalescer)
+    """A check submitted in an event loop's last iteration never leaves (the loop stopped
+    before the write); on the next loop the coalescer starts afresh: a check there is
+    answered, and the one left behind took nothing."""
+    client = aioredis.Redis(port=redis_server.port)
+    coalescer = Coalescer(client, Scripts.register(client).check, timeout=0.3)
+    check = as_check(Request("a", "s0", None, 1), key_prefix)
     first = asyncio.new_event_loop()
-    first.call_soon(coalescer.queue, [f"{key_prefix}:a:b", f"{key_prefix}:a:s"],
-                    check_args("", 1, 2, rule))
+    first.call_soon(coalescer.submit, [check])
     first.call_soon(first.stop)
     first.run_forever()
     first.close()
 
     async def on_the_next_loop() -> Any:
-        fresh = aioredis.Redis.from_url(redis_server.url)
-        coalescer.redis = limiter.redis = fresh
         try:
-            return await asyncio.wait_for(
-                limiter.check([f"{key_prefix}:b:b", f"{key_prefix}:b:s"], 1, 1, 1, rule), 2)
+            return await asyncio.wait_for(coalescer.submit([check])[0], 2)
         finally:
-            await fresh.aclose()
+            await client.aclose()
 
-    outcome = asyncio.run(on_the_next_loop())
-    assert outcome.status == 1
+    reply = asyncio.run(on_the_next_loop())
+    assert (reply[0], reply[5]) == (1, 2)  # the first of the counter's 3 a minute
+
+
+class MasterPool(BlockingConnectionPool):
+    """A pool that says it is a Sentinel's master pool (``SentinelConnectionPool``'s flag)."""
+
+    is_master = True
 
 
 async def test_readonly_is_the_calls_error_so_clients_find_the_new_master(
-        redis_server: RedisServer, key_prefix: str) -> None:
-    """On a replica a request's write fails READONLY: that is the whole call's error, with
-    redis-py's ReadOnlyError (which makes a Sentinel client look for the master again)."""
-    from redis.exceptions import ReadOnlyError
+        key_prefix: str) -> None:
+    """On a replica check.lua's write fails READONLY as the whole call's ReadOnlyError.
+    Through a Sentinel's master pool the limiter takes it for a demoted master: every check
+    of the write is unavailable, counted as a ConnectionError (the connection is dropped, so
+    the next one asks for the master again); once the server is a master, checks are
+    decided."""
+    rule: list[str | int] = ["c", "0", 0, 1, 10, 60_000]
+    keys = [f"{key_prefix}:r:b", f"{key_prefix}:r:s"]
+    with running_redis() as master, running_redis(
+            extra=("--replicaof", "127.0.0.1", str(master.port))) as replica:
+        pool = MasterPool.from_url(replica.url, max_connections=4, timeout=1.0,
+                                   retry=Retry(NoBackoff(), 0))
+        client = aioredis.Redis.from_pool(pool)
+        try:
+            with pytest.raises(ReadOnlyError):
+                await raw_check(client)(keys=keys, args=check_args("", 1, 2, rule))
+            metrics = Metrics()
+            limiter = Limiter(client, timeout=2.0, metrics=metrics)
+            calls: list[CheckCall] = [(keys, 1, 1, 1, rule)] * 3
+            answers = await limiter.decide(calls)
+            assert all(isinstance(answer, StoreUnavailable) for answer in answers)
+            text = metrics.exposition()[0].decode()
+            assert sample(text, "ratekeeper_redis_errors_total", op="check",
+                          error="ConnectionError") == 1
+            await client.replicaof("NO", "ONE")
+            assert [remaining(a) for a in await limiter.decide(calls)] == [9, 8, 7]
+        finally:
+            await client.aclose()
 
-    from redis_servers import start_redis
 
-    replica = start_redis()
-    client = aioredis.Redis.from_url(replica.url)
-    try:
-        await client.replicaof("127.0.0.1", redis_server.port)
-        script = raw_check(client)
-        with pytest.raises(ReadOnlyError):
-            await script(keys=[f"{key_prefix}:r:b", f"{key_prefix}:r:s"],
-                         args=check_args("", 1, 2, ["c", "0", 0, 1, 10, 60000]))
-    finally:
-        await client.aclose()
-        replica.stop()
+CHECKER_CONFIG = """
+[rules.ip-log]
+limit = "3 per minute"
+key = ["ip"]
+algorithm = "sliding-log"
+[rules.user-counter]
+limit = "4 per minute; 6 per hour"
+key = ["user"]
+algorithm = "sliding-counter"
+[rules.boxed]
+limit = "2 per minute"
+key = ["ip"]
+penalty = "1 hour"
+[rules.pair]
+limit = "2 per minute"
+key = ["ip", "user"]
+[actions.login]
+rules = ["ip-log", "user-counter"]
+[actions.upload]
+rules = ["pair", "boxed"]
+[actions.look]
+rules = ["ip-log"]
+"""
+
+
+def checker_on(client: Any, prefix: str, clock: FakeClock) -> Checker:
+    config = config_from(CHECKER_CONFIG)
+    limiter = Limiter(client, timeout=2.0, clock=clock)
+    return Checker(config, Keyspace(SALT, prefix=prefix, grouping=config.ip), limiter,
+                   FlagBoard(config.flags))
+
+
+def shown(decision: Decision) -> dict[str, Any]:
+    """A decision as the API shows it, its refund token only said to be there."""
+    body: dict[str, Any] = msgspec.to_builtins(decision)
+    if body.get("refund"):
+        body["refund"] = "<token>"
+    return body
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_a_checkers_batch_answers_as_its_checks_one_by_one(
+        store: Any, key_prefix: str, clock: FakeClock, seed: int) -> None:
+    """Random checks of actions with log and counter rules, a penalty box and a two-field
+    rule, repeated subjects and costs 0 to 2, decided by ``check_batch`` in batches of 1
+    to 30: each decision is the one ``check`` gives when the same checks are asked one at
+    a time, and no decision is degraded."""
+    rng = random.Random(seed)
+    one = checker_on(store, f"{key_prefix}a", clock)
+    many = checker_on(store, f"{key_prefix}b", clock)
+    for _ in range(6):
+        requests = [one.decode(msgspec.json.encode({
+            "action": rng.choice(["login", "upload", "look"]),
+            "ip": rng.choice(["192.0.2.1", "192.0.2.2", "2001:db8::1"]),
+            "user": rng.choice(["ann", "bob"]), "cost": rng.choice([0, 1, 1, 2])}))
+            for _ in range(rng.randint(1, 30))]
+        singles = [await one.check(request) for request in requests]
+        batch = await many.check_batch(requests)
+        assert [shown(d) for d in batch] == [shown(d) for d in singles]
+        assert not any(d.degraded for d in batch)
+        clock.advance(rng.choice([0, 5, 30]))
+
+
+async def test_checks_of_one_subject_in_a_batch_are_decided_in_order(
+        store: Any, key_prefix: str, clock: FakeClock) -> None:
+    """A batch of costs 2, 1, 1 against 3 a minute: the first two are allowed (1, then 0
+    left) and the third is denied, as when asked one after another."""
+    checker = checker_on(store, key_prefix, clock)
+    requests = [checker.decode(msgspec.json.encode({"action": "look", "ip": "192.0.2.1",
+                                                    "cost": cost})) for cost in (2, 1, 1)]
+    decisions = await checker.check_batch(requests)
+    assert [(d.allowed, d.limits[0].remaining) for d in decisions] == [
+        (True, 1), (True, 0), (False, 0)]
