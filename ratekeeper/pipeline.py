@@ -15,13 +15,15 @@ Large groups are sent as several check.lua calls of at most ``max_checks`` check
 write, so Redis serves other clients between them, and the calls still run in order.
 
 Batches go over connections taken from the client's pool with redis-py's public
-connection API (``send_packed_command`` / ``read_response``). A batch is sent again, once,
-on a fresh connection when its connection turns out dead before any reply (Redis restarted,
-a Sentinel failover); one that broke after some replies is not, so a hit is never taken
-twice. A NOSCRIPT reply (a restart, a failover, SCRIPT FLUSH) is answered by sending those
-calls again as EVAL, which carries the source. Errors reach each caller as redis-py raised
-them; ``on_batch`` hears of every batch's end (its seconds, or what ended it) once, so the
-breaker counts a failed write once, not once per check in it.
+connection API (``send_packed_command`` / ``read_response``); the pool replaces a
+connection the server closed while it was idle (Redis restarted), so a write is never sent
+twice: one whose connection breaks is failed, since Redis may have run it. Only READONLY
+from a Sentinel's master, before anything ran, sends the write once more on a fresh
+connection, which the pool opens to the new master. A NOSCRIPT reply (a restart, a
+failover, SCRIPT FLUSH) is answered by sending those calls again as EVAL, which carries the
+source. Errors reach each caller as redis-py raised them; ``on_batch`` hears of every
+batch's end (its seconds, or what ended it) once, so the breaker counts a failed write
+once, not once per check in it.
 """
 
 from __future__ import annotations
@@ -213,12 +215,13 @@ class Coalescer:
     async def _send_retried(self, data: bytes, expected: int) -> list[Any]:
         try:
             return await self._send(data, expected)
-        except _DeadBeforeReply as dead:
-            return await self._send(data, expected, first_error=dead.error)
+        except _Demoted:  # the pool asks the Sentinels for the new master as it reconnects
+            return await self._send(data, expected, retried=True)
 
-    async def _send(self, data: bytes, expected: int,
-                    first_error: BaseException | None = None) -> list[Any]:
+    async def _send(self, data: bytes, expected: int, retried: bool = False) -> list[Any]:
         pool = self.redis.connection_pool
+        # (the pool replaces a connection the server closed while it was idle: after a
+        # restart a write goes on a live one, so nothing sent is ever sent twice)
         connection = await pool.get_connection()
         replies: list[Any] = []
         healthy = False
@@ -228,17 +231,15 @@ class Coalescer:
                 try:
                     reply = await connection.read_response()
                 except ReadOnlyError as exc:
-                    if self.sentinel:  # the master was demoted under this connection
-                        raise RedisConnectionError("the master is now a replica") from exc
+                    if self.sentinel and not replies:  # demoted: nothing of it has run
+                        if retried:
+                            raise RedisConnectionError("the master is now a replica") from exc
+                        raise _Demoted() from exc
                     reply = exc
                 except ResponseError as exc:  # one call's error: the others stand
                     reply = exc
                 replies.append(reply)
             healthy = True
-        except (RedisConnectionError, OSError) as exc:
-            if replies or first_error is not None:
-                raise
-            raise _DeadBeforeReply(exc) from exc
         finally:
             if not healthy:  # what is left to read on it is unknown: it reconnects
                 await connection.disconnect(nowait=True)
@@ -246,12 +247,8 @@ class Coalescer:
         return replies
 
 
-class _DeadBeforeReply(Exception):
-    """A connection broke before the first reply: nothing of the write was answered."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.error = error
+class _Demoted(Exception):
+    """A Sentinel's master answered READONLY before any call of the write ran."""
 
 
 async def within(work: Any, budget: float) -> Any:
