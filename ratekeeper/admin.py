@@ -27,12 +27,12 @@ from .admin_common import (
     limit_param,
     parts,
     query,
+    route_of,
 )
 from .admin_wire import MAX_AUDIT_LIMIT, AuditEvent, AuditList, FlagList, FlagUpdate, FlagView
 from .audit import AuditLog
 from .auth import Principal, TokenAuth
 from .bans import BanBook
-from .config import NAME_RE
 from .errors import BadRequest, StoreUnavailable
 from .flags import FlagBoard, FlagState
 from .flagstore import FlagStore
@@ -66,8 +66,8 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except StoreUnavailable as exc:
-        log.warning("%s %s by %s: %s (%s)", request.method, request.path, principal.name, exc,
-                    type(exc.__cause__).__name__)
+        log.warning("%s %s by %s: %s (%s)", request.method, route_of(request), principal.name,
+                    exc, type(exc.__cause__).__name__)
         return error_response(503, "Redis is unavailable; retry the request (every admin "
                                    "change is safe to repeat)")
 
@@ -106,8 +106,7 @@ async def put_flag(request: web.Request) -> web.Response:
     runtime, admin, principal = parts(request)
     name = request.match_info["name"]
     if name not in runtime.flags.declared:
-        shown = f" '{name}'" if NAME_RE.match(name) else ""
-        return error_response(404, f"unknown flag{shown}")
+        return error_response(404, "unknown flag: GET /v1/admin/flags lists them")
     update = decode(_flag_update, await request.read())
     return json_response(await set_flag(runtime, admin, principal, name, update))
 

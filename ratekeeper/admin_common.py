@@ -22,7 +22,7 @@ from .sync import StateSync
 from .wire import decode
 
 __all__ = ["ADMIN", "AdminState", "Codecs", "check_text", "decode", "limit_param",
-           "parts", "query"]
+           "parts", "query", "route_of"]
 
 @dataclass(slots=True)
 class Codecs:
@@ -64,11 +64,18 @@ ADMIN = web.AppKey("admin", AdminState)
 
 
 
+def route_of(request: web.Request) -> str:
+    """The route a request took, as declared (``/v1/admin/bans/{id}``), for a log line: the
+    path itself is the client's text."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(no route)"
+
+
 def query(request: web.Request, allowed: set[str]) -> dict[str, str]:
     """The query parameters; an unknown one is a 400, like an unknown body field."""
-    unknown = sorted(set(request.query) - allowed)
-    if unknown:
-        raise BadRequest(f"unknown query parameter '{unknown[0]}'")
+    if not set(request.query) <= allowed:
+        known = ", ".join(sorted(allowed)) or "none"
+        raise BadRequest(f"unknown query parameter (this path takes: {known})")
     return {key: request.query[key] for key in request.query}
 
 

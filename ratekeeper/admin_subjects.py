@@ -21,7 +21,7 @@ from .admin_wire import (
     TopResult,
 )
 from .auth import Principal
-from .config import NAME_RE, Rule
+from .config import Rule
 from .errors import BadRequest
 from .keys import Keyspace, is_subject_hash
 from .server import Runtime, error_response, json_response
@@ -101,7 +101,7 @@ async def lift_ban(request: web.Request) -> web.Response:
     raw = await request.read()
     lift = decode(_lift_request, raw) if raw.strip() else LiftRequest()
     if not await lift_subject(runtime, admin, principal, ban_id, lift):
-        return error_response(404, f"no active ban with id '{ban_id}'")
+        return error_response(404, "no active ban with that id")
     return json_response(LiftResult(id=ban_id))
 
 
@@ -128,11 +128,11 @@ def _reset_scope(checker: Checker, body: Any) -> tuple[str, tuple[Rule, ...]]:
     if body.action is not None:
         plan = checker.plans.get(body.action)
         if plan is None:
-            raise BadRequest(f"unknown action '{body.action}'")
+            raise BadRequest("unknown action")
         return f"action:{body.action}", plan.action.rules
     rule = checker.config.rules.get(body.rule)
     if rule is None:
-        raise BadRequest(f"unknown rule '{body.rule}'")
+        raise BadRequest("unknown rule")
     return f"rule:{body.rule}", (rule,)
 
 
@@ -193,8 +193,7 @@ async def top(request: web.Request) -> web.Response:
         raise BadRequest("give the rule: /v1/admin/top?rule=NAME")
     rule = runtime.checker.config.rules.get(name)
     if rule is None:
-        shown = f" '{name}'" if NAME_RE.match(name) else ""
-        raise BadRequest(f"unknown rule{shown}")
+        raise BadRequest("unknown rule")
     limit = limit_param(params, DEFAULT_TOP_LIMIT, KEEP)
     denials = runtime.checker.denials
     entries = await denials.top(rule, limit) if denials is not None else []

@@ -1,27 +1,23 @@
 """What the server answers, as data: a status, headers and a body.
 
-aiohttp sends an ``Answer`` on the routed way (``response``); the hot paths write its bytes to
-the connection themselves (``wire``, see ``hotpath``). Client errors become their JSON 4xx here,
-for both ways, so an answer is the same whichever way its request went.
+Handlers build an ``Answer`` and aiohttp sends it (``response``). Client errors become their
+JSON 4xx here (``error_answer``), so every path answers bad input alike; their sentences are
+the server's own, never the client's text.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from email.utils import formatdate
-from http import HTTPStatus
 from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
 
 from .errors import BadRequest
 from .wire import ErrorBody
 
 __all__ = ["CLIENT_ERRORS", "JSON", "MAX_BODY", "Answer", "error_answer", "json_answer",
-           "response", "wire", "wire_head", "wire_tail"]
+           "response"]
 
 MAX_BODY = 64 * 1024
 JSON = "application/json"
@@ -56,57 +52,13 @@ def error_answer(exc: BadRequest | web.HTTPException | web.RequestPayloadError) 
                                            f"{MAX_BODY // 1024} KiB"), status=413)
     if exc.status < 400:
         raise exc
-    return json_answer(ErrorBody(error=exc.reason), status=exc.status)
+    answer = json_answer(ErrorBody(error=exc.reason), status=exc.status)
+    allow = exc.headers.get("Allow")
+    if allow is not None:  # a 405 must say which methods the path takes (RFC 9110 15.5.6)
+        return answer._replace(headers={**answer.headers, "Allow": allow})
+    return answer
 
 
 def response(answer: Answer) -> web.Response:
     """``answer`` for aiohttp to send."""
     return web.Response(status=answer.status, headers=answer.headers, body=answer.body or None)
-
-
-# ----------------------------------------------------------------- written by the hot paths
-
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
-_SERVER = f"Server: {SERVER_SOFTWARE}\r\n"  # what aiohttp says on the routed way
-_BODILESS = frozenset({204, 304})  # answers that carry no Content-Length (RFC 9110 8.6)
-
-
-def wire_head(status: int, headers: Mapping[str, str], length: int) -> bytes:
-    """An HTTP/1.1 answer's status line and header lines, up to its Date and Server
-    (``wire_tail``), in aiohttp's order.
-
-    A name or value with a line break would split the answer, so it is refused; every one
-    comes from the server's config and decisions, never from a client.
-    """
-    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
-    text = "".join(lines)
-    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-        raise ValueError(f"a header has a line break: {sorted(headers)}")
-    length_line = "" if status in _BODILESS else f"Content-Length: {length}\r\n"
-    return f"HTTP/1.1 {status} {_REASONS[status]}\r\n{text}{length_line}".encode()
-
-
-class _Dates:
-    """The Date and Server lines and the blank line after them, made once a second."""
-
-    __slots__ = ("line", "second")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.line = b""
-
-    def now(self) -> bytes:
-        second = int(time.time())
-        if second != self.second:
-            self.line = f"Date: {formatdate(second, usegmt=True)}\r\n{_SERVER}\r\n".encode()
-            self.second = second
-        return self.line
-
-
-wire_tail = _Dates().now  # the last header lines (Date, Server) and the end of the head
-
-
-def wire(answer: Answer) -> bytes:
-    """``answer`` as the bytes of an HTTP/1.1 response on a connection that stays open."""
-    body = answer.body
-    return wire_head(answer.status, answer.headers, len(body)) + wire_tail() + body

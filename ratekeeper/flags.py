@@ -79,6 +79,18 @@ class FlagBoard:
                 return state
         return None
 
+    def off_at(self, names: Iterable[str], now: float) -> float | None:
+        """When every one of ``names`` that is on will be off by itself: the latest expiry
+        among them, or None when one of them has none."""
+        latest = now
+        for name in names:
+            state = self._states.get(name)
+            if state is not None and state.is_on(now):
+                if state.expires_at is None:
+                    return None
+                latest = max(latest, state.expires_at)
+        return latest
+
     def message_for(self, state: FlagState) -> str:
         """What to show users: the message set with the switch, else the declared default."""
         declared = self.declared.get(state.name)

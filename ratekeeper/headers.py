@@ -4,6 +4,16 @@ Structured-field lists of items: ``RateLimit-Policy: "login-ip";q=10;w=300`` and
 ``RateLimit: "login-ip";r=3;t=120``. A rule with several windows is named ``rule-0``,
 ``rule-1``... in window order, as Warehouse does. No partition key is sent: it would carry
 the subject, and these headers never carry an IP or its hash.
+
+``Retry-After`` is sent only when the sidecar knows when trying again can succeed, and is the
+same on every path (``/v1/check``, ``/v1/authz``, the middlewares):
+
+- ``rate_limited``: always, the seconds until enough of the window has passed (at least 1;
+  a fail-closed answer while Redis is down says 1);
+- ``banned``: when the ban (or penalty box) has a known end, the seconds until it;
+- ``disabled``: only when the kill switch turns itself off at a known time, the seconds until
+  then (the Decision's ``retry_after``); a switch without an expiry has no end to announce;
+- never when allowed or in shadow mode.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from collections import Counter
 
 from .wire import Decision, LimitState
 
-__all__ = ["policy_names", "rate_limit_headers"]
+__all__ = ["policy_names", "rate_limit_headers", "retry_after"]
 
 # (rule, limit, window) of every limit of an answer -> (the names the headers use, the
 # RateLimit-Policy value, the RateLimit value with %d for each remaining and reset). An
@@ -56,8 +66,17 @@ def policy_names(decision: Decision) -> tuple[str, ...]:
     return _known(decision.limits)[0]
 
 
+def retry_after(decision: Decision) -> int | None:
+    """The Retry-After seconds for ``decision``, or None when it gets none (see above)."""
+    if decision.allowed or decision.shadow:
+        return None
+    if decision.reason == "rate_limited":
+        return max(decision.retry_after, 1)
+    return decision.retry_after if decision.retry_after > 0 else None
+
+
 def rate_limit_headers(decision: Decision) -> dict[str, str]:
-    """Headers for one decision: the policies, their state, and Retry-After when denied."""
+    """Headers for one decision: the policies, their state, and Retry-After (``retry_after``)."""
     headers: dict[str, str] = {}
     limits = decision.limits
     if limits:
@@ -67,6 +86,7 @@ def rate_limit_headers(decision: Decision) -> dict[str, str]:
         for item in limits:
             values += (item.remaining, item.reset)
         headers["RateLimit"] = state % tuple(values)
-    if not decision.allowed and not decision.shadow:
-        headers["Retry-After"] = str(max(decision.retry_after, 1))
+    seconds = retry_after(decision)
+    if seconds is not None:
+        headers["Retry-After"] = str(seconds)
     return headers

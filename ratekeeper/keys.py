@@ -2,10 +2,11 @@
 
 A subject (an IP, a user, a project, or a combination a rule keys on) becomes a keyed hash:
 HMAC-SHA256 with the secret salt over length-prefixed ``field=value`` parts, truncated to
-128 bits and written as 22 base64url characters. IPs are normalised first (IPv4-mapped IPv6
-is IPv4, IPv6 is grouped to its /64 by default), so every textual form of one client and
-every address of one /64 give one subject. The hash is the Redis Cluster hash tag of every
-key of that subject, so all of a subject's keys live in one slot.
+128 bits and written as 22 base64url characters. IPs are normalised first (an IPv6 form that
+embeds an IPv4 client is that IPv4 client, see ``unwrap_ipv4``; IPv6 is grouped to its /64 by
+default), so every textual form of one client and every address of one /64 give one subject.
+The hash is the Redis Cluster hash tag of every key of that subject, so all of a subject's keys
+live in one slot.
 
 During a salt rotation a Keyspace also knows the previous salt (``previous``): the same keys
 under the hashes of the old salt, which ``rotation`` still honours for a grace period.
@@ -25,10 +26,12 @@ from collections.abc import Iterable, Mapping
 from .config import IPGrouping, Rule
 from .errors import BadRequest
 
-__all__ = ["Keyspace", "SubjectParts", "contains_ip", "is_subject_hash"]
+__all__ = ["Address", "Keyspace", "SubjectParts", "contains_ip", "is_subject_hash", "parse_ip",
+           "unwrap_ipv4"]
 
 # (field, normalised value bytes) pairs, in the order of a rule's key
 SubjectParts = Iterable[tuple[str, bytes]]
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DIGEST_BYTES = 16  # 128 bits kept of the HMAC-SHA256
 SHA256_BLOCK = 64  # bytes: HMAC pads (or first hashes) its key to this
@@ -39,8 +42,16 @@ _OPAD = bytes(b ^ 0x5C for b in range(256))
 # and emptied when full; it lives in process memory only, like the request itself.
 CACHE_ENTRIES = 1 << 14
 SUBJECT_HASH_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
-# Runs of characters an IP literal can be made of; each is then parsed to be sure.
-_IP_CANDIDATE_RE = re.compile(r"[0-9A-Fa-f:.%]*[:.][0-9A-Fa-f:.%]*")
+# The high 96 bits of the IPv6 forms that embed an IPv4 address in their low 32 bits:
+# IPv4-mapped ::ffff:0:0/96 (RFC 4291), SIIT's IPv4-translated ::ffff:0:0:0/96 (RFC 2765) and
+# NAT64's well-known prefix 64:ff9b::/96 (RFC 6052).
+_EMBEDDING = frozenset({0xFFFF, 0xFFFF_0000, 0x64_FF9B << 64})
+# Free text: dotted runs of numbers (an IPv4 address among them, however written), and runs of
+# the characters of an IPv6 literal with at least two colons.
+_DOTTED_RE = re.compile(r"(?:0[xX][0-9A-Fa-f]+|[0-9]+)(?:\.(?:0[xX][0-9A-Fa-f]+|[0-9]+)){3,}")
+_DOTTED_PART_RE = re.compile(r"0[xX][0-9A-Fa-f]+|[0-9]+")
+_COLON_RUN_RE = re.compile(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+IPV6_TEXT_MAX = 45  # characters of the longest IPv6 literal, an IPv4 tail included
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
@@ -62,23 +73,69 @@ def is_subject_hash(text: str) -> bool:
     return SUBJECT_HASH_RE.match(text) is not None
 
 
-def contains_ip(text: str) -> bool:
-    """True when free text (a reason, a message) holds an IPv4 or IPv6 literal.
+def unwrap_ipv4(address: Address) -> Address:
+    """The IPv4 address an IPv6 form embeds (IPv4-mapped ``::ffff:a.b.c.d``, SIIT
+    ``::ffff:0:a.b.c.d``, NAT64 ``64:ff9b::a.b.c.d``); any other address unchanged.
 
-    Admin free text goes to Redis and the audit trail, where no raw IP may ever go.
+    Each of them is that IPv4 client seen through a dual stack or a translator, so it must
+    share the IPv4 client's bucket rather than make another by its /64.
     """
-    for match in _IP_CANDIDATE_RE.finditer(text):
-        run = match.group(0).split("%")[0]
-        # a sentence may end or a port may follow right after the address
-        for candidate in {run, run.rstrip("."), run.strip("."), run.rstrip(":."),
-                          run.strip(":."), run.rsplit(":", 1)[0].strip(".")}:
-            if any(c in _HEX for c in candidate):
-                try:
-                    ipaddress.ip_address(candidate)
-                except ValueError:
-                    continue
-                return True
+    if isinstance(address, ipaddress.IPv6Address):
+        value = int(address)
+        if value >> 32 in _EMBEDDING:
+            return ipaddress.IPv4Address(value & 0xFFFF_FFFF)
+    return address
+
+
+def parse_ip(text: str) -> Address:
+    """An IP literal as the client it names (``unwrap_ipv4``); ValueError when it is none."""
+    return unwrap_ipv4(ipaddress.ip_address(text))
+
+
+def _dotted_ipv4(run: str) -> bool:
+    """True when four consecutive parts of a dotted run are each a byte (decimal with any
+    leading zeros, or hex): what ``inet_aton`` and many tools read as an IPv4 address."""
+    values = [int(part, 0) if part[:2] in ("0x", "0X") else int(part)
+              for part in _DOTTED_PART_RE.findall(run)]
+    fits = [value <= 255 for value in values]
+    return any(all(fits[i:i + 4]) for i in range(len(fits) - 3))
+
+
+def _ipv6_within(run: str) -> bool:
+    """True when any stretch of ``run`` is an IPv6 literal with a hex digit in it."""
+    for start in range(len(run) - 1):
+        first_colon = run.find(":", start)
+        if first_colon < 0:
+            break
+        if first_colon - start > 4:  # a group has at most four hex digits
+            continue
+        for end in range(min(len(run), start + IPV6_TEXT_MAX), first_colon, -1):
+            candidate = run[start:end]
+            tail = candidate[candidate.rfind(":") + 1:]
+            if (len(tail) > 4 and "." not in tail) or candidate.count(":") < 2 \
+                    or not any(c in _HEX for c in candidate):
+                continue
+            try:
+                ipaddress.IPv6Address(candidate)
+            except ValueError:
+                continue
+            return True
     return False
+
+
+def contains_ip(text: str) -> bool:
+    """True when free text (a reason, a message) holds an IPv4 or IPv6 address anywhere.
+
+    Admin free text goes to Redis and the audit trail, where no raw IP may ever go. Letters
+    or punctuation glued to an address do not hide it (``bad:203.0.113.7``, ``e203.0.113.7``,
+    ``203.0.113.7a``, ``a2001:db8::1``), nor do leading zeros or hex parts
+    (``203.0.113.007``, ``0xcb.0.113.7``); an IPv4 address inside an IPv6 form is found as
+    the IPv4 address it is. A version number of four parts is refused too: a false alarm
+    costs the admin a rewording, a miss a stored address.
+    """
+    if any(_dotted_ipv4(m.group(0)) for m in _DOTTED_RE.finditer(text)):
+        return True
+    return any(_ipv6_within(m.group(0)) for m in _COLON_RUN_RE.finditer(text))
 
 
 class Keyspace:
@@ -139,11 +196,9 @@ class Keyspace:
                 network = (int.from_bytes(packed, "big") >> (32 - prefix)) << (32 - prefix)
                 return b"4" + bytes([prefix]) + network.to_bytes(4, "big")
         try:
-            address = ipaddress.ip_address(text)
+            address = parse_ip(text)
         except ValueError:
             raise BadRequest("ip is not a valid IPv4 or IPv6 address") from None
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         if isinstance(address, ipaddress.IPv4Address):
             bits, prefix, tag = 32, self._grouping.ipv4_prefix, b"4"
         else:

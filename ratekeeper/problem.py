@@ -1,9 +1,10 @@
 """What a denied request gets back: RFC 9457 problem details and the RateLimit headers.
 
 Shared by ``/v1/authz`` and both middlewares, so a client sees one shape whoever stopped it.
-A rate limit is ``429`` with the IETF ``quota-exceeded`` problem type and ``Retry-After``; a kill
-switch or a ban is ``403`` with the switch's message. Allowed requests pass with the RateLimit
-headers only (no ``Retry-After``).
+A rate limit is ``429`` with the IETF ``quota-exceeded`` problem type; a kill switch or a ban is
+``403`` with the switch's message. ``Retry-After`` follows the one rule of ``headers`` (a rate
+limit, a ban with a known end, a kill switch with an expiry), as on ``/v1/check``. Allowed
+requests pass with the RateLimit headers only.
 """
 
 from __future__ import annotations
@@ -39,9 +40,7 @@ class Denial:
 
 def passing_headers(decision: Decision) -> dict[str, str]:
     """The RateLimit headers to add to a response the request was allowed to get."""
-    headers = rate_limit_headers(decision)
-    headers.pop("Retry-After", None)
-    return headers
+    return rate_limit_headers(decision)  # (no Retry-After: it was allowed)
 
 
 def denial(decision: Decision) -> Denial | None:
@@ -51,13 +50,10 @@ def denial(decision: Decision) -> Denial | None:
     headers = rate_limit_headers(decision)
     body: Problem
     if decision.reason == "disabled":
-        headers.pop("Retry-After", None)  # a kill switch has no known end
         detail = decision.message or DISABLED_DETAIL
         body = Problem(type="about:blank", title="Forbidden", status=403, detail=detail,
                        flag=decision.flag)
     elif decision.reason == "banned":
-        if decision.retry_after <= 0:
-            headers.pop("Retry-After", None)
         detail = BANNED_DETAIL
         body = Problem(type="about:blank", title="Forbidden", status=403, detail=detail)
     else:

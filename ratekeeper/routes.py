@@ -20,6 +20,7 @@ from .config import Config, Route, load_config
 __all__ = ["RouteTable", "normalize_path"]
 
 _SLASHES = re.compile(r"/{2,}")
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # RFC 3986 scheme, then an authority
 
 
 def normalize_path(target: str) -> str:
@@ -27,10 +28,16 @@ def normalize_path(target: str) -> str:
 
     The query and fragment are dropped, percent-escapes decoded once, repeated slashes and
     ``.``/``..`` segments resolved, so ``//legacy/./x``, ``/%6cegacy/x`` and
-    ``/a/../legacy/x`` all match a ``/legacy/*`` route.
+    ``/a/../legacy/x`` all match a ``/legacy/*`` route. An absolute-form target
+    (``HTTPS://host/legacy/x``, any scheme, any case) names its path. One whose authority
+    cannot be read (``http://[::1/legacy/x``) is a ValueError, which says nothing of the
+    target: guessing its path could let it past the route it is aimed at.
     """
-    if target.startswith(("http://", "https://")):
-        target = urlsplit(target).path
+    if _ABSOLUTE.match(target):
+        try:
+            target = urlsplit(target).path
+        except ValueError:
+            raise ValueError("not a valid request target") from None
     path = unquote(target.split("?", 1)[0].split("#", 1)[0])
     path = _SLASHES.sub("/", "/" + path.replace("\\", "/"))
     normal = posixpath.normpath(path)
@@ -62,7 +69,8 @@ class RouteTable:
         return len(self._routes)
 
     def match(self, method: str, target: str) -> Route | None:
-        """The first route for this method and request target, or None."""
+        """The first route for this method and request target, or None; ValueError when the
+        target cannot be read (``normalize_path``)."""
         method = method.upper()
         path = normalize_path(target)
         for route_method, pattern, route in self._routes:

@@ -9,6 +9,7 @@ cannot be asked, the rules' fail modes decide here, and only here.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -284,9 +285,13 @@ class Checker:
         if action.flags:
             blocking = self.flags.blocking(action.flags, now)
             if blocking is not None:
+                # retrying helps only once every switch of the action is off: say when, if
+                # each has an expiry (headers.retry_after)
+                off_at = self.flags.off_at(action.flags, now)
                 return Decision(allowed=False, reason="disabled", action=action.name,
-                                flag=blocking.name,
-                                message=self.flags.message_for(blocking)), None
+                                flag=blocking.name, message=self.flags.message_for(blocking),
+                                retry_after=0 if off_at is None else max(
+                                    1, math.ceil(off_at - now))), None
         shadow_all = self._shadow_all or self.flags.is_on(SHADOW_FLAG, now)
         subject = self.keyspace.subject
         # one subject per field (its bans), then one per rule: a one-field rule's is the same

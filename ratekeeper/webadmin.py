@@ -28,14 +28,17 @@ from aiohttp import web
 from .admin_common import ADMIN
 from .errors import StoreUnavailable
 from .forwarded import TrustedProxies
+from .logs import client_error
 from .server import RUNTIME, Handler
 from .settings import Settings
 from .webadmin_common import (
+    UNREADABLE_FORM,
     WEBADMIN,
     WebAdminState,
     current_session,
     field,
     parts,
+    read_form,
     redirect,
     refuse,
     render,
@@ -143,13 +146,14 @@ async def signin(request: web.Request) -> web.Response:
     why = cross_origin(request, state.proxies)
     if why is not None:
         return refuse(request, 403, "Sign-in refused", f"{why}. Nobody was signed in.")
-    form = await request.post()
+    form = await read_form(request)
+    if form is None:
+        return refuse(request, 400, "Sign-in refused", UNREADABLE_FORM)
     if not same_token(request.cookies.get(SIGNIN_COOKIE, ""), field(form, "csrf")):
         return refuse(request, 403, "Sign-in refused",
                        "This sign-in form has expired or did not come from this page. "
                        "Open the sign-in page again.")
-    client = state.proxies.client_ip(request.remote, real_ip=request.headers.get("X-Real-IP"),
-                                     forwarded_for=request.headers.get("X-Forwarded-For"))
+    client = state.proxies.from_headers(request.remote, request.headers)
     wait_ms = await state.throttle.wait_ms(client)
     if wait_ms:
         minutes = -(-wait_ms // 60_000)
@@ -161,7 +165,7 @@ async def signin(request: web.Request) -> web.Response:
     token = field(form, "token").strip()
     principal = admin.auth.authenticate(f"Bearer {token}") if token else None
     if principal is None:
-        log.warning("admin page: sign-in with an unknown token refused")
+        client_error(log, "unknown token", "admin page: sign-in with an unknown token refused")
         await state.throttle.failed(client)
         return redirect(url_for(request, "signin") + "?note=failed")
     await state.throttle.succeeded(client)
@@ -185,7 +189,9 @@ async def signout(request: web.Request) -> web.Response:
     if why is not None:
         return refuse(request, 403, "Sign-out refused", f"{why}.")
     session = await current_session(request)
-    form = await request.post()
+    form = await read_form(request)
+    if form is None:
+        return refuse(request, 400, "Sign-out refused", UNREADABLE_FORM)
     if session is not None:
         if not same_token(session.csrf, field(form, "csrf")):
             return refuse(request, 403, "Sign-out refused",

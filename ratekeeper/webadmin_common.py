@@ -8,17 +8,19 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDictProxy
 
-from .admin_common import ADMIN, AdminState
+from .admin_common import ADMIN, AdminState, route_of
 from .forwarded import TrustedProxies
+from .logs import client_error
 from .server import RUNTIME, Runtime
 from .webadmin_health import DecisionRate
 from .webadmin_session import SESSION_COOKIE, Session, Sessions
 from .webadmin_throttle import SignInThrottle
 
-__all__ = ["WEBADMIN", "WebAdminState", "current_session", "field", "parts", "redirect",
-           "refuse", "render", "url_for"]
+__all__ = ["UNREADABLE_FORM", "WEBADMIN", "WebAdminState", "current_session", "field", "parts",
+           "read_form", "redirect", "refuse", "render", "url_for"]
 
 log = logging.getLogger("ratekeeper.webadmin")
 
@@ -49,6 +51,18 @@ async def current_session(request: web.Request, *, take_flash: bool = False
                                                  take_flash=take_flash)
 
 
+UNREADABLE_FORM = "The form could not be read. Nothing was changed."
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[Any] | None:
+    """The posted form; None when its body is not one (a multipart body without a boundary,
+    bytes that are not its charset), which the page answers with a 400, never a 500."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError, HttpProcessingError):  # (LookupError: a charset)
+        return None
+
+
 def field(form: MultiDictProxy[Any], name: str) -> str:
     """A text field of a posted form ('' when absent or a file)."""
     value = form.get(name, "")
@@ -77,7 +91,9 @@ def render(request: web.Request, template: str, context: dict[str, Any], *,
 
 
 def refuse(request: web.Request, status: int, title: str, text: str) -> web.Response:
-    """A page that says why nothing was done (and a log line that never holds a token)."""
-    log.warning("admin page: %s %s refused (%d): %s", request.method, request.path, status,
-                text)
+    """A page that says why nothing was done, and a sampled log line naming the route (never
+    the path the client sent) and the reason (our sentence, never a token)."""
+    route = route_of(request)
+    client_error(log, f"refused {status} {route}", "admin page: %s %s refused (%d): %s",
+                 request.method, route, status, text)
     return render(request, "message.html", {"title": title, "text": text}, status=status)

@@ -25,7 +25,16 @@ from .admin_wire import FlagUpdate, LiftRequest
 from .config import parse_duration
 from .errors import BadRequest, StoreUnavailable
 from .server import Handler
-from .webadmin_common import current_session, field, parts, redirect, refuse, url_for
+from .webadmin_common import (
+    UNREADABLE_FORM,
+    current_session,
+    field,
+    parts,
+    read_form,
+    redirect,
+    refuse,
+    url_for,
+)
 from .webadmin_session import Session, cross_origin, same_token
 from .webadmin_view import span
 
@@ -67,7 +76,9 @@ def change(anchor: str) -> Callable[[Change], Handler]:
                 return refuse(request, 401, "Not signed in",
                                "Your session has ended or was never started. Nothing was "
                                "changed. Sign in and try again.")
-            form = await request.post()
+            form = await read_form(request)
+            if form is None:
+                return refuse(request, 400, "Change refused", UNREADABLE_FORM)
             if not same_token(session.csrf, field(form, "csrf")):
                 return refuse(request, 403, "Change refused",
                                "This form did not come from your current session (its CSRF "

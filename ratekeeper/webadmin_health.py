@@ -122,6 +122,6 @@ async def health(runtime: Runtime, sync: StateSync, rate: DecisionRate,
             everywhere = await rate.everywhere()
         except StoreUnavailable:
             everywhere = None
-    return Health(redis=ready, store=runtime.store.kind, breaker=runtime.limiter.breaker.state,
+    return Health(redis=ready, store=runtime.store.kind, breaker=runtime.limiter.breaker_state,
                   listening=sync.subscribed if sync.listen else None, flags_stale=flags_stale,
                   rate_everywhere=everywhere, rate_here=rate.here())

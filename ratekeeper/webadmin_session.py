@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 import secrets
@@ -45,6 +44,9 @@ SESSION_COOKIE = "ratekeeper_admin"
 SIGNIN_COOKIE = "ratekeeper_signin"
 COOKIE_PATH = "/admin"
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
+# Sec-Fetch-Site values other than same-origin (Fetch Metadata), as the refusal says them
+_SITES = {"cross-site": "another site", "same-site": "another site of this domain",
+          "none": "no page (an address typed or bookmarked)"}
 
 
 class Flash(msgspec.Struct, frozen=True):
@@ -169,22 +171,9 @@ def same_token(expected: str, given: str | None) -> bool:
     return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
 
-def _peer_trusted(request: web.Request, proxies: TrustedProxies) -> bool:
-    remote = request.remote
-    if not remote:
-        return False
-    try:
-        address = ipaddress.ip_address(remote.split("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return proxies.trusts(address)
-
-
 def _forwarded(request: web.Request, proxies: TrustedProxies, header: str) -> str | None:
     value = request.headers.get(header)
-    if not value or not _peer_trusted(request, proxies):
+    if not value or not proxies.trusts_peer(request.remote):
         return None
     return value.split(",")[0].strip().lower() or None  # the first hop is the client's view
 
@@ -205,7 +194,8 @@ def cross_origin(request: web.Request, proxies: TrustedProxies) -> str | None:
     """Why a form post did not come from this site, or None when nothing says so."""
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site != "same-origin":
-        return f"the browser says the form came from a {site} page"
+        # the header is the client's text: it picks one of our sentences, never appears itself
+        return f"the browser says the form came from {_SITES.get(site, 'elsewhere')}"
     origin = request.headers.get("Origin")
     if origin is not None and origin.lower() != own_origin(request, proxies):
         return ("the form's Origin is not this site (behind a proxy, pass the Host or "

@@ -3,10 +3,17 @@
 The check request type is generated from the config, because its subject fields (user,
 project, ...) are the ones the rules key on; anything else is an unknown field and a 400.
 The same types generate the OpenAPI document, so the spec cannot drift from the server.
+
+A body that does not decode is a 400 whose sentence is msgspec's, cut down to what our
+schema says: the JSON path (``$.checks[3]``: field names of ours and indexes), the types
+and bounds expected, a required field's name. What the client chose is never repeated: an
+unknown field is named by where it is, with the fields we know there, and a value msgspec
+would quote is not quoted.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Annotated, Any
 
@@ -148,11 +155,67 @@ class Readiness(msgspec.Struct, frozen=True):
     breaker: str
 
 
+# msgspec's sentences that hold nothing but what the schema says (types, bounds, our field
+# names, our patterns); any other is replaced by one that does (``_validation_error``)
+_SCHEMA_SENTENCE = re.compile(
+    r"Expected `[\w |]+`(?:, got `[\w |]+`)?[^`]*|Object missing required field `\w+`|"
+    r"(?:Integer value|Number) out of range")
+_AT = re.compile(r"(.*) - at `(\$(?:\.\w+|\[\d+\]|\[\.\.\.\])*)`", re.DOTALL)
+# "JSON is malformed: <what> (byte N)", where <what> is one of msgspec's fixed phrases
+_MALFORMED = re.compile(r"JSON is malformed: [a-z0-9 ,:'\"\]\}\[\{-]+ \(byte \d+\)|"
+                        r"Input data was truncated")
+
+
+def _fields_at(root: msgspec.inspect.Type, path: str) -> list[str] | None:
+    """The field names of the struct at ``path`` below ``root``, or None when there is none."""
+    node = root
+    for step in re.findall(r"\.\w+|\[[^\]]*\]", path):
+        while isinstance(node, msgspec.inspect.UnionType):
+            structs = [t for t in node.types if not isinstance(t, msgspec.inspect.NoneType)]
+            if len(structs) != 1:
+                return None
+            node = structs[0]
+        if step.startswith(".") and isinstance(node, msgspec.inspect.StructType):
+            found = [f.type for f in node.fields if f.encode_name == step[1:]]
+            if not found:
+                return None
+            node = found[0]
+        elif step.startswith("[") and isinstance(node, msgspec.inspect.ListType):
+            node = node.item_type
+        else:
+            return None
+    while isinstance(node, msgspec.inspect.UnionType):
+        structs = [t for t in node.types if isinstance(t, msgspec.inspect.StructType)]
+        if len(structs) != 1:
+            return None
+        node = structs[0]
+    if isinstance(node, msgspec.inspect.StructType):
+        return [f.encode_name for f in node.fields]
+    return None
+
+
+def _validation_error(decoder: msgspec.json.Decoder[Any], message: str) -> str:
+    """msgspec's sentence for ``message`` with nothing in it the client chose."""
+    located = _AT.fullmatch(message)
+    what, path = (located.group(1), located.group(2)) if located else (message, "")
+    where = f" - at `{path}`" if path else ""
+    if what.startswith("Object contains unknown field"):
+        known = _fields_at(msgspec.inspect.type_info(decoder.type), path or "$")
+        fields = f" (expected: {', '.join(known)})" if known else ""
+        return f"Object contains an unknown field{fields}{where}"
+    if _SCHEMA_SENTENCE.fullmatch(what):
+        return f"{what}{where}"
+    return f"Invalid value{where}"
+
+
 def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
-    """Decode a request body; bad input becomes BadRequest with msgspec's sentence."""
+    """Decode a request body; bad input becomes BadRequest with a sentence that says what is
+    wrong and where, in the schema's terms, never in the client's."""
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(_validation_error(decoder, str(exc))) from None
     except msgspec.DecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+        detail = str(exc)
+        shown = f": {detail}" if _MALFORMED.fullmatch(detail) else ""
+        raise BadRequest(f"malformed JSON{shown}") from None

@@ -183,3 +183,17 @@ async def test_health_and_readiness(make_client: Any) -> None:
     resp = await client.get("/readyz")
     assert resp.status == 200
     assert (await resp.json())["status"] == "ready"
+
+
+async def test_a_405_is_json_and_says_which_method_is_allowed(make_client: Any) -> None:
+    """GET or PUT on a POST-only path: a JSON 405 with ``Allow: POST``; GET-only paths say
+    GET (and HEAD)."""
+    client = await make_client(WALK)
+    for method, path in (("GET", "/v1/check"), ("PUT", "/v1/check/batch"),
+                         ("DELETE", "/v1/refund")):
+        resp = await client.request(method, path)
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "POST"
+        assert set(await resp.json()) == {"error"}
+    resp = await client.post("/healthz")
+    assert resp.status == 405 and "GET" in resp.headers["Allow"]

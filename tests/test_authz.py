@@ -244,3 +244,35 @@ def test_route_table_first_match_wins_and_globs_cross_slashes() -> None:
     assert match is not None and match.action == "strict"
     assert table.match("GET", "/strictly") is None
     assert len(table) == 3
+
+
+UNREADABLE_URIS = ["http://[::1/legacy/x", "https://[zz]/search/x", "http://a]b/legacy",
+                   "HTTP://[203.0.113.7/legacy/", "https://[::1/search/x]"]
+
+
+@pytest.mark.parametrize("uri", UNREADABLE_URIS)
+async def test_an_unreadable_original_uri_is_a_400_that_repeats_nothing(
+        make_client: Any, redis: aioredis.Redis, key_prefix: str, uri: str) -> None:
+    """An absolute URI whose authority cannot be read is refused with a JSON 400 (never a
+    500, never let through as unrouted), from nginx's headers and Traefik's alike; nothing is
+    counted."""
+    client = await make_client(CONFIG)
+    for headers in (nginx("POST", uri, "192.0.2.1"),
+                    {"X-Forwarded-Method": "GET", "X-Forwarded-Uri": uri,
+                     "X-Forwarded-For": "192.0.2.1"}):
+        resp = await client.get("/v1/authz", headers=headers)
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert "not a valid request target" in error and uri not in error
+    assert [k async for k in redis.scan_iter(match=f"{key_prefix}:*")] == []
+
+
+async def test_absolute_uris_route_by_their_path_in_any_scheme_case(make_client: Any) -> None:
+    """``HTTP://host/legacy/x`` and ``https://[::1]:8443/legacy/x`` are the /legacy/* route."""
+    client = await make_client(CONFIG)
+    statuses = []
+    for uri in ("HTTP://pypi.example/legacy/a", "https://[::1]:8443/legacy/b?c",
+                "Https://pypi.example//legacy/./c"):
+        resp = await client.get("/v1/authz", headers=nginx("POST", uri, "192.0.2.77"))
+        statuses.append(resp.status)
+    assert statuses == [204, 204, 429]

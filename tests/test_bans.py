@@ -152,7 +152,7 @@ async def test_lifting_what_is_not_there(make_client: Any, settings_for: Any,
     """Lifting an unknown id is a 404, a malformed id or body a 400; nothing is audited."""
     client = await make_client(CONFIG, app_settings=settings_for())
     answer = await call(client, "DELETE", "/v1/admin/bans/AAAAAAAAAAAAAAAAAAAAAA", expect=404)
-    assert answer == {"error": "no active ban with id 'AAAAAAAAAAAAAAAAAAAAAA'"}
+    assert answer == {"error": "no active ban with that id"}
     await call(client, "DELETE", "/v1/admin/bans/203.0.113.77", expect=400)
     await call(client, "DELETE", "/v1/admin/bans/AAAAAAAAAAAAAAAAAAAAAA", expect=400,
                json={"why": "x"})

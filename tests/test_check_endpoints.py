@@ -356,8 +356,6 @@ async def test_other_methods_on_the_check_paths_are_405_json(serve: Any, method:
             assert headers["Content-Type"].startswith("application/json")
 
 
-@pytest.mark.xfail(strict=True, reason="known failure: the JSON 405 drops aiohttp's Allow "
-                                       "header (RFC 9110 requires it); being fixed")
 @pytest.mark.parametrize("method", OTHER_METHODS)
 async def test_a_405_on_the_check_paths_says_allow_post(serve: Any, method: str) -> None:
     """A 405 on /v1/check and /v1/check/batch names the method that is allowed."""

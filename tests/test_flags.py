@@ -96,7 +96,7 @@ async def test_unknown_flag_is_404_and_changes_nothing(make_client: Any, setting
     client = await make_client(CONFIG, app_settings=settings_for())
     body = await call(client, "PUT", "/v1/admin/flags/disallow-everything", expect=404,
                       json={"enabled": True})
-    assert body == {"error": "unknown flag 'disallow-everything'"}
+    assert body == {"error": "unknown flag: GET /v1/admin/flags lists them"}
     assert await keys_under(redis, key_prefix) == []
 
 

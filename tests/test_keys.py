@@ -209,4 +209,3 @@ def test_a_staged_check_names_the_keys_the_methods_name(action: str, user: str |
     assert (keys, cost, n_bans, n_rules) == (expected, 1, len(values),
                                              len(config.actions[action].rules))
     assert stage.ban_fields == list(values)
-    assert (checker.plans[action].one_field == "ip") is (action == "ip-only")

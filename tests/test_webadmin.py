@@ -593,3 +593,34 @@ async def test_a_good_sign_in_clears_the_failures(client: Client) -> None:
         good = await _try_sign_in(client, ALICE_TOKEN, ip)
         assert good.status == 303 and good.headers["Location"] == "/admin"
         client.session.cookie_jar.clear()  # a signed-in browser gets the page, not the form
+
+
+UNREADABLE_BODIES = [
+    ("multipart/form-data", b"--x\r\n"),  # no boundary
+    ("multipart/form-data; boundary=xx", b"--xx\r\nbad header line\r\n\r\nv\r\n--xx--\r\n"),
+    ("application/x-www-form-urlencoded", b"csrf=%ff%fe&token=\xff"),
+    ("application/x-www-form-urlencoded; charset=no-such-charset", b"csrf=x"),
+]
+
+
+@pytest.mark.parametrize(("content_type", "body"), UNREADABLE_BODIES,
+                         ids=["no-boundary", "bad-part-header", "not-utf8", "unknown-charset"])
+async def test_a_form_body_that_cannot_be_read_is_a_400_page(
+        client: Client, redis: aioredis.Redis, key_prefix: str, content_type: str,
+        body: bytes) -> None:
+    """Every form the page takes, signed in or not, answers an unreadable body with a 400
+    page that changes nothing (never a 500)."""
+    for path in ("/admin/signin", "/admin/signout"):
+        resp = await client.post(path, data=body, headers={"Content-Type": content_type},
+                                 allow_redirects=False)
+        assert resp.status == 400, (path, await resp.text())
+        assert "The form could not be read" in await resp.text()
+    await sign_in(client)
+    before = await dump(redis, key_prefix)
+    for path in ("/admin/flags/read-only", "/admin/bans",
+                 "/admin/bans/AAAAAAAAAAAAAAAAAAAAAA/lift"):
+        resp = await client.post(path, data=body, headers={"Content-Type": content_type},
+                                 allow_redirects=False)
+        assert resp.status == 400, (path, await resp.text())
+    assert (await flags(client))["read-only"]["enabled"] is False
+    assert await dump(redis, key_prefix) == before

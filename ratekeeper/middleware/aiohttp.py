@@ -32,12 +32,14 @@ def ratekeeper_middleware(client: AsyncClient, routes: RouteTable, *,
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = routes.match(request.method, request.raw_path)
+        try:
+            route = routes.match(request.method, request.raw_path)
+        except ValueError:  # a target whose authority cannot be read: no route can be told
+            return web.json_response({"error": "the request target cannot be read"},
+                                     status=400)
         if route is None:
             return await handler(request)
-        forwarded = request.headers.getall("X-Forwarded-For", [])
-        ip = trusted.client_ip(request.remote, real_ip=request.headers.get("X-Real-IP"),
-                               forwarded_for=",".join(forwarded) or None)
+        ip = trusted.from_headers(request.remote, request.headers)
         try:
             decision = await client.check(route.action, ip=ip)
         except RequestRejected as exc:

@@ -48,7 +48,11 @@ class RatekeeperMiddleware:
         self.trusted = TrustedProxies(trusted_proxies)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        route = self.routes.match(environ.get("REQUEST_METHOD", "GET"), _target(environ))
+        try:
+            route = self.routes.match(environ.get("REQUEST_METHOD", "GET"), _target(environ))
+        except ValueError:  # a target whose authority cannot be read: no route can be told
+            start_response("400 Bad Request", [("Content-Type", "application/json")])
+            return [b'{"error": "the request target cannot be read"}']
         if route is None:
             return self.app(environ, start_response)
         ip = self.trusted.client_ip(environ.get("REMOTE_ADDR"),
