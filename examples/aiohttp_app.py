@@ -1,4 +1,4 @@
-"""An aiohttp app that uses ratekeeper (README: "Using ratekeeper from your app").
+"""An aiohttp app that uses ratekeeper (docs/integration.md has the patterns).
 
 ``python examples/aiohttp_app.py`` serves it on 127.0.0.1:8000 against a sidecar on :8080
 running examples/pypi.toml. The user comes from an ``X-User`` header and every password is

@@ -1,4 +1,4 @@
-"""A WSGI app that uses ratekeeper as Warehouse would (README: "Using ratekeeper from your app").
+"""A WSGI app that uses ratekeeper as Warehouse would (docs/integration.md has the patterns).
 
 Run the sidecar with examples/pypi.toml, then e.g. ``python -m wsgiref.simple_server``-style:
 ``python examples/wsgi_app.py`` serves it on 127.0.0.1:8000. The user name comes from an

@@ -1,12 +1,12 @@
-"""`make bench`: every figure of issue 4 in one run, as one table and as JSON.
+"""`make bench`: every benchmark figure in one run, as one table and as JSON.
 
 Starts its own redis-server (free loopback port, no persistence), `ratekeeper serve` with N
 workers, the bare aiohttp ceiling with N workers, wrk, the paced open-loop client and the
 `limits` baseline; measures; stops everything. Figures, never assertions: a missed target
 is reported, not failed on. Everything runs on this machine's loopback, so the ratios (not
-the absolute rates) are what carry over to other machines. The ceiling and ``/v1/check`` run
+the absolute rates) are what carry over to other machines. The ceiling and /v1/check run
 in alternating rounds, so that a drift in the machine's speed weighs on both alike; an info
-row repeats the comparison with one worker each.
+row repeats the comparison with one worker each. What each figure means: loadtest/README.md.
 
     .venv/bin/python loadtest/bench.py [--workers 2] [--seconds 8] [--subjects 1000000]
 """
@@ -505,15 +505,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="ratekeeper and ceiling workers")
     parser.add_argument("--seconds", type=float, default=8, help="length of each wrk scenario")
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--batch-connections", type=int, default=8,
                         help="connections for the batch scenario (each carries 100 checks)")
     parser.add_argument("--rate", type=float, default=1000, help="paced requests per second")
-    parser.add_argument("--paced-seconds", type=float, default=10)
+    parser.add_argument("--paced-seconds", type=float, default=10,
+                        help="length of the paced latency run")
     parser.add_argument("--subjects", type=int, default=1_000_000,
                         help="subjects for the memory figure")
-    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--json", type=Path, default=RESULTS,
+                        help="where the results go (default: loadtest/results/bench.json)")
     args = parser.parse_args(argv)
     rows, raw = measure(args)
     print(table(rows))

@@ -11,7 +11,9 @@ Who is in the mix (class weights are relative):
 - ``EdgeUpload``: the reverse proxy's ``GET /v1/authz`` for ``POST /legacy/``, where 204,
   429 and 403 are all answers the contract allows.
 - ``Admin``: one admin who turns the ``disallow-new-user-registration`` kill switch on
-  mid-run through ``PUT /v1/admin/flags/{name}`` and off again later.
+  mid-run through ``PUT /v1/admin/flags/{name}`` and off again later. A run that ends while
+  it is on turns it off as it stops, and a run that finds it on at the start turns it off
+  first, so no run leaves the switch to the next.
 
 Every answer is judged against what this traffic should get: a denial the mix provokes (a
 spammer rate limited or boxed, registration disabled while the switch is on, the site-wide
@@ -29,9 +31,11 @@ from __future__ import annotations
 
 import collections
 import itertools
+import json
 import os
 import random
 import time
+import urllib.request
 from typing import Any
 
 from locust import FastHttpUser, between, constant, events, task
@@ -257,6 +261,50 @@ class Admin(FastHttpUser):
                 return  # not flipped: registrations stay judged as before
             resp.success()
         SWITCH.update(on=want_on, at=time.monotonic(), confirmed=True)
+
+
+def flip_switch(host: str, enabled: bool, reason: str) -> None:
+    """Set the kill switch through the admin API, outside the measured traffic."""
+    body = json.dumps({"enabled": enabled, "reason": reason}).encode()
+    request = urllib.request.Request(
+        f"{host.rstrip('/')}/v1/admin/flags/{KILL_SWITCH}", data=body, method="PUT",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+
+
+def switch_is_on(host: str) -> bool:
+    """The kill switch's state as the admin API reports it."""
+    request = urllib.request.Request(f"{host.rstrip('/')}/v1/admin/flags",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        flags = json.load(response)["flags"]
+    return any(f["name"] == KILL_SWITCH and f["enabled"] for f in flags)
+
+
+@events.test_start.add_listener
+def switch_off_at_start(environment: Any, **kwargs: Any) -> None:
+    """A run that was killed mid-drill may have left the switch on: start from off."""
+    if not environment.host:
+        return
+    try:
+        if switch_is_on(environment.host):
+            flip_switch(environment.host, False, "locust: a previous run left it on")
+    except OSError as exc:  # a wrong token or no server: the run's own requests will say so
+        print(f"kill switch: could not check it before the run ({exc})")
+
+
+@events.test_stop.add_listener
+def switch_off_at_stop(environment: Any, **kwargs: Any) -> None:
+    """The run ended inside the drill (e.g. -t 30s): turn the switch off again."""
+    if not (environment.host and SWITCH["on"]):
+        return
+    try:
+        flip_switch(environment.host, False, "locust: the run ended")
+    except OSError as exc:
+        print(f"kill switch: could not turn {KILL_SWITCH} off ({exc}); it is still on")
+        return
+    SWITCH.update(on=False, at=time.monotonic())
 
 
 @events.quitting.add_listener

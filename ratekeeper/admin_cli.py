@@ -7,8 +7,9 @@
     ratekeeper reset (--action A | --rule R) [FIELD=VALUE ...] [--reason R]
 
 The server and token come from ``--url`` / ``--token`` or ``RATEKEEPER_URL`` /
-``RATEKEEPER_TOKEN``. Exit status: 0 done, 1 the server refused or could not be reached,
-2 a usage error.
+``RATEKEEPER_TOKEN``. Durations are seconds or a number and a unit (``90s``, ``30m``, ``2h``,
+``1d``, ``1 week``); times are printed in ISO 8601, UTC. Exit status: 0 done, 1 the server
+refused or could not be reached, 2 a usage error.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def add_commands(commands: Any) -> None:
     on.add_argument("name")
     on.add_argument("--message", help="what users are shown (default: the config's)")
     on.add_argument("--reason", help="why, for the audit trail")
-    on.add_argument("--expires-in", help="turn it off again after this long, e.g. 2h")
+    on.add_argument("--expires-in", metavar="DURATION",
+                    help="turn it off again after this long: 3600, 90m, 2h, 1d")
     off = _common(verbs.add_parser("off", help="turn a flag off"))
     off.add_argument("name")
     off.add_argument("--reason", help="why, for the audit trail")
@@ -70,23 +72,24 @@ def add_commands(commands: Any) -> None:
     add = _common(verbs.add_parser("add", help="ban a subject, e.g. `bans add ip 203.0.113.7`"))
     add.add_argument("field", help="ip, ip_hash, subject_hash, user, project, ...")
     add.add_argument("value")
-    add.add_argument("--duration", required=True, help="how long, e.g. 3600, 90m, 1d")
+    add.add_argument("--duration", required=True, metavar="DURATION",
+                     help="how long: 3600, 90m, 2h, 1d")
     add.add_argument("--reason", default="", help="why, for the audit trail")
     lift = _common(verbs.add_parser("lift", help="lift a ban by its id"))
     lift.add_argument("id")
     lift.add_argument("--reason", default="", help="why, for the audit trail")
 
     audit = _common(commands.add_parser("audit", help="recent admin changes, newest first"))
-    audit.add_argument("--limit", type=int, default=20)
+    audit.add_argument("--limit", type=int, default=20, help="events to show (default: 20)")
 
     top = _common(commands.add_parser("top", help="a rule's most-denied subjects, last hour"))
     top.add_argument("rule")
-    top.add_argument("--limit", type=int, default=20)
+    top.add_argument("--limit", type=int, default=20, help="subjects to show (default: 20)")
 
     reset = _common(commands.add_parser("reset", help="clear a subject's counters"))
     scope = reset.add_mutually_exclusive_group(required=True)
-    scope.add_argument("--action")
-    scope.add_argument("--rule")
+    scope.add_argument("--action", help="clear every rule of this action")
+    scope.add_argument("--rule", help="clear this rule only")
     reset.add_argument("subjects", nargs="*", metavar="FIELD=VALUE",
                        help="the subjects the rules key on, e.g. ip=203.0.113.7 user=alice")
     reset.add_argument("--reason", default="", help="why, for the audit trail")
@@ -105,7 +108,8 @@ def _seconds(text: str | None, option: str) -> int | None:
     if text is None:
         return None
     try:
-        value = int(text) if text.strip().isdigit() else parse_duration(text)
+        # "3600", "90s", "2h", "1d", "1 day" alike
+        value = int(text) if text.strip().isdigit() else parse_duration(text.strip())
     except ValueError:
         raise CommandError(f"{option}: '{text}' is not a duration such as 3600, 90m, 2h or "
                            "1 day", 2) from None
@@ -189,9 +193,28 @@ async def _call(url: str, token: str, method: str, path: str,
 # -- output ----------------------------------------------------------------------------------
 
 def _when(value: Any) -> str:
+    """A Unix time as ISO 8601 in UTC, to the second."""
     if value is None:
         return "-"
-    return datetime.fromtimestamp(float(value), UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(float(value), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _detail(detail: dict[str, Any]) -> str:
+    return " ".join(f"{key}={_value(key, value)}" for key, value in detail.items())
+
+
+def _value(key: str, value: Any) -> str:
+    if key.endswith("_at") and _is_number(value):
+        return _when(value)  # the API gives Unix seconds; a person reads a date
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{_value(str(k), v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(_value(key, v) for v in value)
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _cell(value: Any) -> str:
@@ -200,8 +223,10 @@ def _cell(value: Any) -> str:
     return text if len(text) <= MAX_CELL else text[:MAX_CELL - 1] + "…"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Columns padded to their widest cell, under upper-case headers."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str = "none") -> str:
+    """Columns padded to their widest cell, under upper-case headers; ``empty`` for no rows."""
+    if not rows:
+        return empty
     cells = [[_cell(value) for value in row] for row in rows]
     widths = [max([len(header)] + [len(row[i]) for row in cells])
               for i, header in enumerate(headers)]
@@ -228,20 +253,22 @@ def _render(args: argparse.Namespace, answer: Any) -> str:
     if command == "bans" and verb == "list":
         rows = [(b["id"], b["field"], _when(b["expires_at"]), b["created_by"], b["reason"])
                 for b in answer["bans"]]
-        return table(["id", "field", "expires at", "by", "reason"], rows)
+        return table(["id", "field", "expires at", "by", "reason"], rows,
+                     "none (no active bans)")
     if command == "bans" and verb == "add":
         return f"banned {answer['field'] or 'subject'} as {answer['id']} until " \
                f"{_when(answer['expires_at'])}"
     if command == "bans":
         return f"lifted {answer['id']}"
     if command == "audit":
-        rows = [(_when(e["at"]), e["actor"], e["kind"], e["target"],
-                 " ".join(f"{k}={v}" for k, v in e["detail"].items()), e["reason"])
-                for e in answer["events"]]
-        return table(["at", "actor", "kind", "target", "detail", "reason"], rows)
+        rows = [(_when(e["at"]), e["actor"], e["kind"], e["target"], _detail(e["detail"]),
+                 e["reason"]) for e in answer["events"]]
+        return table(["at", "actor", "kind", "target", "detail", "reason"], rows,
+                     "none (no admin changes recorded)")
     if command == "top":
         rows = [(s["subject"], s["denied"]) for s in answer["subjects"]]
         key = "+".join(answer["key"]) or "global"
-        return table([f"subject ({key}, hashed)", "denied"], rows)
+        return table([f"subject ({key}, hashed)", "denied"], rows,
+                     f"none ({answer['rule']} denied no one in the last hour)")
     rows = [(c["rule"], c["subject"], c["deleted"]) for c in answer["cleared"]]
-    return table(["rule", "subject", "keys deleted"], rows)
+    return table(["rule", "subject", "keys deleted"], rows, "none (nothing to clear)")

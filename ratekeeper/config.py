@@ -1,7 +1,9 @@
 """The rules file: TOML parsed and validated into frozen objects.
 
 Every error names the file and the dotted key it is about, and all errors of a file are
-reported together, so ``ratekeeper check-config`` can list them in one run.
+reported together, so ``ratekeeper check-config`` can list them in one run. Warnings name
+what is valid but almost certainly not meant: a rule or flag nothing uses, a subject field
+that looks like a misspelling of another.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "Rule",
     "Window",
     "config_from_data",
+    "config_warnings",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -47,6 +50,11 @@ DURATION_UNITS = {
     "w": 604800, "week": 604800, "weeks": 604800,
 }
 DURATION_RE = re.compile(r"^\s*(\d+)\s*([a-z]+)\s*$")
+# Flags the service itself reads, so no action needs to list them.
+BUILT_IN_FLAGS = frozenset({"shadow-mode"})
+# The subject fields a package index sends; a field one edit away from one of these (or from
+# a field other rules use) is more likely a typo than a new subject.
+COMMON_SUBJECTS = frozenset({"ip", "user", "project"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +176,69 @@ def parse_duration(value: object) -> int:
         if match and match.group(2) in DURATION_UNITS:
             return int(match.group(1)) * DURATION_UNITS[match.group(2)]
     raise ValueError(f"{value!r} is not a duration such as 3600, '90s', '2h' or '1 hour'")
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What ``check-config`` warns about: valid, but probably not what was meant.
+
+    A subject field is just a name the request must carry, so a misspelt one (``"usr"``) is a
+    valid config whose checks then all fail with a 400; only its likeness to another field
+    can give it away.
+    """
+    warnings: list[str] = []
+
+    def warn(where: str, message: str) -> None:
+        warnings.append(f"{config.source}: {where}: warning: {message}")
+
+    used_rules = {rule.name for action in config.actions.values() for rule in action.rules}
+    used_flags = {flag for action in config.actions.values() for flag in action.flags}
+    for name in config.rules:
+        if name not in used_rules:
+            warn(f"rules.{name}", "no action lists this rule, so it never counts anything")
+    for name in config.flags:
+        if name not in used_flags and name not in BUILT_IN_FLAGS:
+            warn(f"flags.{name}", "no action lists this flag, so turning it on blocks nothing")
+    for name, action in config.actions.items():
+        if not action.rules and not action.flags:
+            warn(f"actions.{name}", "has no rules and no flags, so every check is allowed")
+    users: dict[str, int] = {}
+    for rule in config.rules.values():
+        for subject in rule.key:
+            users[subject] = users.get(subject, 0) + 1
+    for rule in config.rules.values():
+        for subject in rule.key:
+            twin = _likely_meant(subject, users)
+            if twin is not None:
+                warn(f"rules.{rule.name}.key", f'"{subject}" looks like a misspelling of '
+                     f'"{twin}" (checks of actions with this rule must send a "{subject}" '
+                     "field)")
+    return warnings
+
+
+def _likely_meant(subject: str, users: Mapping[str, int]) -> str | None:
+    """The field ``subject`` was probably meant to be, or None when it looks deliberate."""
+    if subject in COMMON_SUBJECTS or len(subject) < 3:
+        return None
+    for other in sorted(COMMON_SUBJECTS | set(users) - {subject}):
+        if _edits(subject, other) == 1 and (
+                other in COMMON_SUBJECTS or users.get(other, 0) > users[subject]):
+            return other
+    return None
+
+
+def _edits(a: str, b: str) -> int:
+    """Edit distance with adjacent transpositions (``usre`` is one edit from ``user``)."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            cost = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cost = min(cost, previous2[j - 2] + 1)
+            row.append(cost)
+        previous2, previous = previous, row
+    return previous[-1]
 
 
 class _Parser:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ratekeeper.config import Window, load_config, parse_config, parse_duration
+from ratekeeper.config import Window, config_warnings, load_config, parse_config, parse_duration
 from ratekeeper.errors import ConfigError
 
 from conftest import EXAMPLE
@@ -162,3 +162,77 @@ def test_check_config_missing_file_exits_1(tmp_path: Path) -> None:
     out = run_cli("check-config", str(tmp_path / "none.toml"))
     assert out.returncode == 1
     assert "none.toml: cannot read the file" in out.stderr
+
+
+def test_check_config_warns_and_exits_0(tmp_path: Path) -> None:
+    """A valid file with a misspelt subject field, an unused rule, an unused flag and an
+    action that does nothing passes (exit 0), with one "warning:" line per finding naming the
+    file and the key."""
+    odd = tmp_path / "odd.toml"
+    odd.write_text(GOOD + """
+[rules.by-user]
+limit = "5 per minute"
+key = ["user"]
+[rules.by-usr]
+limit = "5 per minute"
+key = ["usr"]
+[rules.spare]
+limit = "5 per minute"
+key = ["ip"]
+[actions.login]
+rules = ["by-user", "by-usr"]
+[actions.noop]
+rules = []
+[flags.forgotten]
+description = "never listed"
+""")
+    out = run_cli("check-config", str(odd))
+    assert out.returncode == 0, out.stderr
+    assert "4 warnings" in out.stdout
+    warnings = out.stderr.strip().splitlines()
+    assert sorted(line.split(": warning: ")[0] for line in warnings) == [
+        f"{odd}: actions.noop", f"{odd}: flags.forgotten", f"{odd}: rules.by-usr.key",
+        f"{odd}: rules.spare"]
+    typo = next(line for line in warnings if "rules.by-usr.key" in line)
+    assert '"usr" looks like a misspelling of "user"' in typo
+
+
+@pytest.mark.parametrize("key", ['["usr"]', '["ips"]', '["prject"]', '["user", "porject"]'])
+def test_a_subject_one_edit_from_a_common_one_is_flagged(key: str) -> None:
+    """A key field one edit (or one swap) away from ip, user or project is flagged."""
+    config = parse_config(GOOD.replace('key = ["ip"]', f"key = {key}"), source="t.toml")
+    assert [w for w in config_warnings(config) if "rules.r.key" in w], config_warnings(config)
+
+
+@pytest.mark.parametrize("key", ['["user"]', '["org"]', '["project_id"]', '["id"]',
+                                 '["email", "owner"]'])
+def test_deliberate_subjects_draw_no_warning(key: str) -> None:
+    """Common fields, short names and names far from any other field are left alone."""
+    config = parse_config(GOOD.replace('key = ["ip"]', f"key = {key}"), source="t.toml")
+    assert config_warnings(config) == []
+
+
+def test_a_field_beside_a_more_used_one_is_flagged() -> None:
+    """Of two uncommon fields one edit apart, the one fewer rules use is the suspect."""
+    text = GOOD + """
+[rules.a1]
+limit = "1 per minute"
+key = ["tenant"]
+[rules.a2]
+limit = "1 per minute"
+key = ["tenant"]
+[rules.a3]
+limit = "1 per minute"
+key = ["tenent"]
+[actions.b]
+rules = ["a1", "a2", "a3"]
+"""
+    warnings = config_warnings(parse_config(text, source="t.toml"))
+    assert len(warnings) == 1 and 'rules.a3.key: warning: "tenent"' in warnings[0]
+
+
+def test_the_example_config_draws_no_warning() -> None:
+    """examples/pypi.toml uses every rule and flag it declares; shadow-mode is built in."""
+    assert config_warnings(load_config(EXAMPLE)) == []
+    out = run_cli("check-config", str(EXAMPLE))
+    assert (out.returncode, out.stderr) == (0, "")

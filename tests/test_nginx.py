@@ -209,9 +209,9 @@ def test_nginx_fails_open_when_ratekeeper_is_down(nginx: int, origin: Origin,
 
 
 def test_readme_shows_the_tested_snippet() -> None:
-    """The README's nginx block is examples/nginx.conf without its header comment."""
+    """The integration guide's nginx block is examples/nginx.conf without its header comment."""
     lines = EXAMPLE.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "integration.md").read_text()
     block = readme.split("```nginx\n", 1)[1].split("```", 1)[0]
     assert block == "\n".join(lines[start:]).rstrip() + "\n"
