@@ -38,12 +38,12 @@ from typing import Any
 
 import redis
 import uvloop
-from bench import BATCH, CONFIG, FLOOD_PCT, FLOOD_SUBJECTS, POOL, merged_runs, prepare_flood
 
 from ratekeeper.config import load_config
 
 import paced
 from baseline import run_limits
+from bench import BATCH, CONFIG, FLOOD_PCT, FLOOD_SUBJECTS, POOL, merged_runs, prepare_flood
 from procs import HERE, ROOT, RedisServer, Server, free_port, run_wrk, start_redis
 
 RESULTS = HERE / "results" / "ab.json"

@@ -41,7 +41,6 @@ from overload_support import (  # noqa: E402
     overload_env,
     raise_fd_limit,
 )
-
 from redis_servers import start_cluster, start_redis  # noqa: E402
 
 

@@ -29,7 +29,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from overload_support import ReadyServer  # noqa: E402
-
 from redis_servers import (  # noqa: E402
     ClusterServers,
     RedisServer,

@@ -13,6 +13,18 @@ moment (``PAUSE``), so that worker takes the ones waiting. No connection waits l
 it: a worker that has yielded for ``PATIENCE`` while connections still wait takes them
 itself, and a worker that stops (draining, starting, dead) marks its slot ``NOT_ACCEPTING``
 so nobody yields to it. Only accepting looks at the slots; a request costs nothing.
+
+The slots also say which workers are warm (their Redis connections open, their scripts
+loaded: ``warmup``), so any worker can tell whether every worker of the server is warm and
+accepting (``/readyz``), and whether the whole server is stopping: then each worker takes
+what waits in the queue before it closes its copy of the listening socket, so the socket
+closes with nothing waiting in it (a connection still queued when the last copy closes is
+reset) and from then on a new connection is refused at once. A worker that stops alone (a
+rolling restart) leaves what waits to the others.
+
+Every accepted connection gets the worker's ``guard.Gate`` as its protocol factory; at the
+gate's cap, the site closes an idle connection for each one waiting, or when none is
+idle stops listening until a connection ends (``Gate.make_room``).
 """
 
 from __future__ import annotations
@@ -23,11 +35,11 @@ import logging
 import select
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+
+from .guard import Gate
 
 __all__ = ["AcceptShare", "AcceptSlots", "BalancedSite"]
 
@@ -46,12 +58,17 @@ RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 class AcceptSlots:
     """Shared memory for ``size`` workers (``multiprocessing`` arrays the supervisor makes
     and passes to each worker it spawns): per slot, the connections its worker holds
-    (NOT_ACCEPTING when it does not accept) and when it last said it was alive
-    (``time.monotonic``, one clock for every process of the machine)."""
+    (NOT_ACCEPTING when it does not accept), when it last said it was alive
+    (``time.monotonic``, one clock for every process of the machine) and whether it is
+    warm; for the server, how many workers it runs (``workers``, default ``size``) and
+    whether it is stopping as a whole."""
 
-    def __init__(self, size: int, context: Any) -> None:
+    def __init__(self, size: int, context: Any, *, workers: int | None = None) -> None:
         self.counts = context.RawArray("i", size)
         self.beats = context.RawArray("d", size)
+        self.warm = context.RawArray("b", size)
+        self.stopping = context.RawValue("b", 0)
+        self.workers = size if workers is None else workers
         for slot in range(size):
             self.counts[slot] = NOT_ACCEPTING
 
@@ -61,14 +78,32 @@ class AcceptSlots:
     def release(self, slot: int) -> None:
         """The slot's worker is gone, or not yet serving."""
         self.counts[slot] = NOT_ACCEPTING
+        self.warm[slot] = 0
+
+    def stop_all(self) -> None:
+        """The whole server stops: each worker takes what waits before it closes its socket."""
+        self.stopping.value = 1
+
+    def unready(self) -> str | None:
+        """Why the server should not take traffic now; None when it should: as many warm,
+        accepting, live workers as it runs, and not stopping."""
+        if self.stopping.value:
+            return "the server is stopping"
+        alive = time.monotonic() - STALE
+        serving = sum(1 for slot in range(len(self))
+                      if self.counts[slot] >= 0 and self.beats[slot] > alive and self.warm[slot])
+        if serving >= self.workers:
+            return None
+        return f"{serving} of {self.workers} workers are warm and accepting"
 
 
 class AcceptShare:
     """One worker's part of the slots: its own count, and whether it should yield."""
 
-    __slots__ = ("beats", "counts", "slot", "yielding_since")
+    __slots__ = ("beats", "counts", "slot", "slots", "yielding_since")
 
     def __init__(self, slots: AcceptSlots, slot: int) -> None:
+        self.slots = slots
         self.counts, self.beats = slots.counts, slots.beats
         self.slot = slot
         self.yielding_since: float | None = None
@@ -79,6 +114,14 @@ class AcceptShare:
 
     def stop(self) -> None:
         self.counts[self.slot] = NOT_ACCEPTING
+
+    def warmed(self) -> None:
+        """This worker's Redis connections are open and its scripts loaded."""
+        self.slots.warm[self.slot] = 1
+
+    def everyone_stops(self) -> bool:
+        """Whether the whole server is stopping, not this worker alone."""
+        return bool(self.slots.stopping.value)
 
     def beat(self) -> None:
         self.beats[self.slot] = time.monotonic()
@@ -117,20 +160,28 @@ class BalancedSite(web.BaseSite):
     """aiohttp's site for a listening socket other workers share, accepting its share.
 
     It accepts the connections itself (rather than through ``loop.create_server``) so that it
-    can stop between two of them; each accepted socket becomes a connection of the runner's
-    server through ``loop.connect_accepted_socket``, as the loop's own server would make it.
+    can stop between two of them; each accepted socket becomes a connection of ``gate`` (a
+    guard around a connection of the runner's server) through
+    ``loop.connect_accepted_socket``, as the loop's own server would make it. Stopping closes
+    this worker's copy of the listening socket.
     """
 
-    __slots__ = ("_beat", "_loop", "_name", "_paused", "_share", "_sock", "_tasks")
+    __slots__ = ("_beat", "_full", "_gate", "_listening", "_loop", "_name", "_paused",
+                 "_share", "_sock", "_stopped", "_tasks")
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, share: AcceptShare) -> None:
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, share: AcceptShare,
+                 gate: Gate) -> None:
         super().__init__(runner)
         self._sock = sock
         self._share = share
+        self._gate = gate
         host, port = sock.getsockname()[:2]
         self._name = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self._loop = asyncio.get_running_loop()
-        self._paused: asyncio.TimerHandle | None = None
+        self._paused: asyncio.TimerHandle | None = None  # yielding to the other workers
+        self._full = False  # at the gate's cap, waiting for a connection to end
+        self._listening = False
+        self._stopped = False
         self._beat: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -140,71 +191,121 @@ class BalancedSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        server = self._runner.server
-        assert server is not None
-        _count_closes(server, self._share.closed)
+        self._gate.released = self._released
+        self._gate.start()
         self._sock.setblocking(False)
         self._share.start()
         self._beat = self._loop.call_later(BEAT, self._heartbeat)
-        self._loop.add_reader(self._sock.fileno(), self._accept)
+        self._listen()
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._share.stop()
         if self._beat is not None:
             self._beat.cancel()
         if self._paused is not None:
             self._paused.cancel()
             self._paused = None
-        else:
-            self._loop.remove_reader(self._sock.fileno())
+        self._deaf()
+        if self._share.everyone_stops():
+            self._take_waiting()
+        self._sock.close()
         await super().stop()
 
+    def _listen(self) -> None:
+        if not self._listening and not self._stopped:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._listening = True
+
+    def _deaf(self) -> None:
+        if self._listening:
+            self._loop.remove_reader(self._sock.fileno())
+            self._listening = False
+
     def _accept(self) -> None:
-        share, server = self._share, self._runner.server
+        share, gate = self._share, self._gate
         for _ in range(ACCEPT_BURST):
             if share.should_yield(time.monotonic()):
                 self._pause(PAUSE)
                 return
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                share.caught_up()
-                return
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRORS:  # out of descriptors: leave them queued
-                    log.error("cannot accept a connection: %s", exc.strerror)
-                    self._pause(1.0)
+            if gate.full:
+                if not _waiting(self._sock):
+                    share.caught_up()
                     return
-                continue  # that one connection is gone (ECONNABORTED and the like)
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            share.opened()
-            task = self._loop.create_task(self._connect(server, conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+                if not gate.make_room():  # every connection is busy
+                    self._full = True  # until one ends (_released)
+                    self._deaf()
+                    return
+            if not self._take_one():
+                return
 
-    async def _connect(self, server: Any, conn: socket.socket) -> None:
+    def _take_one(self) -> bool:
+        """Accept one waiting connection; False when none waits or none can be taken now."""
         try:
-            await self._loop.connect_accepted_socket(server, sock=conn)
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            self._share.caught_up()
+            return False
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRORS:  # out of descriptors: leave them queued
+                log.error("cannot accept a connection: %s", exc.strerror)
+                self._pause(1.0)
+                return False
+            return True  # that one connection is gone (ECONNABORTED and the like)
+        conn.setblocking(False)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._share.opened()
+        self._gate.opened()
+        task = self._loop.create_task(self._connect(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _take_waiting(self) -> None:
+        """Accept every connection waiting in the queue, whatever the share and the cap:
+        the socket is about to close, and would reset them."""
+        taken = 0
+        while not self._paused and self._take_one():
+            taken += 1
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        if taken:
+            log.info("took the %d connection(s) waiting before closing the socket", taken)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._gate, sock=conn)
         except Exception as exc:  # e.g. the client already reset it
             # (its type only: an error about a socket may carry the client's address)
             log.debug("accepted connection dropped: %s", type(exc).__name__)
             conn.close()
-            self._share.closed()
+            self._gate.failed()
+
+    def _released(self) -> None:
+        """A connection ended."""
+        self._share.closed()
+        if self._full and not self._gate.full:
+            self._full = False
+            if self._paused is None:
+                self._listen()
 
     def _heartbeat(self) -> None:
         self._share.beat()
         self._beat = self._loop.call_later(BEAT, self._heartbeat)
 
     def _pause(self, seconds: float) -> None:
-        self._loop.remove_reader(self._sock.fileno())
+        self._deaf()
         self._paused = self._loop.call_later(seconds, self._resume)
 
     def _resume(self) -> None:  # (stop cancels it)
         self._paused = None
         if not _waiting(self._sock):  # another worker took them
             self._share.caught_up()
-        self._loop.add_reader(self._sock.fileno(), self._accept)
+        if not self._full:
+            self._listen()
 
 
 def _waiting(sock: socket.socket) -> bool:
@@ -212,15 +313,3 @@ def _waiting(sock: socket.socket) -> bool:
     poll = select.poll()  # (not select.select: any descriptor number)
     poll.register(sock, select.POLLIN)
     return bool(poll.poll(0))
-
-
-def _count_closes(server: web.Server, closed: Callable[[], None]) -> None:
-    """Have ``server`` (aiohttp's, which every connection tells when it ends) call ``closed``
-    for each connection that ends, after its own bookkeeping."""
-    lost = server.connection_lost
-
-    def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
-        lost(handler, exc)
-        closed()
-
-    server.connection_lost = connection_lost  # type: ignore[method-assign]

@@ -2,8 +2,10 @@
 
 Signals (to the single worker, or to the supervisor, which passes them on):
 
-    SIGTERM, SIGINT  drain, then exit: stop accepting, let in-flight requests finish, answer
-                     each open connection's next request with ``Connection: close``
+    SIGTERM, SIGINT  drain, then exit: close the listening socket at once (in every process;
+                     what waits in its queue is taken first, see ``accept``), so new
+                     connections are refused; let in-flight requests finish, answer each
+                     open connection's next request with ``Connection: close``
     SIGHUP           reload the config file, swapping the whole rule set at once; a bad file
                      is logged and the last good rules stay (a supervisor checks the file
                      first, then forwards SIGHUP to every worker, each of which reloads)
@@ -17,7 +19,11 @@ that stops are reset; with one shared queue a draining worker just stops taking 
 the others take what waits there, so a rolling restart under load fails no request. Each
 worker takes its share of the queue's connections (``accept``), as the kernel's hash would
 have spread them. Workers are spawned, not forked, so a rolling restart also picks up an
-upgraded package.
+upgraded package. One worker alone serves the same way, from a socket it makes itself.
+
+A worker takes connections only once it is warm (``warmup``): its Redis connections open,
+its scripts loaded, or the warm-up limit passed. Every connection is guarded (``guard``):
+requests must arrive in time and well formed, and a worker holds at most its cap of them.
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ from aiohttp import web
 from .accept import AcceptShare, AcceptSlots, BalancedSite
 from .config import Config, load_config
 from .errors import ConfigError
-from .hotpath import serve_hot_paths
+from .guard import ANSWERS_LOG, Answered, Gate, connection_cap, hush_client_gone
 from .logs import configure_logging
 from .metrics import mark_worker_dead
-from .server import STOPPING, create_app, reload_config
+from .server import RUNTIME, STOPPING, create_app, reload_config
 from .settings import Settings
+from .warmup import WORKERS, keep_warming, warm_up
 
 __all__ = ["run_worker", "serve"]
 
@@ -53,7 +60,7 @@ log = logging.getLogger("ratekeeper.runner")
 
 DRAIN_SECONDS = 3.0  # longest wait for open connections to take their "Connection: close"
 SHUTDOWN_TIMEOUT = 10.0  # then the longest wait for requests still in flight
-READY_TIMEOUT = 30.0  # a new worker must serve within this
+READY_TIMEOUT = 30.0  # a new worker must serve within this, after its warm-up limit
 BACKLOG = 1024
 GC_YOUNG = 10_000
 
@@ -69,58 +76,91 @@ def _use_uvloop() -> None:
 def run_worker(settings: Settings, config: Config, host: str, port: int, *,
                sock: socket.socket | None = None, ready: Event | None = None,
                slots: AcceptSlots | None = None, slot: int = 0) -> None:
-    """Serve until SIGTERM or SIGINT, then drain; on ``sock`` when a supervisor made one,
-    taking this worker's share of its connections (``slots[slot]``, see ``accept``)."""
-    shared = None
-    if sock is not None:  # a spawned worker: nothing of the parent's logging set-up survives
+    """Serve until SIGTERM or SIGINT, then drain: one of a supervisor's workers when given
+    its accept ``slots``, taking this worker's share (``slots[slot]``, see ``accept``) of
+    the connections of the supervisor's ``sock``; else the whole server, on ``sock`` or a
+    socket of its own on ``host:port``."""
+    spawned = slots is not None
+    if spawned:  # nothing of the parent's logging set-up survives a spawn
         configure_logging(settings.log_format, settings.log_level)
-        assert slots is not None, "a supervisor's socket comes with its accept slots"
-        shared = (sock, AcceptShare(slots, slot))
+        assert sock is not None, "a supervisor's accept slots come with its socket"
+    else:
+        slots = AcceptSlots(1, multiprocessing.get_context("spawn"))
+    hush_client_gone()
+    if sock is None:
+        sock = _listen(host, port)
+    assert slots is not None
     _use_uvloop()
-    asyncio.run(_serve(settings, config, host, port, shared, ready))
+    try:
+        asyncio.run(_serve(settings, config, AcceptShare(slots, slot), sock, spawned, ready))
+    finally:
+        sock.close()
 
 
-async def _serve(settings: Settings, config: Config, host: str, port: int,
-                 shared: tuple[socket.socket, AcceptShare] | None, ready: Event | None
-                 ) -> None:
+async def _serve(settings: Settings, config: Config, share: AcceptShare, sock: socket.socket,
+                 spawned: bool, ready: Event | None) -> None:
     app = create_app(settings, config)
+    app[WORKERS] = share.slots  # what /readyz asks
     stopping = app[STOPPING]  # once set, every answer says "Connection: close"
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT,
+                           access_log_class=Answered, access_log=ANSWERS_LOG)
     await runner.setup()
     assert runner.server is not None
-    serve_hot_paths(app, runner.server)
-    site: web.BaseSite
-    if shared is not None:
-        site = BalancedSite(runner, *shared)
-    else:
-        site = web.TCPSite(runner, host, port, backlog=BACKLOG)
-    await site.start()
-    _tune_gc()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    loop.add_signal_handler(signal.SIGINT, stopping.set)
+
+    def stop() -> None:
+        if not spawned:  # this worker is the whole server
+            share.slots.stop_all()
+        stopping.set()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
     loop.add_signal_handler(signal.SIGHUP, reload_config, app, config.source)
     watchdog: asyncio.Future[None] | None = None
-    if shared is None:
+    if spawned:
+        watchdog = asyncio.ensure_future(_orphan_watch(stopping, share.slots))
+    else:
         loop.add_signal_handler(signal.SIGUSR2, log.warning,
                                 "a rolling restart needs --workers 2 or more; ignored")
-    else:
-        watchdog = asyncio.ensure_future(_orphan_watch(stopping))
-    if ready is not None:
-        ready.set()
-    log.info("worker pid %d serving", os.getpid())
-    await stopping.wait()
-    log.info("worker pid %d draining", os.getpid())
-    await site.stop()  # no new connections here; a shared queue's go to the other workers
-    server = runner.server
-    deadline = loop.time() + DRAIN_SECONDS
-    while server is not None and server.connections and loop.time() < deadline:
-        await asyncio.sleep(0.02)
+    warming = await _warm(app, settings, stopping, share)
+    gate = Gate(runner.server, request_timeout=settings.request_timeout_ms / 1000,
+                limit=connection_cap(settings.max_connections))
+    if not stopping.is_set():  # (a stop asked during the warm-up: nothing was served)
+        site = BalancedSite(runner, sock, share, gate)
+        await site.start()
+        _tune_gc()
+        if ready is not None:
+            ready.set()
+        log.info("worker pid %d serving (at most %d connections)", os.getpid(), gate.limit)
+        await stopping.wait()
+        log.info("worker pid %d draining", os.getpid())
+        await site.stop()  # no new connections here; its socket is closed in this process
+        deadline = loop.time() + DRAIN_SECONDS
+        while len(gate) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+    if warming is not None:
+        warming.cancel()
     await runner.cleanup()  # closes what is still idle, waits for what is in flight
+    gate.stop()
     if watchdog is not None:
         watchdog.cancel()
     log.info("worker pid %d stopped", os.getpid())
+
+
+async def _warm(app: web.Application, settings: Settings, stopping: asyncio.Event,
+                share: AcceptShare) -> asyncio.Task[None] | None:
+    """Wait until this worker is warm, or its warm-up limit has passed; then the task that
+    goes on warming it, if any."""
+    limiter = app[RUNTIME].limiter
+    limit = settings.warmup_ms / 1000
+    if await warm_up(limiter.ready, limit, stopping):
+        share.warmed()
+        return None
+    if stopping.is_set():
+        return None
+    log.warning("worker pid %d: Redis is not ready after the %.1f s warm-up; serving anyway "
+                "(the fail modes decide until it is)", os.getpid(), limit)
+    return asyncio.create_task(keep_warming(limiter.ready, share.warmed))
 
 
 def _tune_gc() -> None:
@@ -135,12 +175,13 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG, 20, 20)
 
 
-async def _orphan_watch(stopping: asyncio.Event) -> None:
+async def _orphan_watch(stopping: asyncio.Event, slots: AcceptSlots) -> None:
     """Drain when the supervisor is gone (killed), rather than serve on unsupervised."""
     parent = os.getppid()
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
     log.warning("the supervisor is gone; draining")
+    slots.stop_all()
     stopping.set()
 
 
@@ -152,14 +193,14 @@ def serve(settings: Settings, config: Config, host: str, port: int, workers: int
         longest = max((w.seconds for r in config.rules.values() for w in r.windows), default=0)
         log.info("honouring RATEKEEPER_IP_SALT_PREVIOUS; unset it once %d s (the longest "
                  "window) and the longest running ban have passed since the rotation", longest)
-    if workers == 1:
-        run_worker(settings, config, host, port)
-        return 0
     try:
         sock = _listen(host, port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror)
         return 1
+    if workers == 1:
+        run_worker(settings, config, host, port, sock=sock)
+        return 0
     try:
         return Supervisor(settings, config, sock, workers).run()
     finally:
@@ -206,7 +247,7 @@ class Supervisor:
         self.workers: list[_Worker] = []
         # a slot per worker, and one for the worker started while the one it replaces (a
         # rolling restart's, a dead one's) still holds its slot
-        self.slots = AcceptSlots(workers + 1, self.context)
+        self.slots = AcceptSlots(workers + 1, self.context, workers=workers)
 
     def run(self) -> int:
         """Supervise until SIGTERM or SIGINT; returns the exit code."""
@@ -256,7 +297,7 @@ class Supervisor:
         return _Worker(process, ready, time.monotonic(), slot)
 
     def _await_ready(self, worker: _Worker) -> bool:
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.settings.warmup_ms / 1000 + READY_TIMEOUT
         while not worker.ready.wait(0.05):
             if not worker.process.is_alive() or time.monotonic() > deadline:
                 return False
@@ -275,6 +316,10 @@ class Supervisor:
         mark_worker_dead(worker.pid)
 
     def _stop_all(self) -> None:
+        # each worker takes what waits in the queue and closes its copy of the socket: with
+        # this one closed first, the last copy closes with nothing waiting
+        self.slots.stop_all()
+        self.sock.close()
         for worker in self.workers:
             if worker.process.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)

@@ -29,6 +29,7 @@ from .settings import Settings
 from .spec import openapi_document
 from .store import Store, open_store
 from .top import TopDenials
+from .warmup import WORKERS
 from .wire import BatchResponse, Decision, ErrorBody, Health, Readiness
 
 __all__ = [
@@ -178,12 +179,17 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: Redis answers and the scripts are loaded."""
+    """GET /readyz: every worker of the server is warm and accepting (``warmup``), and Redis
+    answers with the scripts loaded; else 503, with the reason."""
     runtime = request.app[RUNTIME]
-    ready = await runtime.limiter.ready()  # 503 at once while the circuit is open
-    body = Readiness(status="ready" if ready else "unavailable", store=runtime.store.kind,
+    workers = request.app.get(WORKERS)  # (none when a test client serves the app)
+    reason = None if workers is None else workers.unready()
+    if reason is None and not await runtime.limiter.ready():  # at once while the circuit is open
+        reason = "Redis does not answer with the scripts loaded"
+    body = Readiness(status="unavailable" if reason else "ready", store=runtime.store.kind,
                      breaker=runtime.limiter.breaker_state)
-    return json_response(body, status=200 if ready else 503)
+    return json_response({**msgspec.structs.asdict(body), "reason": reason},
+                         status=503 if reason else 200)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -218,7 +224,7 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         live = open_store(settings) if store is None else store
         metrics = Metrics()
         limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock,
-                          metrics=metrics)
+                          metrics=metrics, node_client=live.node_client)
         flags = FlagBoard(config.flags)
         cache = LocalCache(settings.local_cache_size, now_ms=clock)
         keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip)
@@ -233,6 +239,7 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         counting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await counting
+        await limiter.close()
         if own_store:
             await live.close()
 

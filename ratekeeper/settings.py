@@ -61,6 +61,15 @@ class Settings:
     log_format: Literal["text", "json"] = "text"
     # RATEKEEPER_LOG_LEVEL: INFO logs one line per denial; WARNING keeps only problems.
     log_level: str = "INFO"
+    # RATEKEEPER_REQUEST_TIMEOUT_MS: a request's head and body must arrive within this of its
+    # first byte (of the connection's opening, for its first request), else it is closed.
+    request_timeout_ms: int = 10_000
+    # RATEKEEPER_MAX_CONNECTIONS: connections one worker holds at most; 0 = what its file
+    # descriptor limit (RLIMIT_NOFILE) leaves after a reserve (``guard.connection_cap``).
+    max_connections: int = 0
+    # RATEKEEPER_WARMUP_MS: how long a starting worker waits for Redis (connections open,
+    # scripts loaded) before it takes connections anyway.
+    warmup_ms: int = 10_000
 
     @property
     def is_memory(self) -> bool:
@@ -129,6 +138,9 @@ class Settings:
             log_format=_parse_choice(env, "RATEKEEPER_LOG_FORMAT", ("text", "json")),  # type: ignore[arg-type]
             log_level=_parse_choice(env, "RATEKEEPER_LOG_LEVEL",
                                     ("INFO", "WARNING", "ERROR", "DEBUG")),
+            request_timeout_ms=_parse_int(env, "RATEKEEPER_REQUEST_TIMEOUT_MS", 10_000, low=10),
+            max_connections=_parse_int(env, "RATEKEEPER_MAX_CONNECTIONS", 0, low=0),
+            warmup_ms=_parse_int(env, "RATEKEEPER_WARMUP_MS", 10_000, low=0),
         )
 
 

@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from fault_proxy import FaultProxy
 
 from ratekeeper.scripts import read_script
 from ratekeeper.settings import Settings
 
 from conftest import SALT
+from fault_proxy import FaultProxy
 from redis_servers import RedisServer
 
 LIMIT = 5

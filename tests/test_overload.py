@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from overload_support import (
     BATCH_LIMIT,
     BATCH_SIZE,
@@ -27,7 +28,6 @@ from overload_support import (
     overload_env,
     raise_fd_limit,
 )
-
 from redis_servers import ClusterServers, RedisServer
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from conftest import SALT, ServerProcess
+from edge_support import post, read_to_end
 from redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -171,3 +172,51 @@ async def test_sighup_swaps_the_rules_and_keeps_them_when_the_file_is_bad(
             assert body["limits"][0]["limit"] == 7
             assert (await check(session, server, action="b", user=f"v{i}"))[0] == 200
     assert "Traceback" not in server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_under_load_refuses_new_connections_and_resets_none(
+        serve_process: Callable[..., ServerProcess], redis_server: RedisServer,
+        key_prefix: str, workers: int) -> None:
+    """16 clients open a connection per check while SIGTERM stops the server: every request
+    sent is answered, and a connection tried once the server has stopped accepting is
+    refused at once, never taken and then reset."""
+    server = serve_process(RULES.format(limit=1_000_000), env_for(
+        redis_server.url, key_prefix, RATEKEEPER_REDIS_TIMEOUT_MS="2000"), workers=workers)
+    if workers > 1:
+        wait_for_log(server, r"supervisor pid \d+: 2 workers serving")
+    request = post("/v1/check", b'{"action": "a", "ip": "192.0.2.9"}', "Connection: close")
+    answered, refused = [0], [0]
+    failures: list[str] = []
+    done = asyncio.Event()
+
+    async def client() -> None:
+        while not done.is_set():
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            except ConnectionRefusedError:
+                refused[0] += 1
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                writer.write(request)
+                raw = await read_to_end(reader, wait=20)
+                if raw.startswith(b"HTTP/1.1 200 "):
+                    answered[0] += 1
+                else:
+                    failures.append(f"answer {raw[:40]!r}")
+            except OSError as exc:  # reset, or anything else after the request went out
+                failures.append(type(exc).__name__)
+            finally:
+                writer.close()
+
+    clients = [asyncio.ensure_future(client()) for _ in range(16)]
+    await asyncio.sleep(0.5)
+    before = answered[0]
+    server.process.send_signal(signal.SIGTERM)
+    code = await asyncio.get_running_loop().run_in_executor(None, server.process.wait, 30)
+    await asyncio.sleep(0.2)  # clients now meet a closed port
+    done.set()
+    await asyncio.gather(*clients)
+    assert failures == []
+    assert code == 0 and before > 0 and refused[0] > 0
