@@ -19,9 +19,10 @@ from .wire import Decision
 
 if TYPE_CHECKING:
     from .config import Action
-    from .service import Checker
+    from .keys import Keyspace
+    from .metrics import Metrics
 
-__all__ = ["LOG_EVERY_SECONDS", "DenialLog", "deciding_rule", "observe", "outcome_of"]
+__all__ = ["LOG_EVERY_SECONDS", "DenialLog", "Observer", "deciding_rule", "outcome_of"]
 
 LOG_EVERY_SECONDS = 10.0
 MAX_TRACKED = 20_000  # kinds of denial remembered at once; past that, counting starts over
@@ -73,40 +74,51 @@ def deciding_rule(action: Action, decision: Decision, cost: int) -> str:
     return ""
 
 
-def observe(checker: Checker, action: Action, values: dict[str, bytes], cost: int,
-            decision: Decision, culprit: tuple[str, str] | None = None) -> None:
-    """Count ``decision``; log it when it denied (or would have, in shadow mode).
+class Observer:
+    """Counts every decision of a checker and logs its denials (sampled by ``denials``)."""
 
-    ``culprit`` is the (fields, hash) of the subject whose ban or penalty box denied, when
-    known: the line names that subject alone. A kill switch's denials are one kind per action
-    and flag, whoever sends them: the subjects play no part in them.
-    """
-    outcome = outcome_of(decision)
-    rule = deciding_rule(action, decision, cost)
-    if checker.metrics is not None:
-        checker.metrics.decision(action.name, rule, outcome)
-    if decision.allowed and not decision.shadow:
-        return
-    keyspace = checker.keyspace
-    subjects: dict[str, Any]
-    if culprit is not None:
-        subjects = {culprit[0]: culprit[1]}
-    elif rule:
-        fields = next(r.key for r in action.rules if r.name == rule)
-        subjects = {"+".join(fields) or "global":
-                    keyspace.subject((f, values[f]) for f in fields)}
-    else:
-        subjects = {field: keyspace.subject(((field, value),))
-                    for field, value in values.items()}
-    kind: tuple[Any, ...] = (action.name, rule, decision.reason, decision.flag)
-    if decision.reason != "disabled":
-        kind += tuple(subjects.values())
-    suppressed = checker.denial_log.admit(kind)
-    if suppressed is None:
-        return
-    decision_log.info(
-        "denied" if not decision.allowed else "would deny (shadow)",
-        extra={"action": action.name, "rule": rule, "reason": decision.reason,
-               "outcome": outcome, "flag": decision.flag, "subjects": subjects,
-               "retry_after": decision.retry_after, "suppressed": suppressed},
-    )
+    __slots__ = ("denials", "keyspace", "metrics")
+
+    def __init__(self, keyspace: Keyspace, metrics: Metrics | None, denials: DenialLog
+                 ) -> None:
+        self.keyspace = keyspace
+        self.metrics = metrics
+        self.denials = denials
+
+    def observe(self, action: Action, values: dict[str, bytes], cost: int, decision: Decision,
+                culprit: tuple[str, str] | None = None) -> None:
+        """Count ``decision``; log it when it denied (or would have, in shadow mode).
+
+        ``culprit`` is the (fields, hash) of the subject whose ban or penalty box denied,
+        when known: the line names that subject alone. A kill switch's denials are one kind
+        per action and flag, whoever sends them: the subjects play no part in them.
+        """
+        outcome = outcome_of(decision)
+        rule = deciding_rule(action, decision, cost)
+        if self.metrics is not None:
+            self.metrics.decision(action.name, rule, outcome)
+        if decision.allowed and not decision.shadow:
+            return
+        keyspace = self.keyspace
+        subjects: dict[str, Any]
+        if culprit is not None:
+            subjects = {culprit[0]: culprit[1]}
+        elif rule:
+            fields = next(r.key for r in action.rules if r.name == rule)
+            subjects = {"+".join(fields) or "global":
+                        keyspace.subject((f, values[f]) for f in fields)}
+        else:
+            subjects = {field: keyspace.subject(((field, value),))
+                        for field, value in values.items()}
+        kind: tuple[Any, ...] = (action.name, rule, decision.reason, decision.flag)
+        if decision.reason != "disabled":
+            kind += tuple(subjects.values())
+        suppressed = self.denials.admit(kind)
+        if suppressed is None:
+            return
+        decision_log.info(
+            "denied" if not decision.allowed else "would deny (shadow)",
+            extra={"action": action.name, "rule": rule, "reason": decision.reason,
+                   "outcome": outcome, "flag": decision.flag, "subjects": subjects,
+                   "retry_after": decision.retry_after, "suppressed": suppressed},
+        )

@@ -24,7 +24,7 @@ from .keys import Keyspace
 from .limiter import CheckCall, Limiter, Outcome, Status, parse_outcome
 from .localcache import LocalCache
 from .metrics import Metrics
-from .observe import DenialLog, observe
+from .observe import DenialLog, Observer
 from .refunds import RefundSigner
 from .rotation import Rotation
 from .top import TopDenials
@@ -175,7 +175,8 @@ class Checker:
         self.rotation = Rotation(keyspace) if keyspace.previous is not None else None
         self._shadow_all = False
         # which denials get a log line (observe.py), on a clock that never steps back
-        self.denial_log = DenialLog(time.monotonic if wall is time.time else wall)
+        self.observer = Observer(keyspace, metrics,
+                                 DenialLog(time.monotonic if wall is time.time else wall))
         self.decided = 0  # decisions made by this checker (the admin page's rate)
 
     @property
@@ -274,7 +275,7 @@ class Checker:
             self._count_allowed(plan.action.name, 1)
         else:
             self.decided += 1
-            observe(self, plan.action, values, cost, decision, culprit)
+            self.observer.observe(plan.action, values, cost, decision, culprit)
         return decision
 
     def _stage(self, plan: ActionPlan, values: dict[str, bytes], cost: int
