@@ -81,9 +81,25 @@ def _seconds(ms: int) -> int:
     return max(0, math.ceil(ms / 1000))
 
 
+def boxed_decision(action: Action, index: int, retry_after: int) -> Decision:
+    """A denial by the penalty box of the action's rule ``index``: ``banned`` for
+    ``retry_after`` seconds, naming the rule in ``limits`` (nothing left in any of its
+    windows; a reset no longer than the window)."""
+    rule = action.rules[index]
+    return Decision(allowed=False, reason="banned", action=action.name, retry_after=retry_after,
+                    limits=[LimitState(rule=rule.name, limit=window.limit,
+                                       window=window.seconds, remaining=0,
+                                       reset=min(retry_after, window.seconds))
+                            for window in rule.windows])
+
+
 def _banned(entry: Entry, action: str, now: int, index: int, subject: str = "") -> CacheHit:
     return CacheHit(Decision(allowed=False, reason="banned", action=action,
                              retry_after=_seconds(entry.until_ms - now)), index, subject)
+
+
+def _boxed(entry: Entry, action: Action, now: int, index: int) -> CacheHit:
+    return CacheHit(boxed_decision(action, index, _seconds(entry.until_ms - now)), index)
 
 
 def _limited(entry: Entry, rule: str, action: str, now: int, index: int) -> CacheHit:
@@ -175,7 +191,7 @@ class LocalCache:
             if entry.kind == PENALTY:
                 self.hits += 1
                 return _remembered(entry, action.name, now) or _memo(
-                    entry, action.name, now, _banned(entry, action.name, now, index))
+                    entry, action.name, now, _boxed(entry, action, now, index))
             if want >= entry.want and not boxing:
                 self.hits += 1
                 return _remembered(entry, action.name, now) or _memo(

@@ -64,7 +64,10 @@ def outcome_of(decision: Decision) -> str:
 
 
 def deciding_rule(action: Action, decision: Decision, cost: int) -> str:
-    """The first rule with a window that (would have) denied this cost; '' if none did."""
+    """The first rule with a window that (would have) denied this cost, or whose penalty box
+    denied; '' if none did."""
+    if decision.reason == "banned":  # a penalty box names its rule; an admin's ban, none
+        return decision.limits[0].rule if decision.limits else ""
     if decision.reason != "rate_limited":
         return ""
     want = max(cost, 1)

@@ -22,7 +22,7 @@ from .errors import BadRequest, StoreUnavailable
 from .flags import SHADOW_FLAG, FlagBoard
 from .keys import Keyspace
 from .limiter import CheckCall, Limiter, Outcome, Status, parse_outcome
-from .localcache import LocalCache
+from .localcache import LocalCache, boxed_decision
 from .metrics import Metrics
 from .observe import DenialLog, Observer
 from .refunds import RefundSigner
@@ -366,7 +366,10 @@ class Checker:
         """Turn the script's answer into the API's Decision (``refund``: its token)."""
         action = plan.action
         status = outcome.status
-        if status is Status.BANNED or status is Status.PENALTY:
+        if status is Status.PENALTY:
+            return boxed_decision(action, outcome.culprit - 1,
+                                  _seconds(outcome.wait_ms) if outcome.wait_ms > 0 else 0)
+        if status is Status.BANNED:
             wait = outcome.wait_ms
             return Decision(allowed=False, reason="banned", action=action.name,
                             retry_after=_seconds(wait) if wait > 0 else 0)

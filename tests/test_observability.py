@@ -184,7 +184,7 @@ async def test_a_wave_with_rotating_names_logs_one_line_per_culprit(
     assert reasons[:3] == [None, "rate_limited", "banned"] and set(reasons[2:]) == {"banned"}
     lines = [r for r in caplog.records if r.name == "ratekeeper.decisions"]
     assert [(r.reason, r.rule) for r in lines] == [("rate_limited", "signup-ip"),  # type: ignore[attr-defined]
-                                                   ("banned", "")]
+                                                   ("banned", "signup-ip")]
     banned = lines[1]
     assert list(banned.subjects) == ["ip"]  # type: ignore[attr-defined]
     assert banned.subjects["ip"] == lines[0].subjects["ip"]  # type: ignore[attr-defined]

@@ -54,6 +54,26 @@ async def test_penalty_box_outlasts_the_window(make_client: Any, settings_for: A
     assert (await check(client, action="create", ip=IP))["allowed"]
 
 
+async def test_a_penalty_box_denial_names_its_rule(make_client: Any, settings_for: Any,
+                                                  clock: FakeClock) -> None:
+    """A boxed client's answer names the rule that boxed it: in ``limits`` (nothing left, a
+    reset no longer than the window), in the RateLimit headers and in the metric's label;
+    the same whether Redis or the local cache answers."""
+    client = await make_client(CONFIG, clock=clock, app_settings=settings_for())
+    for _ in range(3):
+        await check(client, action="create", ip=IP)
+    for _ in range(2):  # Redis answers the first, the local cache the second
+        response = await client.post("/v1/check", json={"action": "create", "ip": IP})
+        boxed = await response.json()
+        assert boxed["reason"] == "banned"
+        assert [(s["rule"], s["remaining"]) for s in boxed["limits"]] == [("boxed", 0)]
+        assert all(s["reset"] <= s["window"] for s in boxed["limits"])
+        assert '"boxed"' in response.headers["RateLimit"]
+        assert int(response.headers["Retry-After"]) == boxed["retry_after"] > 60
+    metrics = await (await client.get("/metrics")).text()
+    assert 'ratekeeper_decisions_total{action="create",outcome="banned",rule="boxed"}' in metrics
+
+
 async def test_a_peek_never_boxes(make_client: Any, settings_for: Any, clock: FakeClock,
                                   redis: aioredis.Redis, key_prefix: str) -> None:
     """A cost-0 look at an exhausted rule says rate_limited but puts nobody in the box."""
