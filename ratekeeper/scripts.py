@@ -17,9 +17,16 @@ from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 __all__ = ["LuaScript", "Scripts", "check_args", "check_replies", "read_script"]
 
 
+# Lua sources a script is sent with, before its own: Redis scripts cannot load one another,
+# so a script that shares functions is run as the shared source followed by its own file.
+_SENT_BEFORE: dict[str, tuple[str, ...]] = {"check": ("counter",), "refund": ("counter",)}
+
+
 def read_script(name: str) -> str:
-    """The source of ``lua/<name>.lua`` shipped with the package."""
-    return resources.files("ratekeeper").joinpath("lua", f"{name}.lua").read_text("utf-8")
+    """The source Redis runs for ``lua/<name>.lua``: its shared sources, then its own file."""
+    lua = resources.files("ratekeeper").joinpath("lua")
+    return "".join(lua.joinpath(f"{part}.lua").read_text("utf-8")
+                   for part in (*_SENT_BEFORE.get(name, ()), name))
 
 
 class LuaScript:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from ratekeeper.keys import Keyspace
 from ratekeeper.errors import StoreUnavailable
+from ratekeeper.keys import Keyspace
 from ratekeeper.limiter import Limiter, Outcome, Status, parse_outcome
 
 from conftest import SALT, FakeClock, config_from

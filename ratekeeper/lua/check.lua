@@ -1,6 +1,9 @@
 -- check.lua: decide n requests, one after another, each against every window of every rule
 -- of its action, all or nothing.
 --
+-- This script is sent with counter.lua before it (scripts.read_script joins the two into one
+-- script): counter_find, counter_segment and counter_value come from there.
+--
 -- KEYS     the requests' keys, concatenated in request order; per request: its ban keys (one
 --          per subject of the request; a present key means banned), then per rule of its rule
 --          set, in order: the rule's state key, then its penalty key when the rule has one.
@@ -20,10 +23,8 @@
 --               largest limit; exact
 --               'c' sliding-window counter: a STRING "bucket:current:previous,..." with
 --               one segment per window in ARGV order; O(1) memory, approximate (README.md).
---               The bucket number (now_ms // window_ms) also tells which window a segment
---               belongs to, so no window length is stored: a window whose segment is not in
---               its place (the rule gained or lost a window) finds it by its bucket, and a
---               window with no segment of this bucket or the one before counts from zero.
+--               A window finds its segment by its bucket (counter.lua), so a rule that
+--               gains or loses a window keeps the other windows' counts.
 --   shadow      '1' = evaluate and report, never deny, never box
 --   penalty_ms  0 = none; else how long a subject that exceeds the rule stays boxed
 --   nw          number of windows, then nw pairs: limit (hits), window (ms)
@@ -64,12 +65,9 @@
 -- counter key is a STRING or nothing, and only SET writes ban and penalty keys).
 
 local SLACK_MS = 1000
-local CHUNK = 1000
--- library functions as locals: a global lookup per use costs more than the arithmetic
+local CHUNK = 1000  -- hits per LPUSH: a large cost never builds an unbounded argument list
 local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
-local find, gmatch, format = string.find, string.gmatch, string.format
-local tonumber, tostring, type, pcall, unpack, error = tonumber, tostring, type, pcall, unpack,
-                                                     error
+local format, find, unpack = string.format, string.find, unpack
 
 local now
 if ARGV[1] ~= '' then
@@ -80,90 +78,79 @@ else
 end
 local n, s = tonumber(ARGV[2]), tonumber(ARGV[3])
 
--- (nums[x] or num(x)) reads a number from text, (texts[v] or text(v)) writes one as text:
--- strtod, and "%.14g" for a number concatenated or passed to redis.call, cost more than the
--- arithmetic of a decision. A call of many requests meets the same few values again and
--- again (buckets, counts, list indexes) and converts each once; a call of one request
--- converts directly, as a cache would only cost it.
-local nums, texts = {}, {}
-local num, text = tonumber, function(v) return format('%d', v) end
-if n > 1 then
-  num = function(x)
-    local v = tonumber(x)
-    if v then nums[x] = v end
-    return v
-  end
-  text = function(v)
-    local x = format('%d', v)
-    texts[v] = x
-    return x
-  end
+-- An error's message: redis.call raises a table on some versions.
+local function message(err)
+  if type(err) == 'table' and err.err then return err.err end
+  return tostring(err)
 end
 
--- Zeros to build a table with all its slots at once, as {..., unpack(zeros, 1, size)}:
--- a table that grows is reallocated at every power of two.
-local zeros, nzeros = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, 16
-local function enough_zeros(size)
-  while nzeros < size do
-    nzeros = nzeros + 1
-    zeros[nzeros] = 0
-  end
-end
-
--- A rule set, parsed once per call: {nkeys, size, error, nr, rule 1, .., rule nr}: how many
--- KEYS its rules take, the length of a request's reply, its error (false when it parsed),
--- then its rules. A rule is one table:
---   [1] algorithm, [2] shadow (boolean), [3] penalty_ms (text), [4] its state key's offset,
---   [5] its penalty key's offset (false: no penalty), [6] its MGET slot for its enforced
---   penalty key and [7] for its counter (false: none), [8] nw, [9] its largest limit,
---   [10] the TTL to write and [11] the LTRIM stop (text), [12] whether it denies the request
---   being decided; then 6 slots per window from 12 + 6 * (w - 1): limit, ms, then for the
---   request being decided: used and oldest (log), the segment to write and reset_ms once
---   the cost is taken (counter).
+-- A rule set is parsed once per call, however many requests use it:
+--   nkeys    how many KEYS its rules take per request (state keys and penalty keys)
+--   error    false, or the message every request of the set is answered with
+--   rules    its rules, in ARGV order
+-- A rule:
+--   algorithm     'l' or 'c'
+--   shadow        true: evaluated and reported, never denies, never boxes
+--   penalty_ms    as sent (text); '0' = no penalty
+--   state_key     its state key's offset among the request's rule keys
+--   penalty_key   its penalty key's offset, or false (no penalty)
+--   penalty_read  where its enforced penalty key is in the request's MGET, or false (no
+--                 penalty, or a shadow rule, which never boxes)
+--   counter_read  where its counter is in the request's MGET, or false (a log)
+--   windows       its windows, in ARGV order
+--   max_limit     its largest limit: a log keeps that many hits
+--   ttl_ms        the TTL it writes on its state key (text): longest window + SLACK_MS
+--   trim_stop     a log's LTRIM stop (text): max_limit - 1
+--   denies        whether it denies the request being decided
+-- A window: limit (hits) and ms, then what deciding the current request found:
+--   used          hits counted now
+--   oldest        a log's oldest hit still counted (now when none is)
+--   remaining, reset_ms, retry_ms   its answer, as the header says
+--   segment       a counter's segment to write when the cost is taken (counter.lua)
+--   taken_reset_ms  a counter's reset_ms once the cost is taken
+-- Numbers go to redis.call as text made once per call: Redis formats a Lua number with
+-- "%.17g", which costs more than the arithmetic of a decision.
 local function parse_set(a, last)
-  local set = {0, 5, false, 0, false, false, false, false}
-  local nkeys, nreads, size, nr = 0, 0, 5, 0
+  local set = {nkeys = 0, error = false, rules = {}}
+  local nreads = 0  -- the rules' part of a request's MGET (its bans come first)
   while a < last do
-    local algo, shadow, penalty, nw = ARGV[a], ARGV[a + 1] == '1', tonumber(ARGV[a + 2]),
-                                      tonumber(ARGV[a + 3])
-    if algo ~= 'l' and algo ~= 'c' then
-      error('check.lua: unknown algorithm ' .. tostring(algo), 0)
+    local algorithm, shadow = ARGV[a], ARGV[a + 1] == '1'
+    local penalty, nw = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    if algorithm ~= 'l' and algorithm ~= 'c' then
+      error('check.lua: unknown algorithm ' .. tostring(algorithm), 0)
     end
-    nkeys = nkeys + 1
-    enough_zeros(6 * nw)
-    local rule = {algo, shadow, ARGV[a + 2], nkeys, false, false, false, nw, 0, '', '', false,
-                  unpack(zeros, 1, 6 * nw)}
-    -- a request MGETs its bans, then per rule its enforced penalty key and its counter
+    set.nkeys = set.nkeys + 1
+    local rule = {algorithm = algorithm, shadow = shadow, penalty_ms = ARGV[a + 2],
+                  state_key = set.nkeys, penalty_key = false, penalty_read = false,
+                  counter_read = false, windows = {}, max_limit = 0, ttl_ms = '',
+                  trim_stop = '', denies = false}
     if penalty > 0 then
-      nkeys = nkeys + 1
-      rule[5] = nkeys
+      set.nkeys = set.nkeys + 1
+      rule.penalty_key = set.nkeys
       if not shadow then
         nreads = nreads + 1
-        rule[6] = nreads
+        rule.penalty_read = nreads
       end
     end
-    if algo == 'c' then
+    if algorithm == 'c' then
       nreads = nreads + 1
-      rule[7] = nreads
+      rule.counter_read = nreads
     end
     a = a + 4
-    local max_ms, max_limit = 0, 0
-    for w = 13, 12 + 6 * nw, 6 do
+    local max_ms = 0
+    for w = 1, nw do
       local limit, ms = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-      rule[w], rule[w + 1] = limit, ms
+      rule.windows[w] = {limit = limit, ms = ms, used = 0, oldest = 0, remaining = 0,
+                         reset_ms = 0, retry_ms = 0, segment = '', taken_reset_ms = 0}
       if ms > max_ms then max_ms = ms end
-      if limit > max_limit then max_limit = limit end
+      if limit > rule.max_limit then rule.max_limit = limit end
       a = a + 2
     end
-    rule[9], rule[10], rule[11] = max_limit, format('%d', max_ms + SLACK_MS),
-                                  format('%d', max_limit - 1)
-    nr = nr + 1
-    set[4 + nr] = rule
-    size = size + 3 * nw
+    rule.ttl_ms = format('%d', max_ms + SLACK_MS)
+    rule.trim_stop = format('%d', rule.max_limit - 1)
+    set.rules[#set.rules + 1] = rule
   end
   if a ~= last then error('check.lua: a rule set is not as long as its na', 0) end
-  enough_zeros(size)
-  set[1], set[2], set[4] = nkeys, size, nr
   return set
 end
 
@@ -173,11 +160,7 @@ for i = 1, s do
   local na = tonumber(ARGV[a])
   if not na then break end
   local ok, set = pcall(parse_set, a + 1, a + 1 + na)
-  if not ok then
-    -- redis.call raises a table on some versions
-    if type(set) == 'table' and set.err then set = set.err end
-    set = {0, 5, tostring(set), 0}
-  end
+  if not ok then set = {nkeys = 0, error = message(set), rules = {}} end
   sets[i] = set
   a = a + 1 + na
 end
@@ -195,49 +178,61 @@ do
   end
 end
 
-local reads = {}  -- a request's MGET arguments
-local hits, nhits = {}, 0  -- LPUSH arguments: every hit of a call is stamped now
+-- Scratch lists, reused by every request of the call (a table per request costs more than
+-- the arithmetic of a decision): what a request MGETs, the hits a log pushes, a counter's
+-- segments, a request's answers per window, and LINDEX's indexes as text.
+local reads, hits, segments, answers, indexes = {}, {}, {}, {}, {}
+
+local function index_text(i)
+  local text = indexes[i]
+  if not text then
+    text = format('%d', i)
+    indexes[i] = text
+  end
+  return text
+end
 
 -- Per window, every algorithm knows `used` (hits counted now) and wait(target), the ms
 -- until used <= target if nothing more is taken. remaining = limit - used;
 -- retry = wait(limit - want); reset = wait(used - 1), the time until one more hit fits.
--- A rule's answers go to out[o + 1 ..]; it returns true when a window cannot take `want`.
+-- Each sets its windows' answers and returns true when a window cannot take `want`.
 
-local function log_wait(key, rule, w, target)
-  if rule[w + 2] <= target then return 0 end
-  -- the hit at index `target` (newest first) is the last that must leave
-  local at = redis.call('LINDEX', key, texts[target] or text(target))
-  return (nums[at] or num(at)) + rule[w + 1] - now
+local function log_hit(key, i)  -- the time of the i-th hit, newest first, from 0
+  return tonumber(redis.call('LINDEX', key, index_text(i)))
 end
 
-local function log_rule(rule, key, want, out, o)
+local function log_wait(key, window, target)
+  if window.used <= target then return 0 end
+  -- the hit at index `target` is the last that must leave
+  return log_hit(key, target) + window.ms - now
+end
+
+local function log_rule(rule, key, want)
   local denies = false
   local len = redis.call('LLEN', key)
-  for w = 13, 12 + 6 * rule[8], 6 do
-    local limit, ms = rule[w], rule[w + 1]
-    local cutoff = now - ms  -- a hit is in the window while its time > cutoff
+  for w = 1, #rule.windows do
+    local window = rule.windows[w]
+    local cutoff = now - window.ms  -- a hit is in the window while its time > cutoff
     -- the list is newest first: binary search for the first hit at or before cutoff
-    local lo, hi = 0, min(len, limit)
+    local lo, hi = 0, min(len, window.limit)
     while lo < hi do
       local mid = floor((lo + hi) / 2)
-      local at = redis.call('LINDEX', key, texts[mid] or text(mid))
-      if (nums[at] or num(at)) > cutoff then lo = mid + 1 else hi = mid end
+      if log_hit(key, mid) > cutoff then lo = mid + 1 else hi = mid end
     end
+    window.used = lo
     -- the oldest hit still counted leaves first (now, if the window is empty)
-    local oldest = now
-    if lo > 0 then
-      local at = redis.call('LINDEX', key, texts[lo - 1] or text(lo - 1))
-      oldest = nums[at] or num(at)
+    window.oldest = now
+    if lo > 0 then window.oldest = log_hit(key, lo - 1) end
+    window.remaining, window.reset_ms, window.retry_ms = max(0, window.limit - lo), 0, 0
+    if lo > 0 then window.reset_ms = log_wait(key, window, lo - 1) end
+    if window.remaining < want then
+      if want > window.limit then
+        window.retry_ms = window.ms
+      else
+        window.retry_ms = log_wait(key, window, window.limit - want)
+      end
+      if window.retry_ms > 0 then denies = true end
     end
-    rule[w + 2], rule[w + 3] = lo, oldest
-    local remaining, reset, retry = max(0, limit - lo), 0, 0
-    if lo > 0 then reset = log_wait(key, rule, w, lo - 1) end
-    if remaining < want then
-      if want > limit then retry = ms else retry = log_wait(key, rule, w, limit - want) end
-      if retry > 0 then denies = true end
-    end
-    out[o + 1], out[o + 2], out[o + 3] = remaining, reset, retry
-    o = o + 3
   end
   return denies
 end
@@ -255,187 +250,158 @@ end
 
 -- raw: the rule's STRING (false when absent). With cost > 0 it also keeps, per window, what
 -- taking the cost would write and answer, so an allowed request only writes.
-local function counter_rule(rule, raw, cost, want, out, o)
+local function counter_rule(rule, raw, cost, want)
   local denies = false
-  local pos = 1  -- where the next segment in its place starts; nil once the value is not
-  for w = 13, 12 + 6 * rule[8], 6 do
-    local limit, W = rule[w], rule[w + 1]
+  for w = 1, #rule.windows do
+    local window = rule.windows[w]
+    local W = window.ms
     local bucket = floor(now / W)
+    -- the segment that still holds the previous bucket's hits, if any: this bucket's
+    -- (current and previous), or the previous bucket's (its current is now the previous)
     local cur, prev = 0, 0
-    if raw then
-      local sb, x, y
-      if pos then
-        local i, j, z
-        i, j, z, x, y = find(raw, '^(%d+):(%d+):(%d+)', pos)
-        if i then sb, pos = nums[z] or num(z), j + 2 else pos = nil end
-      end
-      if sb ~= bucket and sb ~= bucket - 1 then
-        -- not in its place: the rule's windows changed since the key was written, so look
-        -- for this window's segment among the others (its bucket gives it away)
-        sb = nil
-        for z, y1, y2 in gmatch(raw, '(%d+):(%d+):(%d+)') do
-          local v = nums[z] or num(z)
-          if v == bucket or v == bucket - 1 then sb, x, y = v, y1, y2; break end
-        end
-      end
-      if sb == bucket then
-        cur, prev = nums[x] or num(x), nums[y] or num(y)
-      elseif sb == bucket - 1 then
-        prev = nums[x] or num(x)
-      end
+    local _, found, current, previous = counter_find(raw, w, bucket - 1)
+    if found == bucket then
+      cur, prev = current, previous
+    elseif found then
+      prev = current
     end
     local e = now - bucket * W
     -- the previous bucket is assumed spread evenly: the part of it still inside the window
     local used = cur + ceil(prev * (W - e) / W)
-    local remaining, reset, retry = limit - used, 0, 0
-    if remaining < 0 then remaining = 0 end
-    if used > 0 then reset = counter_wait(W, e, cur, prev, used - 1) end
-    if remaining < want then
-      if want > limit then retry = W else retry = counter_wait(W, e, cur, prev, limit - want) end
-      if retry > 0 then denies = true end
-    end
-    out[o + 1], out[o + 2], out[o + 3] = remaining, reset, retry
-    o = o + 3
-    if cost > 0 then
-      local taken = cur + cost
-      if n > 1 then
-        rule[w + 4] = (texts[bucket] or text(bucket)) .. ':' .. (texts[taken] or text(taken)) ..
-                      ':' .. (texts[prev] or text(prev))
+    window.used = used
+    window.remaining, window.reset_ms, window.retry_ms = max(0, window.limit - used), 0, 0
+    if used > 0 then window.reset_ms = counter_wait(W, e, cur, prev, used - 1) end
+    if window.remaining < want then
+      if want > window.limit then
+        window.retry_ms = W
       else
-        rule[w + 4] = format('%d:%d:%d', bucket, taken, prev)
+        window.retry_ms = counter_wait(W, e, cur, prev, window.limit - want)
       end
-      rule[w + 5] = counter_wait(W, e, taken, prev, used + cost - 1)
+      if window.retry_ms > 0 then denies = true end
+    end
+    if cost > 0 then
+      window.segment = counter_segment(bucket, cur + cost, prev)
+      window.taken_reset_ms = counter_wait(W, e, cur + cost, prev, used + cost - 1)
     end
   end
   return denies
 end
 
+-- Take the cost for a rule that allowed it: its hits or counts, and its windows' answers.
+local function take(rule, key, cost)
+  local windows = rule.windows
+  if rule.algorithm == 'l' then
+    local left = min(cost, rule.max_limit)  -- a log keeps max_limit hits at most
+    local stamp = format('%d', now)
+    for i = 1, min(left, CHUNK) do hits[i] = stamp end
+    while left > 0 do
+      local chunk = min(left, CHUNK)
+      redis.call('LPUSH', key, unpack(hits, 1, chunk))
+      left = left - chunk
+    end
+    redis.call('LTRIM', key, '0', rule.trim_stop)
+    redis.call('PEXPIRE', key, rule.ttl_ms)
+    for w = 1, #windows do
+      local window = windows[w]
+      window.remaining = window.remaining - cost
+      window.reset_ms = window.oldest + window.ms - now
+    end
+  else
+    for w = 1, #windows do
+      local window = windows[w]
+      segments[w] = window.segment
+      window.remaining = window.remaining - cost
+      window.reset_ms = window.taken_reset_ms
+    end
+    -- PSETEX, not SET .. PX: Redis 7.0 reuses a redis.call argument object of an earlier
+    -- call at the same position when it is large enough, and keeps a short string in the
+    -- object it was given. The MGET before left its keys at positions 1 and 2, so a value
+    -- in position 2 would be stored with a key's room (16 B more per subject); position 3
+    -- only holds a key when the MGET read 3 keys or more.
+    redis.call('PSETEX', key, rule.ttl_ms, counter_value(segments, #windows))
+  end
+end
+
 -- One request: k is the index in KEYS of the key before its first.
 local function decide(cost, nk, set, k)
-  if set[3] then error(set[3], 0) end
+  if set.error then error(set.error, 0) end
+  local rules = set.rules
   -- a peek (cost 0) asks whether one more hit would pass
   local want = cost
   if want == 0 then want = 1 end
-  local nb = nk - set[1]
+  local nb = nk - set.nkeys  -- its ban keys
   if nb < 0 then error('check.lua: a request has fewer KEYS than its rules', 0) end
   local rk = k + nb  -- KEYS[rk + i] is the i-th key of the request's rules
-  local nr = set[4]
 
-  local m = 0  -- MGET: the bans, then per rule its enforced penalty key and its counter
-  for i = 1, nb do
-    m = m + 1
-    reads[m] = KEYS[k + i]
-  end
-  for r = 5, 4 + nr do
-    local rule = set[r]
-    if rule[6] then
+  -- one MGET: the bans, then per rule its enforced penalty key and its counter
+  local m = nb
+  for i = 1, nb do reads[i] = KEYS[k + i] end
+  for r = 1, #rules do
+    local rule = rules[r]
+    if rule.penalty_read then
       m = m + 1
-      reads[m] = KEYS[rk + rule[5]]
+      reads[nb + rule.penalty_read] = KEYS[rk + rule.penalty_key]
     end
-    if rule[7] then
+    if rule.counter_read then
       m = m + 1
-      reads[m] = KEYS[rk + rule[4]]
+      reads[nb + rule.counter_read] = KEYS[rk + rule.state_key]
     end
   end
-  local values = false
+  local values = {}
   if m > 0 then values = redis.call('MGET', unpack(reads, 1, m)) end
   for i = 1, nb do
     if values[i] then return {2, now, 0, i, redis.call('PTTL', KEYS[k + i])} end
   end
-  for r = 1, nr do
-    local rule = set[4 + r]
-    if rule[6] and values[nb + rule[6]] then
-      return {3, now, 0, r, redis.call('PTTL', KEYS[rk + rule[5]])}
+  for r = 1, #rules do
+    local rule = rules[r]
+    if rule.penalty_read and values[nb + rule.penalty_read] then
+      return {3, now, 0, r, redis.call('PTTL', KEYS[rk + rule.penalty_key])}
     end
   end
 
-  local out = {unpack(zeros, 1, set[2])}
   local denied, shadowed, wait = false, false, 0
-  local o = 5
-  for r = 5, 4 + nr do
-    local rule = set[r]
-    local denies
-    if rule[1] == 'l' then
-      denies = log_rule(rule, KEYS[rk + rule[4]], want, out, o)
+  for r = 1, #rules do
+    local rule = rules[r]
+    if rule.algorithm == 'l' then
+      rule.denies = log_rule(rule, KEYS[rk + rule.state_key], want)
     else
-      denies = counter_rule(rule, values[nb + rule[7]], cost, want, out, o)
+      rule.denies = counter_rule(rule, values[nb + rule.counter_read], cost, want)
     end
-    local last = o + 3 * rule[8]
-    rule[12] = denies
-    if denies then
-      if rule[2] then
-        shadowed = true
-      else
-        denied = true
-        for i = o + 3, last, 3 do
-          if out[i] > wait then wait = out[i] end
-        end
-      end
+    if rule.denies and rule.shadow then
+      shadowed = true
+    elseif rule.denies then
+      denied = true
+      for w = 1, #rule.windows do wait = max(wait, rule.windows[w].retry_ms) end
     end
-    o = last
   end
 
-  if denied then
-    out[1] = 0
-    if cost > 0 then
-      for r = 5, 4 + nr do
-        local rule = set[r]
-        if rule[5] and rule[12] and not rule[2] then
-          redis.call('SET', KEYS[rk + rule[5]], '1', 'PX', rule[3])
+  if cost > 0 then
+    for r = 1, #rules do
+      local rule = rules[r]
+      if denied then
+        -- only the enforced rules that denied box the subject
+        if rule.penalty_key and rule.denies and not rule.shadow then
+          redis.call('SET', KEYS[rk + rule.penalty_key], '1', 'PX', rule.penalty_ms)
         end
-      end
-    end
-  else
-    out[1] = 1
-    if cost > 0 then
-      o = 5
-      for r = 5, 4 + nr do
-        local rule = set[r]
-        local last = 12 + 6 * rule[8]
-        local key = KEYS[rk + rule[4]]
+      elseif not rule.denies then
         -- a shadow rule that would deny counts as if it had been enforced: it takes nothing
-        if rule[12] then
-          o = o + 3 * rule[8]
-        elseif rule[1] == 'l' then
-          local left = min(cost, rule[9])
-          while nhits < min(left, CHUNK) do
-            nhits = nhits + 1
-            hits[nhits] = texts[now] or text(now)
-          end
-          while left > 0 do
-            local chunk = min(left, CHUNK)
-            redis.call('LPUSH', key, unpack(hits, 1, chunk))
-            left = left - chunk
-          end
-          redis.call('LTRIM', key, '0', rule[11])
-          redis.call('PEXPIRE', key, rule[10])
-          for w = 13, last, 6 do
-            out[o + 1] = out[o + 1] - cost
-            out[o + 2] = rule[w + 3] + rule[w + 1] - now
-            o = o + 3
-          end
-        else
-          local value = rule[17]
-          for w = 13, last, 6 do
-            if w > 13 then value = value .. ',' .. rule[w + 4] end
-            out[o + 1] = out[o + 1] - cost
-            out[o + 2] = rule[w + 5]
-            o = o + 3
-          end
-          -- PSETEX, not SET .. PX: Redis 7.0 reuses a redis.call argument object of an
-          -- earlier call at the same position when it is large enough, and keeps a short
-          -- string in the object it was given. The MGET before left its keys at positions
-          -- 1 and 2, so a value in position 2 would be stored with a key's room (16 B more
-          -- per subject); position 3 only holds a key when the MGET read 3 keys or more.
-          redis.call('PSETEX', key, rule[10], value)
-        end
+        take(rule, KEYS[rk + rule.state_key], cost)
       end
     end
   end
-  out[2] = now
-  if shadowed then out[3] = 1 end
-  out[5] = wait
-  return out
+
+  local o = 0
+  for r = 1, #rules do
+    local windows = rules[r].windows
+    for w = 1, #windows do
+      local window = windows[w]
+      answers[o + 1], answers[o + 2], answers[o + 3] =
+        window.remaining, window.reset_ms, window.retry_ms
+      o = o + 3
+    end
+  end
+  -- built at its final size: a table that grows is reallocated at every power of two
+  return {denied and 0 or 1, now, shadowed and 1 or 0, 0, wait, unpack(answers, 1, o)}
 end
 
 local replies = {}
@@ -446,11 +412,10 @@ for i = 1, n do
   if set then
     ok, reply = pcall(decide, cost, nk, set, k)
     if not ok then
-      -- a request's error is its own answer; redis.call raises a table on some versions
-      if type(reply) == 'table' and reply.err then reply = reply.err end
-      reply = tostring(reply)
-      -- except READONLY: this node is a replica (nothing can have been written by anyone
-      -- here), and the client must see it as the call's error to find the new master
+      -- a request's error is its own answer, except READONLY: this node is a replica
+      -- (nothing can have been written by anyone here), and the client must see it as the
+      -- call's error to find the new master
+      reply = message(reply)
       if find(reply, 'READONLY', 1, true) == 1 then return redis.error_reply(reply) end
     end
   else

@@ -1,5 +1,8 @@
 -- refund.lua: give back hits that check.lua took at a known time.
 --
+-- This script is sent with counter.lua before it (scripts.read_script joins the two into one
+-- script): counter_segments, counter_find, counter_segment and counter_value come from there.
+--
 -- KEYS[1 .. nr]  per rule, in ARGV order: its state key (as passed to check.lua)
 --
 -- ARGV[1]  cost    hits to give back, integer >= 1
@@ -17,52 +20,46 @@
 local cost = tonumber(ARGV[1])
 local at = tonumber(ARGV[2])
 local nr = tonumber(ARGV[3])
+
+-- Give back up to `cost` hits of the counter in `key`; how many one window gave back at
+-- most. Every segment is written back, those of windows no longer configured too.
+local function refund_counter(key, windows_ms)
+  local raw = redis.call('GET', key)
+  if not raw then return 0 end
+  local segments = counter_segments(raw)
+  local given = 0
+  for w, ms in ipairs(windows_ms) do
+    local bucket = math.floor(at / ms)
+    local place, found, current, previous = counter_find(raw, w, bucket)
+    if place then
+      local take
+      if found == bucket then
+        take = math.min(cost, current)
+        current = current - take
+      else  -- the bucket has moved on: the hits are in "previous" now
+        take = math.min(cost, previous)
+        previous = previous - take
+      end
+      segments[place] = counter_segment(found, current, previous)
+      raw = counter_value(segments)  -- the next window finds what this one left
+      given = math.max(given, take)
+    end
+  end
+  redis.call('SET', key, raw, 'KEEPTTL')
+  return given
+end
+
 local out = {}
 local a = 4
 for r = 1, nr do
-  local key, algo, nw = KEYS[r], ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
-  local windows = {}
-  for w = 1, nw do windows[w] = ARGV[a]; a = a + 1 end
-  local given = 0
-  if algo == 'l' then
-    given = redis.call('LREM', key, cost, at)
+  local key, algorithm, nw = KEYS[r], ARGV[a], tonumber(ARGV[a + 1])
+  local windows_ms = {}
+  for w = 1, nw do windows_ms[w] = tonumber(ARGV[a + 1 + w]) end
+  a = a + 2 + nw
+  if algorithm == 'l' then
+    out[r] = redis.call('LREM', key, cost, at)
   else
-    local raw = redis.call('GET', key)
-    if raw then
-      -- segments are "bucket:current:previous", one per window in ARGV order (check.lua);
-      -- a window finds its own by its bucket when the rule's windows have changed since
-      local seg = {}
-      for n in string.gmatch(raw, '%d+') do seg[#seg + 1] = tonumber(n) end
-      for w = 1, nw do
-        local at_bucket = math.floor(at / tonumber(windows[w]))
-        local function here(i)
-          return seg[i] == at_bucket or seg[i] == at_bucket + 1
-        end
-        local j = 3 * w - 2
-        if not here(j) then
-          j = nil
-          for i = 1, #seg, 3 do
-            if here(i) then j = i; break end
-          end
-        end
-        if j then
-          local take
-          if seg[j] == at_bucket then
-            take = math.min(cost, seg[j + 1]); seg[j + 1] = seg[j + 1] - take
-          else  -- the bucket has moved on: the hits are in "previous" now
-            take = math.min(cost, seg[j + 2]); seg[j + 2] = seg[j + 2] - take
-          end
-          if take > given then given = take end
-        end
-      end
-      local parts = {}
-      for i = 1, #seg - 2, 3 do
-        parts[#parts + 1] = string.format('%d:%d:%d', seg[i], seg[i + 1], seg[i + 2])
-      end
-      redis.call('SET', key, table.concat(parts, ','), 'KEEPTTL')
-    end
+    out[r] = refund_counter(key, windows_ms)
   end
-  out[r] = given
 end
 return out

@@ -1,0 +1,64 @@
+-- counter.lua: the sliding-window counter's stored value, read and written alike by
+-- check.lua and refund.lua.
+--
+-- Not a script of its own: Redis scripts cannot load one another, so scripts.read_script
+-- sends this file's source before the source of each script that uses it, as one script.
+-- It only defines local functions: it reads no KEYS or ARGV and calls no Redis command.
+--
+-- The value is one STRING per rule: "bucket:current:previous,...", one segment per window,
+-- in the order of the rule's windows (check.lua's ARGV). bucket is now_ms // window_ms at
+-- the segment's last write, current the hits counted in that bucket, previous the hits of
+-- the bucket before it. No window length is stored: the bucket number tells a segment's
+-- window (windows of different lengths are in buckets far apart), so a window whose
+-- segment is not in its place (the rule gained or lost a window since the key was written)
+-- finds it by its bucket, and a window with no such segment counts from zero.
+
+-- The segment of the w-th window that still holds the hits of `bucket`: the one whose
+-- bucket is `bucket` (they are its current) or the next (they are its previous). The
+-- segment in the window's own place wins; else the first that holds them, in order.
+-- Returns its place (1-based), bucket, current and previous as numbers; nil when no
+-- segment holds them (raw false or nil: no value), so nothing of that bucket counts.
+local function counter_find(raw, w, bucket)
+  if not raw then return nil end
+  -- its own place: after the (w - 1)-th comma
+  local start = 1
+  for _ = 2, w do
+    start = string.find(raw, ',', start, true)
+    if not start then break end
+    start = start + 1
+  end
+  if start then
+    local _, _, b, current, previous = string.find(raw, '^(%d+):(%d+):(%d+)', start)
+    b = tonumber(b)
+    if b == bucket or b == bucket + 1 then
+      return w, b, tonumber(current), tonumber(previous)
+    end
+  end
+  -- elsewhere: the rule's windows changed since the value was written
+  local place = 0
+  for b, current, previous in string.gmatch(raw, '(%d+):(%d+):(%d+)') do
+    place = place + 1
+    b = tonumber(b)
+    if b == bucket or b == bucket + 1 then
+      return place, b, tonumber(current), tonumber(previous)
+    end
+  end
+  return nil
+end
+
+-- One segment as stored.
+local function counter_segment(bucket, current, previous)
+  return string.format('%d:%d:%d', bucket, current, previous)
+end
+
+-- The stored value of these segments (as counter_segment formats them), in order.
+local function counter_value(segments, count)
+  return table.concat(segments, ',', 1, count or #segments)
+end
+
+-- The segments of a stored value, as text, in order.
+local function counter_segments(raw)
+  local segments = {}
+  for segment in string.gmatch(raw, '%d+:%d+:%d+') do segments[#segments + 1] = segment end
+  return segments
+end
