@@ -53,9 +53,11 @@ test: setup system-deps
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
+# ruff, mypy strict, and the import contract of the layers (pyproject.toml's importlinter)
 lint: setup
 	$(BIN)/ruff check ratekeeper tests loadtest
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Every benchmark figure in one run (under 3 minutes): a table on stdout,
 # loadtest/results/bench.json. Figures, never a pass/fail.

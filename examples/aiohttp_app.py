@@ -13,10 +13,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ratekeeper.api.wire import Decision
 from ratekeeper.client import AsyncClient
-from ratekeeper.middleware import ratekeeper_middleware
-from ratekeeper.routes import RouteTable
-from ratekeeper.wire import Decision
+from ratekeeper.client.middleware import ratekeeper_middleware
+from ratekeeper.config.routes import RouteTable
 
 RULES = Path(__file__).with_name("pypi.toml")
 RATEKEEPER = web.AppKey("ratekeeper", AsyncClient)

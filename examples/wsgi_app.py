@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from ratekeeper.middleware import RatekeeperMiddleware
-from ratekeeper.routes import RouteTable
-from ratekeeper.sync_client import SyncClient
-from ratekeeper.wire import Decision
+from ratekeeper.api.wire import Decision
+from ratekeeper.client import SyncClient
+from ratekeeper.client.middleware import RatekeeperMiddleware
+from ratekeeper.config.routes import RouteTable
 
 RULES = Path(__file__).with_name("pypi.toml")
 PROJECTS: set[str] = set()

@@ -39,7 +39,7 @@ from typing import Any
 import redis
 import uvloop
 
-from ratekeeper.config import load_config
+from ratekeeper.config.rules import load_config
 
 import paced
 from baseline import run_limits

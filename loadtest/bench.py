@@ -30,8 +30,8 @@ import aiohttp
 import redis
 import uvloop
 
-from ratekeeper.config import Config, load_config
-from ratekeeper.keys import Keyspace
+from ratekeeper.config.rules import Config, load_config
+from ratekeeper.identity.keys import Keyspace
 
 import paced
 import redis_cost

@@ -80,8 +80,9 @@ async def serve(port: int, redis_url: str, knobs: tuple[int, int] | None) -> Non
     """One ratekeeper worker whose coalescer lets writes out this way."""
     from aiohttp import web
 
-    from ratekeeper.config import load_config
-    from ratekeeper.server import RUNTIME, create_app
+    from ratekeeper.app import create_app
+    from ratekeeper.config.rules import load_config
+    from ratekeeper.server.state import RUNTIME
     from ratekeeper.settings import Settings
 
     settings = Settings.from_env({"RATEKEEPER_REDIS_URL": redis_url,

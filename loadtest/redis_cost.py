@@ -13,9 +13,9 @@ from typing import Any
 import hiredis
 import redis
 
-from ratekeeper.config import Config
-from ratekeeper.keys import Keyspace
-from ratekeeper.scripts import read_script
+from ratekeeper.config.rules import Config
+from ratekeeper.identity.keys import Keyspace
+from ratekeeper.storage.scripts import read_script
 
 from procs import ROOT
 
@@ -139,8 +139,8 @@ class CheckCalls:
     """
 
     def __init__(self, pipe: RawPipe, config: Config, keyspace: Keyspace, action: str) -> None:
-        from ratekeeper.flags import FlagBoard
-        from ratekeeper.service import Checker
+        from ratekeeper.decision.checker import Checker
+        from ratekeeper.decision.flags import FlagBoard
 
         if keyspace.ip_value("198.18.0.7") != _ipv4(7):
             raise RuntimeError("Keyspace.ip_value changed: update loadtest/redis_cost.py")
@@ -156,7 +156,7 @@ class CheckCalls:
     def commands(self, subjects: range, per_call: int = 1) -> tuple[list[bytes], list[str]]:
         """The commands for ``subjects``, ``per_call`` of them a call, and the counter keys
         they write."""
-        from ratekeeper.pipeline import encode_evalsha
+        from ratekeeper.storage.coalescer import encode_evalsha
 
         keyspace, commands, written = self.keyspace, [], []
         for start in range(subjects.start, subjects.stop, per_call):

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import SettingsError
+from ratekeeper.errors import SettingsError
 
 __all__ = ["AdminToken", "Settings"]
 

@@ -10,9 +10,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from ratekeeper.admin import ADMIN as ADMIN_STATE
-from ratekeeper.admin import AdminState
-from ratekeeper.server import RUNTIME, Runtime
+from ratekeeper.admin.api import ADMIN as ADMIN_STATE
+from ratekeeper.admin.api import AdminState
+from ratekeeper.server.state import RUNTIME, Runtime
 from ratekeeper.settings import AdminToken, Settings
 
 SALT = b"test-salt-that-is-long-enough"

@@ -18,10 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio.cluster import RedisCluster
 
-from ratekeeper.config import Config, parse_config
-from ratekeeper.server import create_app
+from ratekeeper.app import create_app
+from ratekeeper.config.rules import Config, parse_config
 from ratekeeper.settings import Settings
-from ratekeeper.store import CLUSTER_MAX_CONNECTIONS, open_store
+from ratekeeper.storage.store import CLUSTER_MAX_CONNECTIONS, open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -114,8 +114,8 @@ async def cluster_client(redis_cluster: ClusterServers) -> AsyncIterator[RedisCl
     await client.aclose()
 
 
-# One row per Redis topology the Redis-backed tests run against, as limits does it
-# (research/style.md §1): the id, and the fixture that gives a client of it.
+# One row per Redis topology the Redis-backed tests run against, as the limits library's tests
+# do it: the id, and the fixture that gives a client of it.
 STORES = {"redis": "redis", "cluster": "cluster_client"}
 
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ratekeeper.accept import AcceptShare, AcceptSlots, BalancedSite
-from ratekeeper.guard import ANSWERS_LOG, Answered, Gate, hush_client_gone
-from ratekeeper.server import create_app
+from ratekeeper.app import create_app
+from ratekeeper.process.accept import AcceptShare, AcceptSlots, BalancedSite
+from ratekeeper.server.guard import ANSWERS_LOG, Answered, Gate, hush_client_gone
 from ratekeeper.settings import Settings
 
 from conftest import TEST_DEADLINE_MS, config_from

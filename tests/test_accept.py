@@ -1,6 +1,7 @@
-"""Workers sharing one accept queue take their share of the connections (`ratekeeper.accept`):
-the rule each worker follows, then real `ratekeeper serve` processes with two workers, a
-burst of connections split between them, and a stopped worker holding up nobody."""
+"""Workers sharing one accept queue take their share of the connections
+(`ratekeeper.process.accept`): the rule each worker follows, then real `ratekeeper serve`
+processes with two workers, a burst of connections split between them, and a stopped worker
+holding up nobody."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from collections.abc import Callable
 import pytest
 from test_restarts import wait_for_log
 
-from ratekeeper.accept import NOT_ACCEPTING, PATIENCE, SLACK, STALE, AcceptShare, AcceptSlots
+from ratekeeper.process.accept import (
+    NOT_ACCEPTING,
+    PATIENCE,
+    SLACK,
+    STALE,
+    AcceptShare,
+    AcceptSlots,
+)
 
 from conftest import ONE_RULE, SALT, ServerProcess
 from redis_servers import RedisServer

@@ -12,8 +12,8 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ratekeeper.forwarded import TrustedProxies
-from ratekeeper.keys import Keyspace, contains_ip, parse_ip, unwrap_ipv4
+from ratekeeper.identity.forwarded import TrustedProxies
+from ratekeeper.identity.keys import Keyspace, contains_ip, parse_ip, unwrap_ipv4
 
 from admin_support import ALICE_TOKEN, admin_settings, call, dump, keys_under
 from conftest import SALT

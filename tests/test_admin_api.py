@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ratekeeper.auth import TokenAuth
+from ratekeeper.admin.auth import TokenAuth
 from ratekeeper.errors import SettingsError
 from ratekeeper.settings import AdminToken, Settings
 

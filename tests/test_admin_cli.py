@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import ratekeeper
-from ratekeeper.cli import main
+from ratekeeper.process.cli import main
 
 from admin_support import ALICE_TOKEN, CONFIG, VICTOR_TOKEN
 from conftest import ServerProcess

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ratekeeper.config import parse_config
+from ratekeeper.api.problem import QUOTA_EXCEEDED
+from ratekeeper.config.routes import RouteTable
+from ratekeeper.config.rules import parse_config
+from ratekeeper.decision.flags import FlagState
 from ratekeeper.errors import ConfigError
-from ratekeeper.flags import FlagState
-from ratekeeper.problem import QUOTA_EXCEEDED
-from ratekeeper.routes import RouteTable
-from ratekeeper.server import RUNTIME
+from ratekeeper.server.state import RUNTIME
 from ratekeeper.settings import Settings
 
 from conftest import SALT, FakeClock

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ratekeeper.sync import REPLAY_HORIZON
+from ratekeeper.control.sync import REPLAY_HORIZON
 
 from admin_support import ADMIN, admin_of, admin_settings, call, check, runtime_of, wait_until
 from conftest import FakeClock

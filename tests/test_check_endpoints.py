@@ -19,11 +19,12 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ratekeeper.breaker import Breaker
+from ratekeeper.app import create_app
 from ratekeeper.errors import StoreUnavailable
-from ratekeeper.limiter import CheckCall, Limiter, parse_outcome
-from ratekeeper.server import RUNTIME, STOPPING, Runtime, create_app
+from ratekeeper.server.state import RUNTIME, STOPPING, Runtime
 from ratekeeper.settings import Settings
+from ratekeeper.storage.breaker import Breaker
+from ratekeeper.storage.limiter import CheckCall, Limiter, parse_outcome
 
 from admin_support import CONFIG, admin_settings, call
 from conftest import FakeClock, config_from, sample

@@ -21,16 +21,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError, ResponseError
 
+from ratekeeper.api.wire import Decision
+from ratekeeper.decision.checker import Checker
+from ratekeeper.decision.flags import FlagBoard
 from ratekeeper.errors import StoreUnavailable
-from ratekeeper.flags import FlagBoard
-from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import CheckCall, Limiter, parse_outcome
+from ratekeeper.identity.keys import Keyspace
 from ratekeeper.metrics import Metrics
-from ratekeeper.pipeline import Coalescer
-from ratekeeper.pipeline import Request as Check
-from ratekeeper.scripts import LuaScript, Scripts, check_args, check_replies, read_script
-from ratekeeper.service import Checker
-from ratekeeper.wire import Decision
+from ratekeeper.storage.coalescer import Coalescer
+from ratekeeper.storage.coalescer import Request as Check
+from ratekeeper.storage.limiter import CheckCall, Limiter, parse_outcome
+from ratekeeper.storage.scripts import LuaScript, Scripts, check_args, check_replies, read_script
 
 from conftest import SALT, FakeClock, config_from, sample
 from redis_servers import RedisServer, running_redis

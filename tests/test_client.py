@@ -7,19 +7,20 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 from aiohttp import web
 
+from ratekeeper.api.wire import Decision, RefundResult
 from ratekeeper.client import (
     AsyncClient,
     Check,
     FallbackDecision,
     RequestRejected,
     SidecarUnavailable,
+    SyncClient,
 )
-from ratekeeper.sync_client import SyncClient
-from ratekeeper.wire import Decision, RefundResult
 
 from redis_servers import free_port
 
@@ -153,6 +154,23 @@ async def test_refund_through_the_client(make: MakeAdapter, sidecar: str) -> Non
     denied = await client.check("project-create", user="bob", cost=5)
     assert await client.refund(denied) == RefundResult(refunded=False, reason="nothing_taken")
     assert first.refund
+
+
+async def test_a_look_carries_no_refund(make: MakeAdapter, sidecar: str) -> None:
+    """A look (cost 0) and a denial have no ``refund`` on the wire, every other field is
+    there, and both clients read their ``refund`` as None; a hit's is its token."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sidecar}/v1/check",
+                                json={"action": "login", "ip": "192.0.2.4", "cost": 0}) as resp:
+            wire = await resp.json()
+    assert set(wire) == {"allowed", "reason", "action", "retry_after", "flag", "message",
+                         "degraded", "shadow", "limits"}
+    client = make(sidecar)
+    look = await client.check("login", ip="192.0.2.4", cost=0)
+    denied = await client.check("login", ip="192.0.2.4", cost=4)
+    taken = await client.check("login", ip="192.0.2.4")
+    assert look.refund is None and denied.refund is None and "UNSET" not in repr(look)
+    assert isinstance(taken.refund, str) and taken.refund.startswith("r1.")
 
 
 async def test_bad_requests_raise_request_rejected(make: MakeAdapter, sidecar: str) -> None:

@@ -14,12 +14,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from ratekeeper.flags import FlagBoard
-from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import Limiter
-from ratekeeper.service import Checker
+from ratekeeper.decision.checker import Checker
+from ratekeeper.decision.flags import FlagBoard
+from ratekeeper.identity.keys import Keyspace
 from ratekeeper.settings import Settings
-from ratekeeper.store import open_store
+from ratekeeper.storage.limiter import Limiter
+from ratekeeper.storage.store import open_store
 
 from conftest import SALT, FakeClock, config_from
 from redis_servers import ClusterServers, start_cluster

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ratekeeper.config import Window, config_warnings, load_config, parse_config, parse_duration
+from ratekeeper.config.rules import (
+    Window,
+    config_warnings,
+    load_config,
+    parse_config,
+    parse_duration,
+)
 from ratekeeper.errors import ConfigError
 
 from conftest import EXAMPLE

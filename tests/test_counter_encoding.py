@@ -8,11 +8,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ratekeeper.flags import FlagBoard
-from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import Limiter
-from ratekeeper.scripts import LuaScript, read_script
-from ratekeeper.service import Checker
+from ratekeeper.decision.checker import Checker
+from ratekeeper.decision.flags import FlagBoard
+from ratekeeper.identity.keys import Keyspace
+from ratekeeper.storage.limiter import Limiter
+from ratekeeper.storage.scripts import LuaScript, read_script
 
 from conftest import SALT, FakeClock, config_from
 

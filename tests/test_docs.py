@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from ratekeeper.config import config_warnings, parse_config
+from ratekeeper.config.rules import config_warnings, parse_config
 
 from conftest import EXAMPLE, ROOT, ServerProcess
 from redis_servers import RedisServer, free_port

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from ratekeeper.breaker import Breaker
 from ratekeeper.settings import Settings
+from ratekeeper.storage.breaker import Breaker
 
 from conftest import SALT
 from redis_servers import RedisServer

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from ratekeeper.scripts import read_script
 from ratekeeper.settings import Settings
+from ratekeeper.storage.scripts import read_script
 
 from conftest import SALT
 from fault_proxy import FaultProxy

@@ -19,9 +19,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from ratekeeper.config import load_config
-from ratekeeper.spec import openapi_document
-from ratekeeper.wire import batch_request_type, check_request_type
+from ratekeeper.api.spec import openapi_document
+from ratekeeper.api.wire import batch_request_type, check_request_type
+from ratekeeper.config.rules import load_config
 
 from conftest import EXAMPLE, ServerProcess
 from redis_servers import RedisServer

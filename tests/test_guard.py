@@ -1,4 +1,4 @@
-"""Every connection is guarded (`ratekeeper.guard`): a request must arrive whole in time, a
+"""Every connection is guarded (`ratekeeper.server.guard`): a request must arrive whole in time, a
 malformed one gets the JSON 400 and nothing of what it sent, an oversized `Expect:
 100-continue` gets its 413 at once, and a worker at its connection cap closes idle
 connections so that new clients get in. In-process against real Redis, then against real
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ratekeeper.guard import FIELD_MAX, RESERVED_FILES, connection_cap
+from ratekeeper.server.guard import FIELD_MAX, RESERVED_FILES, connection_cap
 from ratekeeper.settings import Settings
 
 from conftest import ONE_RULE, SALT

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from ratekeeper.config import IPGrouping
+from ratekeeper.config.rules import IPGrouping
 from ratekeeper.errors import BadRequest
-from ratekeeper.keys import Keyspace
+from ratekeeper.identity.keys import Keyspace
 
 from conftest import SALT
 

@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from ratekeeper.config import IPGrouping, Rule, Window
+from ratekeeper.config.rules import IPGrouping, Rule, Window
 from ratekeeper.errors import BadRequest
-from ratekeeper.keys import Keyspace
+from ratekeeper.identity.keys import Keyspace
 
 SALT = b"0123456789abcdef-salt"
 
@@ -184,8 +184,8 @@ def test_a_staged_check_names_the_keys_the_methods_name(action: str, user: str |
     """Whether its action keys every rule on one field (``ActionPlan.one_field``: key names
     from per-plan tails) or not, a check stages its ban keys, then each rule's counter key
     and, for an enforced penalty rule outside global shadow mode, its penalty key."""
-    from ratekeeper.flags import FlagBoard
-    from ratekeeper.service import Checker, Pending
+    from ratekeeper.decision.checker import Checker, Pending
+    from ratekeeper.decision.flags import FlagBoard
 
     from conftest import config_from
 

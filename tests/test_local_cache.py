@@ -11,13 +11,13 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
-from ratekeeper.config import Action, Rule, Window
-from ratekeeper.flags import FlagBoard
-from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import Limiter, Outcome, Status, WindowState
-from ratekeeper.localcache import LocalCache
-from ratekeeper.service import Checker
+from ratekeeper.config.rules import Action, Rule, Window
+from ratekeeper.decision.cache import LocalCache
+from ratekeeper.decision.checker import Checker
+from ratekeeper.decision.flags import FlagBoard
+from ratekeeper.identity.keys import Keyspace
 from ratekeeper.settings import Settings
+from ratekeeper.storage.limiter import Limiter, Outcome, Status, WindowState
 
 from admin_support import (
     CONFIG,

@@ -29,7 +29,7 @@ from ratekeeper.logs import (
 from conftest import SALT, FakeClock, ServerProcess
 from redis_servers import RedisServer
 
-FORGED = "/x\n2026-01-01 00:00:00,000 ERROR ratekeeper.admin: forged\r\u2028\u0085\x1b[31m"
+FORGED = "/x\n2026-01-01 00:00:00,000 ERROR ratekeeper.admin.api: forged\r\u2028\u0085\x1b[31m"
 CONFIG = """
 [rules.r]
 limit = "5 per minute"
@@ -212,5 +212,5 @@ def test_a_real_server_logs_malformed_requests_cleanly(
     for line in text.splitlines():
         if fmt == "json":
             json.loads(line)
-        if "ratekeeper.runner" not in line:  # (it says where it listens)
+        if "ratekeeper.process.runner" not in line:  # (it says where it listens)
             assert "127.0.0.1" not in line, line

@@ -12,10 +12,10 @@ from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from ratekeeper.flags import FlagBoard
-from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import Limiter
-from ratekeeper.service import Checker
+from ratekeeper.decision.checker import Checker
+from ratekeeper.decision.flags import FlagBoard
+from ratekeeper.identity.keys import Keyspace
+from ratekeeper.storage.limiter import Limiter
 
 from conftest import ONE_RULE, SALT, FakeClock, config_from
 
@@ -251,3 +251,27 @@ async def test_sliding_counter_stays_within_its_bound(store: Any, key_prefix: st
     # over the long run it admits the configured rate, give or take one window's worth
     duration = admitted[-1] - admitted[0]
     assert len(admitted) <= limit * (duration / window_ms + 2)
+
+
+@pytest.mark.parametrize("limit", ["5 per 300 seconds", "3 per 10 seconds, 20 per hour",
+                                   "1 per minute", "50 per 5 seconds"])
+async def test_sliding_counter_reset_never_exceeds_the_window(
+        store: Any, key_prefix: str, clock: FakeClock, limit: str) -> None:
+    """On random sequences of hits, looks and waits (some landing on a bucket's first ms),
+    every window of a sliding-counter rule answers 0 <= reset <= its window, allowed or
+    denied."""
+    checker = checker_for(ONE_RULE.format(limit=limit, algorithm="sliding-counter"), store,
+                          key_prefix, clock)
+    windows_ms = [window.seconds * 1000 for window in checker.config.rules["r"].windows]
+    rng = random.Random(limit)
+    for step in range(400):
+        if rng.random() < 0.1:  # to the start of a bucket: the counter's worst reset
+            window_ms = rng.choice(windows_ms)
+            clock.ms = (clock.ms // window_ms + 1) * window_ms
+        else:
+            clock.ms += rng.choice([0, 1, 7, 150, 999, *(w // d for w in windows_ms
+                                                         for d in (40, 7, 2))])
+        cost = rng.choice([0, 1, 1, 1, 2, 3])
+        decision = await ask(checker, action="a", ip="192.0.2.88", cost=cost)
+        for state in decision.limits:
+            assert 0 <= state.reset <= state.window, (step, cost, decision)

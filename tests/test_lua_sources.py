@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ratekeeper.scripts import Scripts, read_script
+from ratekeeper.storage.scripts import Scripts, read_script
 
 SHARED = ("check", "refund")
 ALONE = ("announce", "flag_set", "flag_expire")

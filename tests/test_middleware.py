@@ -13,14 +13,13 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 from aiohttp import web
 
-from ratekeeper.client import AsyncClient
-from ratekeeper.config import parse_config
-from ratekeeper.flags import FlagState
-from ratekeeper.middleware import RatekeeperMiddleware, ratekeeper_middleware
-from ratekeeper.problem import QUOTA_EXCEEDED
-from ratekeeper.routes import RouteTable
-from ratekeeper.server import RUNTIME
-from ratekeeper.sync_client import SyncClient
+from ratekeeper.api.problem import QUOTA_EXCEEDED
+from ratekeeper.client import AsyncClient, SyncClient
+from ratekeeper.client.middleware import RatekeeperMiddleware, ratekeeper_middleware
+from ratekeeper.config.routes import RouteTable
+from ratekeeper.config.rules import parse_config
+from ratekeeper.decision.flags import FlagState
+from ratekeeper.server.state import RUNTIME
 
 from conftest import EXAMPLE, FakeClock
 from redis_servers import free_port

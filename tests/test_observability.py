@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ratekeeper.observe import DenialLog
+from ratekeeper.decision.observe import DenialLog
 
 from conftest import sample
 from redis_servers import RedisServer
@@ -168,8 +168,8 @@ async def test_a_wave_with_rotating_names_logs_one_line_per_culprit(
         make_client: Any, caplog: pytest.LogCaptureFixture) -> None:
     """A boxed IP sending 30 signups under 30 user names is one `banned` line naming the IP's
     hash alone (not one line per name); a kill switch's denials are one line per flag."""
-    from ratekeeper.flags import FlagState
-    from ratekeeper.server import RUNTIME
+    from ratekeeper.decision.flags import FlagState
+    from ratekeeper.server.state import RUNTIME
 
     client = await make_client(SPAM_CONFIG)
     caplog.set_level(logging.INFO, logger="ratekeeper.decisions")

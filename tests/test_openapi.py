@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ratekeeper.config import load_config
+from ratekeeper.config.rules import load_config
 
 from conftest import EXAMPLE
 
@@ -69,8 +69,8 @@ def test_spec_is_valid_openapi() -> None:
     """The document passes schemathesis' OpenAPI loader (which validates it)."""
     import schemathesis
 
-    from ratekeeper.spec import openapi_document
-    from ratekeeper.wire import batch_request_type, check_request_type
+    from ratekeeper.api.spec import openapi_document
+    from ratekeeper.api.wire import batch_request_type, check_request_type
 
     config = load_config(EXAMPLE)
     check_type = check_request_type(config.subjects)

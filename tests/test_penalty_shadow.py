@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ratekeeper.keys import Keyspace
+from ratekeeper.identity.keys import Keyspace
 
 from admin_support import CONFIG, SALT, admin_settings, call, check
 from conftest import FakeClock, config_from

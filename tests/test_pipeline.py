@@ -18,13 +18,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 
+from ratekeeper.decision.checker import Checker
+from ratekeeper.decision.flags import FlagBoard
 from ratekeeper.errors import StoreUnavailable
-from ratekeeper.flags import FlagBoard
-from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import Limiter, parse_outcome
-from ratekeeper.pipeline import Coalescer, Request, encode_command
-from ratekeeper.scripts import Scripts
-from ratekeeper.service import Checker
+from ratekeeper.identity.keys import Keyspace
+from ratekeeper.storage.coalescer import Coalescer, Request, encode_command
+from ratekeeper.storage.limiter import Limiter, parse_outcome
+from ratekeeper.storage.scripts import Scripts
 
 from conftest import ONE_RULE, SALT, config_from
 from redis_servers import RedisServer, free_port, running_redis

@@ -8,7 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from ratekeeper.keys import parse_ip
+from ratekeeper.identity.keys import parse_ip
 
 from conftest import SALT
 

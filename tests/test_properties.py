@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ratekeeper.config import config_from_data, parse_config
+from ratekeeper.config.rules import config_from_data, parse_config
 from ratekeeper.errors import BadRequest, ConfigError
-from ratekeeper.keys import Keyspace
+from ratekeeper.identity.keys import Keyspace
 
 KEYSPACE = Keyspace(b"property-test-salt-0123")
 

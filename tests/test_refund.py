@@ -191,7 +191,7 @@ def test_a_token_is_signed_with_keyed_blake2b_as_documented() -> None:
     import base64
     import hashlib
 
-    from ratekeeper.refunds import RefundSigner
+    from ratekeeper.decision.refunds import RefundSigner
 
     key = bytes(range(32))
     signer = RefundSigner(key)

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from ratekeeper.errors import StoreUnavailable
-from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import Limiter, Outcome, Status, parse_outcome
+from ratekeeper.identity.keys import Keyspace
+from ratekeeper.storage.limiter import Limiter, Outcome, Status, parse_outcome
 
 from conftest import SALT, FakeClock, config_from
 
@@ -34,7 +34,7 @@ async def _check(limiter: Limiter, keys: list[str], cost: int, rule_args: Any) -
 async def test_refund_gives_back_only_what_was_taken(store: Any, key_prefix: str,
                                                      clock: FakeClock, algorithm: str) -> None:
     """A refund restores remaining; refunding at a time nothing was taken gives back nothing."""
-    from ratekeeper.service import _plan
+    from ratekeeper.decision.checker import _plan
 
     config = config_from(RULES.format(algorithm=algorithm))
     keyspace = Keyspace(SALT, prefix=key_prefix)

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from ratekeeper.headers import rate_limit_headers, retry_after
-from ratekeeper.problem import denial, passing_headers
-from ratekeeper.wire import Decision, LimitState
+from ratekeeper.api.headers import rate_limit_headers, retry_after
+from ratekeeper.api.problem import denial, passing_headers
+from ratekeeper.api.wire import Decision, LimitState
 
 from admin_support import admin_settings, call
 from redis_servers import RedisServer

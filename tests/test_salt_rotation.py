@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from ratekeeper.decision.checker import Checker
+from ratekeeper.decision.flags import FlagBoard
 from ratekeeper.errors import SettingsError
-from ratekeeper.flags import FlagBoard
-from ratekeeper.keys import Keyspace
-from ratekeeper.limiter import Limiter
-from ratekeeper.service import Checker
+from ratekeeper.identity.keys import Keyspace
 from ratekeeper.settings import Settings
+from ratekeeper.storage.limiter import Limiter
 
 from conftest import FakeClock, config_from
 

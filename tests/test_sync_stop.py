@@ -6,11 +6,11 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from ratekeeper.audit import AuditLog
-from ratekeeper.flags import FlagBoard
-from ratekeeper.flagstore import FlagStore
-from ratekeeper.localcache import LocalCache
-from ratekeeper.sync import StateSync
+from ratekeeper.control.audit import AuditLog
+from ratekeeper.control.flagstore import FlagStore
+from ratekeeper.control.sync import StateSync
+from ratekeeper.decision.cache import LocalCache
+from ratekeeper.decision.flags import FlagBoard
 
 
 async def test_stop_always_ends_the_listener(redis: aioredis.Redis, key_prefix: str) -> None:

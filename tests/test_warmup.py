@@ -1,4 +1,4 @@
-"""A worker warms up before it serves (`ratekeeper.warmup`), and /readyz answers 200 only
+"""A worker warms up before it serves (`ratekeeper.server.warmup`), and /readyz answers 200 only
 while every worker of the server is warm and accepting: real `ratekeeper serve` processes
 against a real Redis that is started late, never started, or a worker that is stopped."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ratekeeper.accept import AcceptShare, AcceptSlots
+from ratekeeper.process.accept import AcceptShare, AcceptSlots
 
 from conftest import ONE_RULE, SALT
 from edge_support import Launched, exchange, get, parse_reply, post, read_reply

@@ -16,9 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
+from ratekeeper.admin.web.common import WEBADMIN
+from ratekeeper.admin.web.session import SESSION_COOKIE, SESSION_SECONDS, SIGNIN_COOKIE
 from ratekeeper.settings import AdminToken
-from ratekeeper.webadmin_common import WEBADMIN
-from ratekeeper.webadmin_session import SESSION_COOKIE, SESSION_SECONDS, SIGNIN_COOKIE
 
 from admin_support import (
     ALICE_TOKEN,

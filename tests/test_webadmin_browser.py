@@ -31,7 +31,7 @@ from playwright.sync_api import (
     sync_playwright,
 )
 
-from ratekeeper.keys import contains_ip
+from ratekeeper.identity.keys import contains_ip
 
 from admin_support import ALICE_TOKEN, CONFIG, SALT, VICTOR_TOKEN
 from conftest import EXAMPLE, ServerProcess

@@ -1,0 +1,1 @@
+"""Admins: the admin API, its CLI and the web page (``web``); every change audited."""

@@ -1,0 +1,37 @@
+"""Clients for the origin: ``AsyncClient`` (asyncio), ``SyncClient`` (WSGI) and middleware.
+
+Names are imported when first used: ``from ratekeeper.client import SyncClient`` loads the
+blocking client alone, and no client loads a server module.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+# each public name, and the module that defines it
+_HOMES = {
+    "AsyncClient": "ratekeeper.client.aio",
+    "Check": "ratekeeper.client.base",
+    "ClientError": "ratekeeper.client.base",
+    "Decision": "ratekeeper.api.wire",
+    "FailMode": "ratekeeper.client.base",
+    "FallbackDecision": "ratekeeper.client.base",
+    "RefundResult": "ratekeeper.api.wire",
+    "RequestRejected": "ratekeeper.client.base",
+    "SidecarUnavailable": "ratekeeper.client.base",
+    "SyncClient": "ratekeeper.client.sync",
+}
+
+__all__ = sorted(_HOMES, key=str.casefold)
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ratekeeper.client' has no attribute {name!r}")
+    return getattr(import_module(home), name)
+
+
+def __dir__() -> list[str]:
+    return [*globals(), *__all__]

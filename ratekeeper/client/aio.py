@@ -1,0 +1,102 @@
+"""``AsyncClient``: the origin's client for asyncio apps (aiohttp, one pooled session).
+
+``ratekeeper.client.sync.SyncClient`` is the same API for WSGI apps; the fail policy, errors
+and ``Check`` are ``ratekeeper.client.base``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+
+import aiohttp
+
+from ratekeeper.api.wire import Decision, RefundResult
+from ratekeeper.client.base import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    NOTHING_TAKEN,
+    UNAVAILABLE,
+    BaseClient,
+    Check,
+    FailMode,
+    SidecarUnavailable,
+    log,
+)
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient(BaseClient):
+    """The asyncio client: one aiohttp session with pooled keep-alive connections."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = DEFAULT_TIMEOUT,
+                 fail: Mapping[str, FailMode] | None = None, default_fail: FailMode = "open",
+                 connections: int = 100) -> None:
+        super().__init__(base_url, timeout=timeout, fail=fail, default_fail=default_fail)
+        self.connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client_session(self) -> aiohttp.ClientSession:
+        # made on first use, inside the running loop, as aiohttp requires
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.connections, keepalive_timeout=30),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"Content-Type": "application/json"},
+            )
+        return self._session
+
+    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            async with self._client_session().post(self.base_url + path, data=body) as resp:
+                return resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise SidecarUnavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+    async def check(self, action: str, ip: str | None = None, *, user: str | None = None,
+                    cost: int = 1, ip_hash: str | None = None, **subjects: str) -> Decision:
+        """May this client do ``action`` now? ``cost=0`` only looks."""
+        body = Check(action, ip, user=user, cost=cost, ip_hash=ip_hash, **subjects).body
+        try:
+            status, raw = await self._post("/v1/check", self._encode(body))
+            return self.answer(status, raw, self._decision)
+        except SidecarUnavailable as exc:
+            return self.fallback(action, exc)
+
+    async def batch(self, checks: Iterable[Check]) -> list[Decision]:
+        """Several checks in one round trip, answered in order."""
+        items = list(checks)
+        if not items:
+            return []
+        try:
+            status, raw = await self._post(
+                "/v1/check/batch", self._encode({"checks": [c.body for c in items]}))
+            return self.answer(status, raw, self._batch).results
+        except SidecarUnavailable as exc:
+            return self.batch_fallback(items, exc)
+
+    async def refund(self, token: str | Decision) -> RefundResult:
+        """Give back what a check took (its Decision or its ``refund`` token), at most once."""
+        text = self.token_of(token)
+        if text is None:
+            return NOTHING_TAKEN
+        try:
+            status, raw = await self._post("/v1/refund", self._encode({"token": text}))
+            return self.answer(status, raw, self._refund)
+        except SidecarUnavailable as exc:
+            log.warning("ratekeeper unavailable, refund not given: %s", exc)
+            return UNAVAILABLE

@@ -1,0 +1,1 @@
+"""The rules file: rules, actions, flags, tripwires and proxy routes, parsed strictly."""

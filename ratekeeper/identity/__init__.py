@@ -1,0 +1,1 @@
+"""Who a request is: IP normalisation, keyed hashing, key names, the forwarded address."""

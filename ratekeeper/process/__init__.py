@@ -1,0 +1,1 @@
+"""The command line, workers and their supervisor, and the balanced accept."""

@@ -1,0 +1,1 @@
+"""The HTTP server: runtime state, the check and authz endpoints, connection guard, warm-up."""
