@@ -31,7 +31,7 @@ DEBUG_ARGS = ("--enable-debug-command", "local")
 def script_commands() -> frozenset[str]:
     """Every command ratekeeper's Lua scripts call (INFO counts those calls as well)."""
     names: set[str] = set()
-    for path in (ROOT / "ratekeeper" / "lua").glob("*.lua"):
+    for path in (ROOT / "lua").glob("*.lua"):
         names.update(m.lower() for m in re.findall(r"redis\.call\('([A-Za-z]+)'",
                                                    path.read_text()))
     return frozenset(names)
@@ -156,7 +156,7 @@ class CheckCalls:
     def commands(self, subjects: range, per_call: int = 1) -> tuple[list[bytes], list[str]]:
         """The commands for ``subjects``, ``per_call`` of them a call, and the counter keys
         they write."""
-        from ratekeeper.storage.coalescer import encode_evalsha
+        from ratekeeper.storage.coalescer import encode_command
 
         keyspace, commands, written = self.keyspace, [], []
         for start in range(subjects.start, subjects.stop, per_call):
@@ -169,7 +169,7 @@ class CheckCalls:
                 keys += [keyspace.ban_key(subject), *counters]
                 args += self.request
                 written.extend(counters)
-            commands.append(encode_evalsha(self.sha, keys, args))
+            commands.append(encode_command(b"EVALSHA", self.sha, keys, args))
         return commands, written
 
 

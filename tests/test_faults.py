@@ -53,9 +53,11 @@ DEADLINE_MS = 400
 # cap only bounds how long a sidecar that never recovers makes the test wait.
 RECOVERY_CAP = 8.0
 _CHECK_SOURCE = read_script("check")
-# What marks a check.lua call on the wire: its SHA1 (EVALSHA), or its header (EVAL).
+# What marks a check.lua call on the wire: its SHA1 (EVALSHA), or its own header line (EVAL:
+# the source opens with the shared counter.lua, which refund.lua's shares)
 CHECK_CALL = (hashlib.sha1(_CHECK_SOURCE.encode()).hexdigest().encode(),
-              _CHECK_SOURCE.splitlines()[0].encode())
+              next(line for line in _CHECK_SOURCE.splitlines()
+                   if line.startswith("-- check.lua")).encode())
 
 
 class Rig:

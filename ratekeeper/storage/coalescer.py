@@ -38,7 +38,7 @@ from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from ratekeeper.storage.scripts import LuaScript, check_replies
 
-__all__ = ["Coalescer", "Request", "within"]
+__all__ = ["Arg", "Coalescer", "Request", "within"]
 
 Arg = str | int | bytes
 # one check: its KEYS, now (ARGV[1], '' for Redis TIME), cost, the rule set of its action

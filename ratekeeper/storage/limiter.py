@@ -33,7 +33,7 @@ from ratekeeper.errors import StoreUnavailable
 from ratekeeper.metrics import Metrics
 from ratekeeper.storage import slots
 from ratekeeper.storage.breaker import Breaker, BreakerState
-from ratekeeper.storage.coalescer import Coalescer, within
+from ratekeeper.storage.coalescer import Arg, Coalescer, Request, within
 from ratekeeper.storage.scripts import Scripts, check_args, check_replies
 
 __all__ = ["CheckCall", "Limiter", "Outcome", "Status", "WindowState", "parse_outcome"]
@@ -279,17 +279,16 @@ class Limiter:
             except StoreUnavailable as exc:
                 return [exc] * len(calls)
         replies: list[Sequence[int] | StoreUnavailable] = []
-        waiting: list[asyncio.Future[Sequence[int] | StoreUnavailable]] = []
+        run: list[Request] = []  # checks of one slot each, since the last over several
         for keys, cost, n_bans, n_rules, rule_args in calls:
             plan = slots.split(keys, n_bans, n_rules, rule_args)
             if len(plan.groups) == 1:
-                waiting.append(asyncio.ensure_future(self._unavailable_as_reply(
-                    self._script_call(keys, now, cost, tuple(rule_args)))))
+                run.append((keys, now, cost, tuple(rule_args)))
                 continue
-            replies += await asyncio.gather(*waiting)
-            waiting = []
+            replies += await self._script_calls(run)
+            run = []
             replies.append(await self._unavailable_as_reply(self._check_slots(plan, now, cost)))
-        replies += await asyncio.gather(*waiting)
+        replies += await self._script_calls(run)
         return replies
 
     @staticmethod
@@ -305,26 +304,63 @@ class Limiter:
 
     async def _script_call(self, keys: Sequence[str], now: str, cost: int,
                            rule_set: tuple[str | int, ...]) -> Sequence[int]:
-        """check.lua for keys of one slot, coalesced on the node that holds it; through the
-        Cluster client when that node is unknown or answers that it no longer holds the slot
-        (the client follows MOVED and ASK). Raises StoreUnavailable."""
-        node = self._node_of(keys[0])
-        if node is not None:
-            coalescer, breaker = node
-            self._admit("check", (breaker,))
-            future = coalescer.submit([(keys, now, cost, rule_set)])[0]
+        """check.lua for keys of one slot (``_script_calls``); raises StoreUnavailable."""
+        [reply] = await self._script_calls([(keys, now, cost, rule_set)])
+        if isinstance(reply, StoreUnavailable):
+            raise reply
+        return reply
+
+    async def _script_calls(self, requests: Sequence[Request]
+                            ) -> list[Sequence[int] | StoreUnavailable]:
+        """check.lua for checks whose keys share one slot each, in order.
+
+        The checks of one node go to its coalescer together, so they leave in one write, in
+        order. A check whose node is unknown, or whose node answers that it no longer holds
+        the slot, goes through the Cluster client instead (it follows MOVED and ASK).
+        """
+        results: list[Sequence[int] | StoreUnavailable | None] = [None] * len(requests)
+        by_node: dict[int, tuple[Coalescer, Breaker, list[int]]] = {}
+        alone: list[int] = []
+        for i, (keys, _, _, _) in enumerate(requests):
+            node = self._node_of(keys[0])
+            if node is None:
+                alone.append(i)
+            else:
+                by_node.setdefault(id(node[0]), (*node, []))[2].append(i)
+        sent: list[tuple[int, asyncio.Future[Any], Breaker]] = []
+        for coalescer, breaker, indexes in by_node.values():
             try:
-                return await future  # type: ignore[no-any-return]
-            except REDIRECTS:
-                self._refresh_topology()
-            except REDIS_FAILURES as exc:  # (the node's breaker counted its write)
-                self._refresh_topology()
-                raise StoreUnavailable(f"redis: {type(exc).__name__}") from exc
-            except BaseException:
+                self._admit("check", (breaker,))
+            except StoreUnavailable as exc:
+                for i in indexes:
+                    results[i] = exc
+                continue
+            futures = coalescer.submit([requests[i] for i in indexes])
+            sent += [(i, future, breaker) for i, future in zip(indexes, futures, strict=True)]
+        try:
+            for i, future, _ in sent:
+                try:
+                    results[i] = await future
+                except REDIRECTS:
+                    self._refresh_topology()
+                    alone.append(i)
+                except REDIS_FAILURES as exc:  # (the node's breaker counted its write)
+                    self._refresh_topology()
+                    results[i] = StoreUnavailable(f"redis: {type(exc).__name__}")
+        except BaseException:
+            for _, future, breaker in sent:
                 breaker.abandon()
                 future.cancel()
-                raise
-        args = check_args(now, cost, len(keys), rule_set)
+            raise
+        for i in sorted(alone):
+            results[i] = await self._unavailable_as_reply(self._through_client(*requests[i]))
+        return results  # type: ignore[return-value]
+
+    async def _through_client(self, keys: Sequence[str], now: Arg, cost: Arg,
+                              rule_set: tuple[Arg, ...]) -> Sequence[int]:
+        """check.lua for one check through the Cluster client (under the deadline)."""
+        args = check_args(str(now), int(cost), len(keys),
+                          [v.decode() if isinstance(v, bytes) else v for v in rule_set])
         script = self.scripts.check
 
         async def one() -> Sequence[int]:
