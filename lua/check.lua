@@ -67,8 +67,8 @@
 -- zero).
 --
 -- A request's ban keys, enforced penalty keys and counter keys are read with one MGET, which
--- reads a key of another type as absent (keys.py gives each algorithm its own key name, so a
--- counter key is a STRING or nothing, and only SET writes ban and penalty keys).
+-- reads a key of another type as absent (identity/keys.py gives each algorithm its own key
+-- name, so a counter key is a STRING or nothing, and only SET writes ban and penalty keys).
 
 local SLACK_MS = 1000
 local CHUNK = 1000  -- hits per LPUSH: a large cost never builds an unbounded argument list

@@ -15,7 +15,7 @@
 -- Returns the number of hits given back per rule, as a list of nr integers.
 -- Never: creates a key, changes a TTL, or gives back more than was taken at at_ms (a log
 -- removes only entries stamped at_ms; a counter only decrements the bucket at_ms fell in,
--- never below zero). Refunding twice is the caller's to prevent (see service.refund).
+-- never below zero). Refunding twice is the caller's to prevent (see Checker.refund).
 
 local cost = tonumber(ARGV[1])
 local at = tonumber(ARGV[2])

@@ -123,13 +123,33 @@ async def test_expired_bans_leave_the_list(make_client: Any, settings_for: Any,
     assert [b["expires_at"] - b["created_at"] for b in bans] == [600]
 
 
+@pytest.mark.parametrize(("given", "seconds"), [
+    (3600, 3600), ("3600", 3600), ("1h", 3600), ("90s", 90), ("1 day", 86400), ("2W", 14 * 86400),
+])
+async def test_duration_takes_seconds_or_a_duration(make_client: Any, settings_for: Any,
+                                                    given: Any, seconds: int) -> None:
+    """A ban's duration is whole seconds, or a duration as the CLI and the admin page take it
+    ("1h", "90s", "1 day"): the ban lasts that many seconds, and so does its key in Redis."""
+    client = await make_client(CONFIG, app_settings=settings_for())
+    ban = await call(client, "POST", "/v1/admin/bans", expect=201,
+                     json={"user": "mallory", "duration": given})
+    assert ban["expires_at"] - ban["created_at"] == pytest.approx(seconds)
+    event = (await call(client, "GET", "/v1/admin/audit"))["events"][0]
+    assert event["detail"]["duration"] == seconds
+    decision = await check(client, action="login", ip=IP, user="mallory")
+    assert decision["reason"] == "banned" and seconds - 10 <= decision["retry_after"] <= seconds
+
+
 @pytest.mark.parametrize(("body", "needle"), [
     ({"duration": 60}, "give exactly one subject"),
     ({"ip": IP, "user": "x", "duration": 60}, "give exactly one subject"),
     ({"ip": IP}, "missing required field `duration`"),
     ({"ip": IP, "duration": 0}, "duration"),
     ({"ip": IP, "duration": -1}, "duration"),
-    ({"ip": IP, "duration": "1h"}, "duration"),
+    ({"ip": IP, "duration": "forever"}, "duration must be a duration such as"),
+    ({"ip": IP, "duration": "0d"}, "duration must be at least one second"),
+    ({"ip": IP, "duration": "3661d"}, "duration must be at most 3660 days"),
+    ({"ip": IP, "duration": True}, "duration"),
     ({"ip": "203.0.113.300", "duration": 60}, "not a valid IPv4 or IPv6 address"),
     ({"email": "a@b.c", "duration": 60}, "unknown field"),
     ({"subject_hash": "not-a-hash", "duration": 60}, "subject_hash"),
@@ -144,6 +164,7 @@ async def test_bad_bans_are_400_and_change_nothing(
     answer = await call(client, "POST", "/v1/admin/bans", json=body, expect=400)
     assert needle in answer["error"]
     assert IP not in answer["error"] and "203.0.113.300" not in answer["error"]
+    assert "forever" not in answer["error"]
     assert await keys_under(redis, key_prefix) == []
 
 

@@ -159,10 +159,10 @@ async def test_refund_through_the_client(make: MakeAdapter, sidecar: str) -> Non
 async def test_a_look_carries_no_refund(make: MakeAdapter, sidecar: str) -> None:
     """A look (cost 0) and a denial have no ``refund`` on the wire, every other field is
     there, and both clients read their ``refund`` as None; a hit's is its token."""
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"{sidecar}/v1/check",
-                                json={"action": "login", "ip": "192.0.2.4", "cost": 0}) as resp:
-            wire = await resp.json()
+    look = {"action": "login", "ip": "192.0.2.4", "cost": 0}
+    async with aiohttp.ClientSession() as session, session.post(f"{sidecar}/v1/check",
+                                                                json=look) as resp:
+        wire = await resp.json()
     assert set(wire) == {"allowed", "reason", "action", "retry_after", "flag", "message",
                          "degraded", "shadow", "limits"}
     client = make(sidecar)

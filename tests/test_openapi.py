@@ -78,3 +78,15 @@ def test_spec_is_valid_openapi() -> None:
     schema = schemathesis.openapi.from_dict(spec)
     operations = list(schema.get_all_operations())
     assert len(operations) == sum(len(item) for item in spec["paths"].values())
+
+
+async def test_admin_durations_are_seconds_or_text(make_client: Any) -> None:
+    """A flag's expires_in and a ban's duration are documented as whole seconds (within the
+    API's bounds) or a duration string such as "2h"."""
+    client = await make_client(CONFIG)
+    schemas = (await (await client.get("/openapi.json")).json())["components"]["schemas"]
+    for schema, most in ((schemas["FlagUpdate"]["properties"]["expires_in"], 366 * 86400),
+                         (schemas["BanRequest"]["properties"]["duration"], 3660 * 86400)):
+        kinds = {branch["type"]: branch for branch in schema["anyOf"]}
+        assert (kinds["integer"]["minimum"], kinds["integer"]["maximum"]) == (1, most)
+        assert kinds["string"]["minLength"] == 1 and "2h" in kinds["string"]["examples"]

@@ -207,7 +207,7 @@ def test_sign_in_and_turn_a_flag_on(serve_process: Serve, redis_server: RedisSer
     row.locator("input[name=reason]").fill("database migration")
     row.locator("input[name=expires_in]").fill("2h")
     row.get_by_role("button", name="Turn on").click()
-    expect(page).to_have_url(server.url + "/admin#flags")
+    expect(page).to_have_url(server.url + "/admin#outcome")
     expect(page.locator(".flash.ok")).to_have_text("read-only is on for 2 h.")
     expect(row.locator(".badge")).to_have_text("ON")
     for _ in range(10):  # new connections, spread over both workers
@@ -247,6 +247,49 @@ def test_ban_from_the_page_then_lift_it(server: ServerProcess, page: Page) -> No
     assert check(server, action="register", ip=IP)["allowed"]
     kinds = [(e["kind"], e["actor"]) for e in api(server, "GET", "/v1/admin/audit")["events"]]
     assert kinds == [("lift", "alice"), ("ban", "alice")]
+
+
+# whether the element a selector names is wholly in the window and not under the sticky bar
+UNCOVERED = """selector => {
+    const bar = document.querySelector("header.bar").getBoundingClientRect();
+    const box = document.querySelector(selector).getBoundingClientRect();
+    return box.height > 0 && box.top >= bar.bottom && box.bottom <= window.innerHeight;
+}"""
+
+
+def test_the_outcome_of_a_form_is_in_view(server: ServerProcess, page: Page) -> None:
+    """In a short window, after forms far down the page (the ban form, a ban's Lift) and a
+    switch at the top are posted, the page comes back showing its message (what changed, or
+    why nothing did) whole and below the sticky bar; a link to a section lands below the bar
+    too."""
+    page.set_viewport_size({"width": 1440, "height": 480})
+    sign_in(page, server)
+    assert page.eval_on_selector("header.bar", "bar => getComputedStyle(bar).position") == (
+        "sticky")
+    add = page.locator("#add-ban")
+    outcomes = (("2h", "ok", "Banned user "), ("soon", "error", "Nothing was changed: "))
+    for duration, kind, text in outcomes:
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # down to the form
+        assert not page.evaluate(UNCOVERED, "#flags h2")
+        add.locator("select[name=field]").select_option("user")
+        add.locator("input[name=value]").fill("mallory")
+        add.locator("input[name=duration]").fill(duration)
+        add.get_by_role("button", name="Ban").click()
+        expect(page).to_have_url(server.url + "/admin#outcome")
+        expect(page.locator(f"#outcome.{kind}")).to_contain_text(text)
+        page.wait_for_function(UNCOVERED, arg="#outcome")
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+    ban = page.locator("#bans tbody tr").first
+    ban.get_by_role("button", name="Lift").click()
+    expect(page.locator("#outcome.ok")).to_contain_text("Lifted the ban on ")
+    page.wait_for_function(UNCOVERED, arg="#outcome")
+    row = page.locator("#flag-read-only")
+    row.locator("input[name=expires_in]").fill("2h")
+    row.get_by_role("button", name="Turn on").click()
+    expect(page.locator("#outcome.ok")).to_have_text("read-only is on for 2 h.")
+    page.wait_for_function(UNCOVERED, arg="#outcome")
+    page.goto(server.url + "/admin#bans")
+    page.wait_for_function(UNCOVERED, arg="#bans h2")
 
 
 def test_forged_form_posts_change_nothing(server: ServerProcess, context: BrowserContext,

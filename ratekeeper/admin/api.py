@@ -25,6 +25,7 @@ from ratekeeper.admin.common import (
     AdminState,
     check_text,
     decode,
+    duration_seconds,
     limit_param,
     parts,
     query,
@@ -32,6 +33,7 @@ from ratekeeper.admin.common import (
 )
 from ratekeeper.api.admin_wire import (
     MAX_AUDIT_LIMIT,
+    MAX_FLAG_SECONDS,
     AuditEvent,
     AuditList,
     FlagList,
@@ -124,19 +126,22 @@ async def set_flag(runtime: Runtime, admin: AdminState, principal: Principal, na
     """Turn the declared flag ``name`` on or off, for the API and the admin page alike."""
     board = runtime.flags
     check_text(admin, message=update.message, reason=update.reason)
-    if update.expires_in is not None and not update.enabled:
-        raise BadRequest("expires_in only applies when turning a flag on")
+    expires_in = None
+    if update.expires_in is not None:
+        if not update.enabled:
+            raise BadRequest("expires_in only applies when turning a flag on")
+        expires_in = duration_seconds(update.expires_in, "expires_in", MAX_FLAG_SECONDS)
     now = admin.wall()
     state = FlagState(name=name, enabled=update.enabled, message=update.message or "",
                       updated_by=principal.name, updated_at=now,
-                      expires_at=now + update.expires_in if update.expires_in else None)
+                      expires_at=now + expires_in if expires_in else None)
     restore = [s for s in board.recorded() if s.name != name] if board.seen_in_store else []
     await admin.flagstore.put(state, restore)
     board.seen_in_store = True
     board.update(state)
     detail: dict[str, Any] = {"enabled": update.enabled}
-    if update.expires_in is not None:
-        detail["expires_in"] = update.expires_in
+    if expires_in is not None:
+        detail["expires_in"] = expires_in
     if update.message is not None:
         detail["message"] = update.message
     await admin.audit.record(AuditEvent(at=now, actor=principal.name, kind="flag", target=name,

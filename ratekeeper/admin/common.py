@@ -12,6 +12,7 @@ from aiohttp import web
 from ratekeeper.admin.auth import Principal, TokenAuth
 from ratekeeper.api.admin_wire import SUBJECT_HASH_FIELD, ban_request_type, reset_request_type
 from ratekeeper.api.wire import decode
+from ratekeeper.config.rules import parse_duration
 from ratekeeper.control.audit import AuditLog
 from ratekeeper.control.bans import BanBook
 from ratekeeper.control.flagstore import FlagStore
@@ -21,8 +22,8 @@ from ratekeeper.errors import BadRequest
 from ratekeeper.identity.keys import contains_ip
 from ratekeeper.server.state import RUNTIME, Runtime
 
-__all__ = ["ADMIN", "AdminState", "Codecs", "check_text", "decode", "limit_param",
-           "parts", "query", "route_of"]
+__all__ = ["ADMIN", "AdminState", "Codecs", "check_text", "decode", "duration_seconds",
+           "limit_param", "parts", "query", "route_of"]
 
 @dataclass(slots=True)
 class Codecs:
@@ -90,6 +91,22 @@ def limit_param(params: dict[str, str], default: int, high: int) -> int:
         raise BadRequest(f"limit must be an integer from 1 to {high}") from None
     if not 1 <= value <= high:
         raise BadRequest(f"limit must be an integer from 1 to {high}")
+    return value
+
+
+def duration_seconds(value: int | str, what: str, most: int) -> int:
+    """Seconds from whole seconds or a duration such as ``"90s"``, ``"2h"``, ``"1 day"``
+    (the config's parser, as the CLI uses it), from 1 to ``most``; else BadRequest."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text) if text.isdigit() else parse_duration(text)
+        except ValueError:
+            raise BadRequest(f"{what} must be a duration such as 3600, 90s, 2h or 1d") from None
+    if value < 1:
+        raise BadRequest(f"{what} must be at least one second")
+    if value > most:
+        raise BadRequest(f"{what} must be at most {most // 86400} days")
     return value
 
 

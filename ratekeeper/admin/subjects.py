@@ -9,8 +9,17 @@ import msgspec
 from aiohttp import web
 
 from ratekeeper.admin.auth import Principal
-from ratekeeper.admin.common import AdminState, check_text, decode, limit_param, parts, query
+from ratekeeper.admin.common import (
+    AdminState,
+    check_text,
+    decode,
+    duration_seconds,
+    limit_param,
+    parts,
+    query,
+)
 from ratekeeper.api.admin_wire import (
+    MAX_BAN_SECONDS,
     SUBJECT_HASH_FIELD,
     AuditEvent,
     BanList,
@@ -58,7 +67,7 @@ def _ban_subject(keyspace: Keyspace, field: str, value: str) -> tuple[str, str]:
 
 
 async def add_ban(request: web.Request) -> web.Response:
-    """POST /v1/admin/bans: ban one subject for ``duration`` seconds."""
+    """POST /v1/admin/bans: ban one subject for ``duration`` (seconds, or such as "1d")."""
     runtime, admin, principal = parts(request)
     body = decode(admin.codecs_for(runtime.checker).ban, await request.read())
     return json_response(await ban_subject(runtime, admin, principal, body), status=201)
@@ -73,17 +82,18 @@ async def ban_subject(runtime: Runtime, admin: AdminState, principal: Principal,
     if len(given) != 1:
         raise BadRequest("give exactly one subject to ban: " + ", ".join(codecs.subject_fields))
     check_text(admin, reason=body.reason)
+    duration = duration_seconds(body.duration, "duration", MAX_BAN_SECONDS)
     field, subject = _ban_subject(checker.keyspace, *given[0])
     now = admin.wall()
     ban = BanView(id=subject, field=field, reason=body.reason, created_by=principal.name,
-                  created_at=now, expires_at=now + body.duration)
-    await admin.bans.add(ban, checker.keyspace.ban_key(subject), body.duration * 1000)
+                  created_at=now, expires_at=now + duration)
+    await admin.bans.add(ban, checker.keyspace.ban_key(subject), duration * 1000)
     await admin.audit.record(AuditEvent(
         at=now, actor=principal.name, kind="ban", target=f"ban:{subject}",
-        detail={"field": field, "duration": body.duration, "expires_at": ban.expires_at},
+        detail={"field": field, "duration": duration, "expires_at": ban.expires_at},
         reason=body.reason))
     await admin.sync.announce(Event(kind="ban", subjects=[subject]))
-    log.info("subject %s:%s banned for %d s by %s", field or "hash", subject, body.duration,
+    log.info("subject %s:%s banned for %d s by %s", field or "hash", subject, duration,
              principal.name)
     return ban
 

@@ -44,8 +44,13 @@ MAX_BAN_SECONDS = 10 * 366 * 86400
 SUBJECT_HASH_FIELD = "subject_hash"
 
 Text = Annotated[str, Meta(max_length=1000)]
-FlagSeconds = Annotated[int, Meta(ge=1, le=MAX_FLAG_SECONDS)]
-BanSeconds = Annotated[int, Meta(ge=1, le=MAX_BAN_SECONDS)]
+FlagSeconds = Annotated[int, Meta(ge=1, le=MAX_FLAG_SECONDS, description="seconds")]
+BanSeconds = Annotated[int, Meta(ge=1, le=MAX_BAN_SECONDS, description="seconds")]
+# A duration as the CLI and the admin page take it; the admin API reads it with the config's
+# duration parser and holds the seconds to the same bounds as an integer's.
+DurationText = Annotated[str, Meta(
+    min_length=1, max_length=32, examples=["90s", "30m", "2h", "1d", "1 hour"],
+    description="a number and a unit (s, m, h, d, w, or the words), or whole seconds")]
 SubjectHash = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{22}$")]
 Name = Annotated[str, Meta(min_length=1, max_length=128)]
 
@@ -56,7 +61,8 @@ class FlagUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool
     message: Text | None = None  # shown to users; default: the one declared in the config
     reason: Text | None = None  # why, for the audit trail
-    expires_in: FlagSeconds | None = None  # seconds until it turns itself off (enabling only)
+    # until it turns itself off (enabling only): seconds, or a duration such as "2h"
+    expires_in: FlagSeconds | DurationText | None = None
 
 
 class FlagView(msgspec.Struct, frozen=True):
@@ -167,9 +173,10 @@ def _subject_fields(subjects: Iterable[str]) -> list[tuple[str, Any, Any]]:
 
 
 def ban_request_type(subjects: Iterable[str]) -> type[msgspec.Struct]:
-    """``POST /v1/admin/bans``: exactly one subject, a duration in seconds, a reason."""
+    """``POST /v1/admin/bans``: exactly one subject, a duration (seconds, or such as "1d"),
+    a reason."""
     fields = _subject_fields(subjects)
-    fields += [("duration", BanSeconds, msgspec.NODEFAULT), ("reason", Text, "")]
+    fields += [("duration", BanSeconds | DurationText, msgspec.NODEFAULT), ("reason", Text, "")]
     return msgspec.defstruct("BanRequest", fields, forbid_unknown_fields=True, kw_only=True)
 
 

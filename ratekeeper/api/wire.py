@@ -84,6 +84,10 @@ class LimitState(msgspec.Struct, frozen=True):
     reset: int
 
 
+RefundText = Annotated[str, Meta(
+    description="a token for POST /v1/refund; absent when the check took nothing")]
+
+
 class Decision(msgspec.Struct, frozen=True, omit_defaults=True):
     """The answer to one check."""
 
@@ -100,7 +104,7 @@ class Decision(msgspec.Struct, frozen=True, omit_defaults=True):
     limits: list[LimitState] = msgspec.field(default_factory=lambda: [])
     # Sent only when hits were taken (None, and absent on the wire, for a look or a denial):
     # hand it to POST /v1/refund to give them back.
-    refund: str | None = None
+    refund: RefundText | None = None
 
 
 class BatchResponse(msgspec.Struct, frozen=True):

@@ -19,7 +19,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from ratekeeper.admin.api import set_flag
-from ratekeeper.admin.common import decode
+from ratekeeper.admin.common import decode, duration_seconds
 from ratekeeper.admin.subjects import ban_subject, lift_subject
 from ratekeeper.admin.web.common import (
     UNREADABLE_FORM,
@@ -33,79 +33,66 @@ from ratekeeper.admin.web.common import (
 )
 from ratekeeper.admin.web.session import Session, cross_origin, same_token
 from ratekeeper.admin.web.view import span
-from ratekeeper.api.admin_wire import FlagUpdate, LiftRequest
-from ratekeeper.config.rules import parse_duration
+from ratekeeper.api.admin_wire import MAX_BAN_SECONDS, MAX_FLAG_SECONDS, FlagUpdate, LiftRequest
 from ratekeeper.errors import BadRequest, StoreUnavailable
 from ratekeeper.server.http import Handler
 
 __all__ = ["add_ban", "change", "change_flag", "lift_ban"]
 
 Change = Callable[[web.Request, Session, MultiDictProxy[Any]], Awaitable[str]]
+OUTCOME_ID = "outcome"  # the id of the page's one-shot message (page.html)
 
 _flag_update = msgspec.json.Decoder(FlagUpdate)
 _lift_request = msgspec.json.Decoder(LiftRequest)
 _encode = msgspec.json.Encoder().encode
 
 
-def _seconds(text: str, what: str) -> int:
-    text = text.strip()
-    try:
-        value = int(text) if text.isdigit() else parse_duration(text)
-    except ValueError:
-        raise BadRequest(f"{what} must be a duration such as 3600, 90m, 2h or 1d") from None
-    if value < 1:
-        raise BadRequest(f"{what} must be at least one second")
-    return value
-
-
-def change(anchor: str) -> Callable[[Change], Handler]:
+def change(run: Change) -> Handler:
     """A form handler: same origin, a session, its CSRF token and an admin token, or refused.
 
     Then the change runs; its outcome becomes the next page view's message, and the answer
-    is a redirect to the page (post/redirect/get).
+    is a redirect to the page (post/redirect/get) at that message: a form far down the page
+    would otherwise come back to a page whose outcome is out of view.
     """
 
-    def wrap(run: Change) -> Handler:
-        async def handler(request: web.Request) -> web.StreamResponse:
-            _, _, state = parts(request)
-            why = cross_origin(request, state.proxies)
-            if why is not None:
-                return refuse(request, 403, "Change refused", f"{why}. Nothing was changed.")
-            session = await current_session(request)
-            if session is None:
-                return refuse(request, 401, "Not signed in",
-                               "Your session has ended or was never started. Nothing was "
-                               "changed. Sign in and try again.")
-            form = await read_form(request)
-            if form is None:
-                return refuse(request, 400, "Change refused", UNREADABLE_FORM)
-            if not same_token(session.csrf, field(form, "csrf")):
-                return refuse(request, 403, "Change refused",
-                               "This form did not come from your current session (its CSRF "
-                               "token is missing or wrong). Nothing was changed. Reload the "
-                               "page and try again.")
-            if not session.principal.can_write:
-                return refuse(request, 403, "Change refused",
-                               f"Token '{session.principal.name}' may only read. Nothing "
-                               "was changed.")
-            try:
-                kind, text = "ok", await run(request, session, form)
-            except BadRequest as exc:
-                kind, text = "error", f"Nothing was changed: {exc}."
-            except StoreUnavailable:
-                kind, text = "error", ("Redis is unavailable, so the change may not have "
-                                       "been made. Try again: every change is safe to repeat.")
-            with contextlib.suppress(StoreUnavailable):
-                await state.sessions.flash(session, kind, text)
-            return redirect(url_for(request, "page") + f"#{anchor}")
+    async def handler(request: web.Request) -> web.StreamResponse:
+        _, _, state = parts(request)
+        why = cross_origin(request, state.proxies)
+        if why is not None:
+            return refuse(request, 403, "Change refused", f"{why}. Nothing was changed.")
+        session = await current_session(request)
+        if session is None:
+            return refuse(request, 401, "Not signed in",
+                          "Your session has ended or was never started. Nothing was "
+                          "changed. Sign in and try again.")
+        form = await read_form(request)
+        if form is None:
+            return refuse(request, 400, "Change refused", UNREADABLE_FORM)
+        if not same_token(session.csrf, field(form, "csrf")):
+            return refuse(request, 403, "Change refused",
+                          "This form did not come from your current session (its CSRF "
+                          "token is missing or wrong). Nothing was changed. Reload the "
+                          "page and try again.")
+        if not session.principal.can_write:
+            return refuse(request, 403, "Change refused",
+                          f"Token '{session.principal.name}' may only read. Nothing "
+                          "was changed.")
+        try:
+            kind, text = "ok", await run(request, session, form)
+        except BadRequest as exc:
+            kind, text = "error", f"Nothing was changed: {exc}."
+        except StoreUnavailable:
+            kind, text = "error", ("Redis is unavailable, so the change may not have "
+                                   "been made. Try again: every change is safe to repeat.")
+        with contextlib.suppress(StoreUnavailable):
+            await state.sessions.flash(session, kind, text)
+        return redirect(url_for(request, "page") + f"#{OUTCOME_ID}")
 
-        handler.__doc__ = run.__doc__
-        return handler
-
-    return wrap
+    handler.__doc__ = run.__doc__
+    return handler
 
 
-@change("flags")
+@change
 async def change_flag(request: web.Request, session: Session, form: MultiDictProxy[Any]
                       ) -> str:
     """POST /admin/flags/{name}: turn a kill switch on (message, reason, expiry) or off."""
@@ -124,7 +111,7 @@ async def change_flag(request: web.Request, session: Session, form: MultiDictPro
     if enabled and message:
         body["message"] = message
     if enabled and expires:
-        body["expires_in"] = _seconds(expires, "the expiry")
+        body["expires_in"] = duration_seconds(expires, "the expiry", MAX_FLAG_SECONDS)
     view = await set_flag(runtime, admin, session.principal, name,
                           decode(_flag_update, _encode(body)))
     if not view.enabled:
@@ -133,7 +120,7 @@ async def change_flag(request: web.Request, session: Session, form: MultiDictPro
     return f"{name} is on{until}."
 
 
-@change("bans")
+@change
 async def add_ban(request: web.Request, session: Session, form: MultiDictProxy[Any]) -> str:
     """POST /admin/bans: ban one subject (an IP is hashed on the way in) for a duration."""
     runtime, admin, _ = parts(request)
@@ -143,15 +130,15 @@ async def add_ban(request: web.Request, session: Session, form: MultiDictProxy[A
     value = field(form, "value").strip()
     if not value:
         raise BadRequest(f"give the {kind} to ban")
-    body = {kind: value, "duration": _seconds(field(form, "duration"), "the duration"),
-            "reason": field(form, "reason").strip()}
+    duration = duration_seconds(field(form, "duration"), "the duration", MAX_BAN_SECONDS)
+    body = {kind: value, "duration": duration, "reason": field(form, "reason").strip()}
     ban = await ban_subject(runtime, admin, session.principal,
                             decode(admin.codecs_for(runtime.checker).ban, _encode(body)))
     shown = f"{ban.field} " if ban.field else ""
     return f"Banned {shown}{ban.id} for {span(ban.expires_at - ban.created_at)}."
 
 
-@change("bans")
+@change
 async def lift_ban(request: web.Request, session: Session, form: MultiDictProxy[Any]) -> str:
     """POST /admin/bans/{id}/lift: lift a ban everywhere."""
     runtime, admin, _ = parts(request)
