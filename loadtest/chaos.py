@@ -41,6 +41,9 @@ from typing import Any
 
 import aiohttp
 import uvloop
+from redis.crc import key_slot
+
+from ratekeeper.identity.keys import Keyspace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -59,6 +62,7 @@ WARM = 2.0  # seconds of load before the fault
 SETTLE = 3.0  # seconds of clean answers that count as back to normal
 CAP = 30.0  # seconds after the fault's end to wait for that, at most
 FLAG = "chaos-marker"
+PREFIX = "chaos"  # the server's RATEKEEPER_KEY_PREFIX
 
 RULES = f"""
 [rules.fresh-ip]
@@ -300,7 +304,26 @@ async def measure(name: str, fault: Fault, stage: Stage, tag: int, token: str) -
         lost = await lost_marks(admin, marks)
     row = tabulate(name, load.answers, started, ended, clean, load.last_bad, lost)
     row.note = note
+    if stage.lost_slots:
+        row.note += "; " + slot_split(load.answers, stage.lost_slots, stage.salt)
     return row
+
+
+def slot_split(answers: list[Answer], lost: frozenset[int], salt: bytes) -> str:
+    """Degraded answers on the slots a dead node held, and on the healthy nodes' slots (each
+    check's keys share its subject's slot: the hash tag is the subject's keyed hash)."""
+    keyspace = Keyspace(salt, prefix=PREFIX)
+    on_lost = on_healthy = 0
+    for answer in answers:
+        if not answer.degraded:
+            continue
+        subject = keyspace.subject((("ip", keyspace.ip_value(answer.subject)),))
+        if key_slot(keyspace.ban_key(subject).encode()) in lost:
+            on_lost += 1
+        else:
+            on_healthy += 1
+    return (f"degraded answers on the dead master's slots {on_lost}, on the healthy masters' "
+            f"slots {on_healthy}")
 
 
 def tabulate(name: str, answers: list[Answer], started: float, ended: float, clean: bool,
@@ -358,7 +381,8 @@ async def main() -> None:
     token = secrets.token_urlsafe(16)
     rows: list[Row] = []
     logs: list[str] = []
-    env = {"RATEKEEPER_IP_SALT": secrets.token_hex(16), "RATEKEEPER_KEY_PREFIX": "chaos",
+    salt = secrets.token_hex(16)
+    env = {"RATEKEEPER_IP_SALT": salt, "RATEKEEPER_KEY_PREFIX": PREFIX,
            "RATEKEEPER_ADMIN_TOKENS": f"chaos:{token}",
            "RATEKEEPER_REDIS_TIMEOUT_MS": ""}  # "": the product's own deadline
     for make_stage, faults in STAGES:
@@ -366,6 +390,7 @@ async def main() -> None:
         if not wanted:
             continue
         stage = await asyncio.to_thread(make_stage, RULES, env)
+        stage.salt = salt.encode()
         try:
             for name in wanted:
                 print(f"{name} ...", file=sys.stderr, flush=True)

@@ -55,6 +55,9 @@ class Stage:
     sentinel: SentinelServers | None = None
     cluster: ClusterServers | None = None
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+    # the slots a fault took away with a dead node (cluster-failover), for the table's split
+    lost_slots: frozenset[int] = frozenset()
+    salt: bytes = b""  # the server's RATEKEEPER_IP_SALT, to tell a subject's slot
 
     def log_lines(self, pattern: str) -> list[str]:
         """What ``pattern`` (a regex, its first group if it has one) matches in the log."""
@@ -96,6 +99,9 @@ def start_replicated_cluster(masters: int = 3) -> ClusterServers:
             nodes.append(start_redis(port=port, extra=(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-port", str(bus), "--cluster-node-timeout", "2000",
+                # the masters that are up go on serving their slots while a failed
+                # master's replica takes over (docs/operations.md, Redis Cluster)
+                "--cluster-require-full-coverage", "no",
                 "--repl-diskless-sync-delay", "0")))
         subprocess.run(["redis-cli", "--cluster", "create",
                         *(f"127.0.0.1:{n.port}" for n in nodes),
@@ -257,6 +263,7 @@ async def cluster_failover(stage: Stage) -> tuple[float, str]:
     assert cluster is not None
     victim = max(masters_of(cluster), key=lambda n: len(slots_of(n)))
     slots = slots_of(victim)
+    stage.lost_slots = frozenset(slots)
     replica = next(n for n in cluster.nodes if n is not victim and n.process.poll() is None
                    and n.cli("ROLE").split()[1:3] == ["127.0.0.1", str(victim.port)])
     victim.kill()

@@ -16,6 +16,7 @@ from redis.crc import key_slot
 
 from ratekeeper.decision.checker import Checker
 from ratekeeper.decision.flags import FlagBoard
+from ratekeeper.errors import StoreUnavailable
 from ratekeeper.identity.keys import Keyspace
 from ratekeeper.settings import Settings
 from ratekeeper.storage.limiter import Limiter
@@ -214,3 +215,43 @@ async def test_a_slot_that_fails_gets_the_others_hits_given_back(
             assert await client.llen(ip_key) == 1
     finally:
         await store.close()
+
+
+async def test_a_dead_master_degrades_only_the_checks_of_its_slots() -> None:
+    """With a master killed (and the cluster told to serve without full coverage), checks
+    whose keys live on the other masters are decided by Redis every time, past the node
+    timeout too; only the checks of the dead master's slots are degraded."""
+    cluster = start_cluster(extra=("--cluster-require-full-coverage", "no"))
+    store = open_store(Settings(redis_url=cluster.url, ip_salt=SALT))
+    limiter = Limiter(store.redis, timeout=0.05, node_client=store.node_client)
+    try:
+        assert await limiter.ready()
+        victim = cluster.nodes[0]
+        lost = set(_slots_of(victim))
+        victim.stop()
+        outcomes: dict[str, set[bool]] = {"lost": set(), "healthy": set()}
+        for round_ in range(60):  # about 3 s: past the 2 s node timeout
+            calls = [([f"t:{{s{round_}-{i}}}:r"], 1, 0, 1, ("c", "0", 0, 1, 1000, 60_000))
+                     for i in range(30)]
+            for (keys, *_), reply in zip(calls, await limiter.decide(calls), strict=True):
+                where = "lost" if key_slot(keys[0].encode()) in lost else "healthy"
+                outcomes[where].add(isinstance(reply, StoreUnavailable))
+            await asyncio.sleep(0.05)
+        assert outcomes == {"lost": {True}, "healthy": {False}}
+    finally:
+        await limiter.close()
+        await store.close()
+        cluster.stop()
+
+
+def _slots_of(node: Any) -> list[int]:
+    """The slots ``node`` serves, from its own CLUSTER SLOTS."""
+    port = str(node.port)
+    lines = node.cli("CLUSTER", "SLOTS").split()
+    slots: list[int] = []
+    # redis-cli prints each range as: start, end, host, port, id (per node of the range)
+    for i in range(len(lines) - 3):
+        if (lines[i].isdigit() and lines[i + 1].isdigit() and lines[i + 2] == "127.0.0.1"
+                and lines[i + 3] == port):
+            slots += range(int(lines[i]), int(lines[i + 1]) + 1)
+    return slots

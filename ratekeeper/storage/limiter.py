@@ -21,7 +21,6 @@ from typing import Any, NamedTuple, TypeVar
 
 from redis.exceptions import (
     AskError,
-    ClusterDownError,
     MovedError,
     RedisClusterException,
     RedisError,
@@ -50,8 +49,10 @@ READY_TIMEOUT = 0.5  # seconds; readiness may wait longer than a check
 # client opens one per call out, and a burst of connects would miss every deadline)
 MAX_IN_FLIGHT = 64
 TOPOLOGY_REFRESH = 1.0  # seconds between reads of a Cluster's slot map after a failure
-# what a Cluster node answers for a slot it does not hold (the Cluster client follows them)
-REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
+# what a Cluster node answers for a slot it does not hold (the Cluster client follows them);
+# CLUSTERDOWN is not one: the node refuses to serve (a master is down and the cluster requires
+# full coverage), and the check is that node's failure
+REDIRECTS = (MovedError, AskError, TryAgainError)
 
 
 # Limiter.check's arguments: keys, cost, number of ban keys, number of rules, rule ARGV
