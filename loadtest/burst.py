@@ -27,7 +27,7 @@ import uvloop
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from overload_support import (  # noqa: E402
+from support.overload import (  # noqa: E402
     BATCH_LIMIT,
     BATCHES,
     BURST,
@@ -41,7 +41,7 @@ from overload_support import (  # noqa: E402
     overload_env,
     raise_fd_limit,
 )
-from redis_servers import start_cluster, start_redis  # noqa: E402
+from support.redis_servers import start_cluster, start_redis  # noqa: E402
 
 
 def fresh_server(redis_url: str) -> ReadyServer:

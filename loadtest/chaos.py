@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from chaos_stages import ORDER, STAGES, Fault, Stage  # noqa: E402
-from overload_support import raise_fd_limit  # noqa: E402
+from support.overload import raise_fd_limit  # noqa: E402
 
 FRESH_PER_S = 300  # checks of fresh subjects per second
 FRESH_LIMIT, FRESH_SENDS, FRESH_POOL = 8, 12, 60  # a subject's checks spread over ~2.4 s

@@ -28,8 +28,8 @@ import redis
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from overload_support import ReadyServer  # noqa: E402
-from redis_servers import (  # noqa: E402
+from support.overload import ReadyServer  # noqa: E402
+from support.redis_servers import (  # noqa: E402
     ClusterServers,
     RedisServer,
     SentinelServers,

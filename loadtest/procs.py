@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from redis_servers import RedisServer, free_port, start_redis  # noqa: E402
+from support.redis_servers import RedisServer, free_port, start_redis  # noqa: E402
 
 __all__ = ["HERE", "ROOT", "RedisServer", "Server", "free_port", "http_json", "run_wrk",
            "start_ceiling", "start_ratekeeper", "start_redis"]

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,47 +15,20 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio.cluster import RedisCluster
 
 from ratekeeper.app import create_app
-from ratekeeper.config.rules import Config, parse_config
+from ratekeeper.config.rules import Config
 from ratekeeper.settings import Settings
 from ratekeeper.storage.store import CLUSTER_MAX_CONNECTIONS, open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from redis_servers import (
+from support.common import SALT, TEST_DEADLINE_MS, FakeClock, config_from
+from support.processes import ServerProcess
+from support.redis_servers import (
     ClusterServers,
     RedisServer,
-    free_port,
     start_cluster,
     start_redis,
-    stop_process,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "pypi.toml"
-SALT = b"test-salt-that-is-long-enough"
-# One rule on ip in one action; format it with the limit and the algorithm.
-ONE_RULE = """
-[rules.r]
-limit = "{limit}"
-key = ["ip"]
-algorithm = "{algorithm}"
-[actions.a]
-rules = ["r"]
-"""
-TEST_DEADLINE_MS = 2000  # see the settings fixture
-
-
-class FakeClock:
-    """Milliseconds that only move when a test moves them."""
-
-    def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
-        self.ms = start_ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-    def advance(self, seconds: float) -> None:
-        self.ms += round(seconds * 1000)
 
 
 @pytest.fixture(scope="session")
@@ -79,21 +48,6 @@ def lone_redis() -> Iterator[RedisServer]:
     if server.process.poll() is None:
         server.resume()
     server.stop()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of the first sample of metric ``name`` carrying ``labels`` in Prometheus
-    text (an unlabelled sample when none are asked); 0.0 when there is none."""
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
-        elif line.startswith(name + " "):
-            found = {}
-        else:
-            continue
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 @pytest.fixture(scope="session")
@@ -156,11 +110,6 @@ def settings(redis_server: RedisServer, key_prefix: str) -> Settings:
                     redis_timeout_ms=TEST_DEADLINE_MS)
 
 
-def config_from(text: str) -> Config:
-    """A Config from TOML text."""
-    return parse_config(text, source="test.toml")
-
-
 @pytest.fixture
 def make_client(aiohttp_client: Callable[..., Any], settings: Settings
                 ) -> Callable[..., Any]:
@@ -174,46 +123,6 @@ def make_client(aiohttp_client: Callable[..., Any], settings: Settings
         return client
 
     return factory
-
-
-class ServerProcess:
-    """A `ratekeeper serve` subprocess on a free port."""
-
-    def __init__(self, config_path: Path, env: dict[str, str], workers: int = 1) -> None:
-        self.config_path = config_path
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = config_path.parent / f"serve-{self.port}.log"
-        full_env = {**os.environ, "RATEKEEPER_REDIS_TIMEOUT_MS": str(TEST_DEADLINE_MS), **env}
-        self._log_file = self.log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ratekeeper", "serve", "--config", str(config_path),
-             "--port", str(self.port), "--workers", str(workers)],
-            env=full_env, stdout=self._log_file, stderr=subprocess.STDOUT,
-        )
-        self.wait_ready(workers)
-
-    def wait_ready(self, workers: int) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        # give the other workers a moment to bind their SO_REUSEPORT socket
-                        time.sleep(0.5 if workers > 1 else 0)
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"server did not start: {self.log.read_text()}")
-
-    def stop(self) -> str:
-        stop_process(self.process, timeout=20)
-        self._log_file.close()
-        return self.log.read_text()
 
 
 @pytest.fixture

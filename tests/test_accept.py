@@ -25,8 +25,9 @@ from ratekeeper.process.accept import (
     AcceptSlots,
 )
 
-from conftest import ONE_RULE, SALT, ServerProcess
-from redis_servers import RedisServer
+from support.common import ONE_RULE, SALT
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer
 
 RULES = ONE_RULE.format(limit="100 per minute", algorithm="sliding-log")
 

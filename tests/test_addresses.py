@@ -15,9 +15,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ratekeeper.identity.forwarded import TrustedProxies
 from ratekeeper.identity.keys import Keyspace, contains_ip, parse_ip, unwrap_ipv4
 
-from admin_support import ALICE_TOKEN, admin_settings, call, dump, keys_under
-from conftest import SALT
-from redis_servers import RedisServer
+from support.admin import ALICE_TOKEN, admin_settings, call, dump, keys_under
+from support.common import SALT
+from support.redis_servers import RedisServer
 
 CONFIG = """
 [rules.per-ip]

@@ -14,7 +14,7 @@ from ratekeeper.admin.auth import TokenAuth
 from ratekeeper.errors import SettingsError
 from ratekeeper.settings import AdminToken, Settings
 
-from admin_support import (
+from support.admin import (
     ADMIN,
     ALICE_TOKEN,
     CONFIG,
@@ -29,7 +29,7 @@ from admin_support import (
     runtime_of,
     wait_until,
 )
-from redis_servers import RedisServer, start_redis
+from support.redis_servers import RedisServer, start_redis
 
 IP = "198.51.100.23"
 CHANGES: list[tuple[str, str, dict[str, Any] | None]] = [

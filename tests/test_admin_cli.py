@@ -18,9 +18,9 @@ import pytest
 import ratekeeper
 from ratekeeper.process.cli import main
 
-from admin_support import ALICE_TOKEN, CONFIG, VICTOR_TOKEN
-from conftest import ServerProcess
-from redis_servers import RedisServer, free_port
+from support.admin import ALICE_TOKEN, CONFIG, VICTOR_TOKEN
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer, free_port
 
 IP = "203.0.113.41"
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import FakeClock
+from support.common import FakeClock
 
 WALK = """
 [rules.five]

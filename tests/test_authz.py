@@ -17,8 +17,8 @@ from ratekeeper.errors import ConfigError
 from ratekeeper.server.state import RUNTIME
 from ratekeeper.settings import Settings
 
-from conftest import SALT, FakeClock
-from redis_servers import free_port
+from support.common import SALT, FakeClock
+from support.redis_servers import free_port
 
 CONFIG = """
 [rules.upload-ip]

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import EXAMPLE, SALT, ServerProcess
-from redis_servers import RedisServer
+from support.common import EXAMPLE, SALT
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer
 
 DEFINED = {200, 204, 400, 403, 404, 429}  # 404: a path that only starts like Envoy's
 NO_LINE_BREAK = st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))

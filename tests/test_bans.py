@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from admin_support import CONFIG, admin_settings, call, check, dump, keys_under
-from conftest import FakeClock
-from redis_servers import RedisServer
+from support.admin import CONFIG, admin_settings, call, check, dump, keys_under
+from support.common import FakeClock
+from support.redis_servers import RedisServer
 
 IP = "203.0.113.77"
 

@@ -26,9 +26,9 @@ from ratekeeper.settings import Settings
 from ratekeeper.storage.breaker import Breaker
 from ratekeeper.storage.limiter import CheckCall, Limiter, parse_outcome
 
-from admin_support import CONFIG, admin_settings, call
-from conftest import FakeClock, config_from, sample
-from redis_servers import RedisServer
+from support.admin import CONFIG, admin_settings, call
+from support.common import FakeClock, config_from, sample
+from support.redis_servers import RedisServer
 
 CHECK = "/v1/check"
 BATCH = "/v1/check/batch"

@@ -32,8 +32,8 @@ from ratekeeper.storage.coalescer import Request as Check
 from ratekeeper.storage.limiter import CheckCall, Limiter, parse_outcome
 from ratekeeper.storage.scripts import LuaScript, Scripts, check_args, check_replies, read_script
 
-from conftest import SALT, FakeClock, config_from, sample
-from redis_servers import RedisServer, running_redis
+from support.common import SALT, FakeClock, config_from, sample
+from support.redis_servers import RedisServer, running_redis
 
 # Rules as check.lua's ARGV: algorithm, shadow, penalty_ms, nw, then (limit, window_ms) pairs.
 RULES: dict[str, list[str | int]] = {

@@ -22,7 +22,7 @@ from ratekeeper.client import (
     SyncClient,
 )
 
-from redis_servers import free_port
+from support.redis_servers import free_port
 
 CONFIG = """
 [rules.login-ip]

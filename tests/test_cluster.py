@@ -22,8 +22,8 @@ from ratekeeper.settings import Settings
 from ratekeeper.storage.limiter import Limiter
 from ratekeeper.storage.store import open_store
 
-from conftest import SALT, FakeClock, config_from
-from redis_servers import ClusterServers, start_cluster
+from support.common import SALT, FakeClock, config_from
+from support.redis_servers import ClusterServers, start_cluster
 
 TWO_SUBJECTS = """
 [rules.ip]

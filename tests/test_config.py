@@ -17,7 +17,7 @@ from ratekeeper.config.rules import (
 )
 from ratekeeper.errors import ConfigError
 
-from conftest import EXAMPLE
+from support.common import EXAMPLE
 
 GOOD = """
 [rules.r]

@@ -14,7 +14,7 @@ from ratekeeper.identity.keys import Keyspace
 from ratekeeper.storage.limiter import Limiter
 from ratekeeper.storage.scripts import LuaScript, read_script
 
-from conftest import SALT, FakeClock, config_from
+from support.common import SALT, FakeClock, config_from
 
 RULE = """
 [rules.r]

@@ -34,8 +34,9 @@ import pytest
 
 from ratekeeper.config.rules import config_warnings, parse_config
 
-from conftest import EXAMPLE, ROOT, ServerProcess
-from redis_servers import RedisServer, free_port
+from support.common import EXAMPLE, ROOT
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer, free_port
 
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = [ROOT / "README.md", *DOCS]

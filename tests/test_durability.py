@@ -13,8 +13,8 @@ from ratekeeper.settings import Settings
 from ratekeeper.storage.limiter import Limiter
 from ratekeeper.storage.store import open_store
 
-from conftest import SALT, FakeClock, config_from
-from redis_servers import start_redis
+from support.common import SALT, FakeClock, config_from
+from support.redis_servers import start_redis
 
 RULES = """
 [rules.log]

@@ -11,8 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from admin_support import CONFIG, admin_settings, call, keys_under
-from redis_servers import RedisServer
+from support.admin import CONFIG, admin_settings, call, keys_under
+from support.redis_servers import RedisServer
 
 MARKERS = ["2001:db8:1:2::5", "203.0.113.7", "evil\nname", "<script>", "s3cr3t-m4rker"]
 Client = TestClient[Any, Any]

@@ -11,8 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import SALT, ServerProcess
-from redis_servers import ClusterServers, RedisServer
+from support.common import SALT
+from support.processes import ServerProcess
+from support.redis_servers import ClusterServers, RedisServer
 
 pytestmark = pytest.mark.slow
 

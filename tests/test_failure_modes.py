@@ -16,8 +16,8 @@ import pytest
 from ratekeeper.settings import Settings
 from ratekeeper.storage.breaker import Breaker
 
-from conftest import SALT
-from redis_servers import RedisServer
+from support.common import SALT
+from support.redis_servers import RedisServer
 
 CONFIG = """
 [rules.soft]

@@ -22,9 +22,9 @@ import pytest
 from ratekeeper.settings import Settings
 from ratekeeper.storage.scripts import read_script
 
-from conftest import SALT
-from fault_proxy import FaultProxy
-from redis_servers import RedisServer
+from support.common import SALT
+from support.fault_proxy import FaultProxy
+from support.redis_servers import RedisServer
 
 LIMIT = 5
 CONFIG = f"""

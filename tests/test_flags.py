@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from ratekeeper.errors import StoreUnavailable
 
-from admin_support import (
+from support.admin import (
     ADMIN,
     ALICE_TOKEN,
     CONFIG,
@@ -25,8 +25,8 @@ from admin_support import (
     runtime_of,
     wait_until,
 )
-from conftest import FakeClock
-from redis_servers import RedisServer, start_redis
+from support.common import FakeClock
+from support.redis_servers import RedisServer, start_redis
 
 
 @pytest.fixture

@@ -23,8 +23,9 @@ from ratekeeper.api.spec import openapi_document
 from ratekeeper.api.wire import batch_request_type, check_request_type
 from ratekeeper.config.rules import load_config
 
-from conftest import EXAMPLE, ServerProcess
-from redis_servers import RedisServer
+from support.common import EXAMPLE
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer
 
 ADMIN_TOKEN = "fuzz-admin-token-0123456789"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from ratekeeper.server.guard import FIELD_MAX, RESERVED_FILES, connection_cap
 from ratekeeper.settings import Settings
 
-from conftest import ONE_RULE, SALT
-from edge_support import (
+from support.common import ONE_RULE, SALT
+from support.edge import (
     CLOSED,
     Launched,
     exchange,
@@ -30,7 +30,7 @@ from edge_support import (
     read_reply,
     read_to_end,
 )
-from redis_servers import RedisServer
+from support.redis_servers import RedisServer
 
 RULES = ONE_RULE.format(limit="1000 per minute", algorithm="sliding-log")
 CHECK = b'{"action": "a", "ip": "192.0.2.7"}'

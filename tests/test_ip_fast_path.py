@@ -11,7 +11,7 @@ from ratekeeper.config.rules import IPGrouping
 from ratekeeper.errors import BadRequest
 from ratekeeper.identity.keys import Keyspace
 
-from conftest import SALT
+from support.common import SALT
 
 ODD = ["1.2.3.4", "0.0.0.0", "255.255.255.255", "01.2.3.4", "1.2.3.04", "00.1.2.3",
        "256.1.1.1", "1.2.3", "1.2.3.4.5", " 1.2.3.4", "1.2.3.4 ", "1.2.3.4\x00", "1..3.4", "",

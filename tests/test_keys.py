@@ -187,7 +187,7 @@ def test_a_staged_check_names_the_keys_the_methods_name(action: str, user: str |
     from ratekeeper.decision.checker import Checker, Pending
     from ratekeeper.decision.flags import FlagBoard
 
-    from conftest import config_from
+    from support.common import config_from
 
     config = config_from(STAGED)
     keyspace = Keyspace(SALT, prefix="pk")

@@ -19,7 +19,7 @@ from ratekeeper.identity.keys import Keyspace
 from ratekeeper.settings import Settings
 from ratekeeper.storage.limiter import Limiter, Outcome, Status, WindowState
 
-from admin_support import (
+from support.admin import (
     CONFIG,
     SALT,
     admin_of,
@@ -29,8 +29,8 @@ from admin_support import (
     runtime_of,
     wait_until,
 )
-from conftest import FakeClock, config_from
-from redis_servers import RedisServer
+from support.common import FakeClock, config_from
+from support.redis_servers import RedisServer
 
 IP = "198.51.100.200"
 

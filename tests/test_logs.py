@@ -26,8 +26,9 @@ from ratekeeper.logs import (
     escape,
 )
 
-from conftest import SALT, FakeClock, ServerProcess
-from redis_servers import RedisServer
+from support.common import SALT, FakeClock
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer
 
 FORGED = "/x\n2026-01-01 00:00:00,000 ERROR ratekeeper.admin.api: forged\r\u2028\u0085\x1b[31m"
 CONFIG = """

@@ -17,7 +17,7 @@ from ratekeeper.decision.flags import FlagBoard
 from ratekeeper.identity.keys import Keyspace
 from ratekeeper.storage.limiter import Limiter
 
-from conftest import ONE_RULE, SALT, FakeClock, config_from
+from support.common import ONE_RULE, SALT, FakeClock, config_from
 
 SLACK_MS = 1000
 

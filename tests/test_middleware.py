@@ -21,8 +21,8 @@ from ratekeeper.config.rules import parse_config
 from ratekeeper.decision.flags import FlagState
 from ratekeeper.server.state import RUNTIME
 
-from conftest import EXAMPLE, FakeClock
-from redis_servers import free_port
+from support.common import EXAMPLE, FakeClock
+from support.redis_servers import free_port
 
 CONFIG = """
 [rules.upload-ip]

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, SALT, ServerProcess
-from redis_servers import RedisServer, free_port, stop_process
+from support.common import ROOT, SALT
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer, free_port, stop_process
 
 EXAMPLE = ROOT / "examples" / "nginx.conf"
 CONFIG = """

@@ -13,8 +13,8 @@ import pytest
 
 from ratekeeper.decision.observe import DenialLog
 
-from conftest import sample
-from redis_servers import RedisServer
+from support.common import sample
+from support.redis_servers import RedisServer
 
 CONFIG = """
 [rules.per-ip]

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from ratekeeper.config.rules import load_config
 
-from conftest import EXAMPLE
+from support.common import EXAMPLE
 
 CONFIG = EXAMPLE.read_text()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overload_support import (
+from support.overload import (
     BATCH_LIMIT,
     BATCH_SIZE,
     BATCHES,
@@ -28,7 +28,7 @@ from overload_support import (
     overload_env,
     raise_fd_limit,
 )
-from redis_servers import ClusterServers, RedisServer
+from support.redis_servers import ClusterServers, RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import redis.asyncio as aioredis
 
 from ratekeeper.identity.keys import Keyspace
 
-from admin_support import CONFIG, SALT, admin_settings, call, check
-from conftest import FakeClock, config_from
-from redis_servers import RedisServer
+from support.admin import CONFIG, SALT, admin_settings, call, check
+from support.common import FakeClock, config_from
+from support.redis_servers import RedisServer
 
 IP = "192.0.2.55"
 

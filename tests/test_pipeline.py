@@ -26,8 +26,8 @@ from ratekeeper.storage.coalescer import Coalescer, Request, encode_command
 from ratekeeper.storage.limiter import Limiter, parse_outcome
 from ratekeeper.storage.scripts import Scripts
 
-from conftest import ONE_RULE, SALT, config_from
-from redis_servers import RedisServer, free_port, running_redis
+from support.common import ONE_RULE, SALT, config_from
+from support.redis_servers import RedisServer, free_port, running_redis
 
 NOW_MS = 1_700_000_000_000
 

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from ratekeeper.identity.keys import parse_ip
 
-from conftest import SALT
+from support.common import SALT
 
 EMBEDDINGS = ("::ffff:", "::ffff:0:", "64:ff9b::")  # IPv6 forms of an IPv4 client
 

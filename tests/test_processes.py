@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from redis_servers import RedisServer
+from support.redis_servers import RedisServer
 
 HOT = """
 [rules.hot]

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 
 from ratekeeper.settings import Settings
 
-from conftest import SALT, FakeClock, config_from
-from redis_servers import free_port
+from support.common import SALT, FakeClock, config_from
+from support.redis_servers import free_port
 
 CREATE = """
 [rules.create-ip]

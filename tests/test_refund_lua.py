@@ -11,7 +11,7 @@ from ratekeeper.errors import StoreUnavailable
 from ratekeeper.identity.keys import Keyspace
 from ratekeeper.storage.limiter import Limiter, Outcome, Status, parse_outcome
 
-from conftest import SALT, FakeClock, config_from
+from support.common import SALT, FakeClock, config_from
 
 RULES = """
 [rules.r]

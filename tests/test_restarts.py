@@ -16,9 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import SALT, ServerProcess
-from edge_support import post, read_to_end
-from redis_servers import RedisServer
+from support.common import SALT
+from support.edge import post, read_to_end
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.slow
 

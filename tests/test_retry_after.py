@@ -13,8 +13,8 @@ from ratekeeper.api.headers import rate_limit_headers, retry_after
 from ratekeeper.api.problem import denial, passing_headers
 from ratekeeper.api.wire import Decision, LimitState
 
-from admin_support import admin_settings, call
-from redis_servers import RedisServer
+from support.admin import admin_settings, call
+from support.redis_servers import RedisServer
 
 CONFIG = """
 [rules.per-ip]

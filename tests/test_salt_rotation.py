@@ -17,7 +17,7 @@ from ratekeeper.identity.keys import Keyspace
 from ratekeeper.settings import Settings
 from ratekeeper.storage.limiter import Limiter
 
-from conftest import FakeClock, config_from
+from support.common import FakeClock, config_from
 
 OLD, NEW = b"the-salt-before-the-rotation", b"the-salt-after-the-rotation!"
 

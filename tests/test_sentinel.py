@@ -13,8 +13,8 @@ import pytest
 
 from ratekeeper.settings import Settings
 
-from conftest import SALT
-from redis_servers import SentinelServers, start_sentinel
+from support.common import SALT
+from support.redis_servers import SentinelServers, start_sentinel
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ import pytest
 
 from ratekeeper.process.accept import AcceptShare, AcceptSlots
 
-from conftest import ONE_RULE, SALT
-from edge_support import Launched, exchange, get, parse_reply, post, read_reply
-from redis_servers import RedisServer, free_port, start_redis
+from support.common import ONE_RULE, SALT
+from support.edge import Launched, exchange, get, parse_reply, post, read_reply
+from support.redis_servers import RedisServer, free_port, start_redis
 
 pytestmark = pytest.mark.slow
 

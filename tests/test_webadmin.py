@@ -20,7 +20,7 @@ from ratekeeper.admin.web.common import WEBADMIN
 from ratekeeper.admin.web.session import SESSION_COOKIE, SESSION_SECONDS, SIGNIN_COOKIE
 from ratekeeper.settings import AdminToken
 
-from admin_support import (
+from support.admin import (
     ALICE_TOKEN,
     CONFIG,
     VICTOR_TOKEN,
@@ -32,8 +32,8 @@ from admin_support import (
     runtime_of,
     wait_until,
 )
-from conftest import FakeClock
-from redis_servers import RedisServer, start_redis
+from support.common import FakeClock
+from support.redis_servers import RedisServer, start_redis
 
 IP = "198.51.100.23"
 CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')

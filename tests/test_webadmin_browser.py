@@ -33,9 +33,10 @@ from playwright.sync_api import (
 
 from ratekeeper.identity.keys import contains_ip
 
-from admin_support import ALICE_TOKEN, CONFIG, SALT, VICTOR_TOKEN
-from conftest import EXAMPLE, ServerProcess
-from redis_servers import RedisServer
+from support.admin import ALICE_TOKEN, CONFIG, SALT, VICTOR_TOKEN
+from support.common import EXAMPLE
+from support.processes import ServerProcess
+from support.redis_servers import RedisServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -15,7 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from conftest import SALT, ServerProcess
+from support.common import SALT
+from support.processes import ServerProcess
 
 __all__ = [
     "BATCHES",

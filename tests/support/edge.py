@@ -24,8 +24,8 @@ from ratekeeper.process.accept import AcceptShare, AcceptSlots, BalancedSite
 from ratekeeper.server.guard import ANSWERS_LOG, Answered, Gate, hush_client_gone
 from ratekeeper.settings import Settings
 
-from conftest import TEST_DEADLINE_MS, config_from
-from redis_servers import free_port, stop_process
+from support.common import TEST_DEADLINE_MS, config_from
+from support.redis_servers import free_port, stop_process
 
 CLOSED = b""  # what reading a closed connection gives
 

@@ -1,0 +1,1 @@
+"""Helpers the tests import: servers they start, clients, shared values."""
