@@ -48,8 +48,10 @@ class Settings:
     )
     # RATEKEEPER_KEY_PREFIX: first segment of every Redis key (tests use one per test).
     key_prefix: str = "rk"
-    # RATEKEEPER_REDIS_TIMEOUT_MS: deadline of one Redis call.
-    redis_timeout_ms: int = 50
+    # RATEKEEPER_REDIS_TIMEOUT_MS: deadline of one Redis call (plus 0.2 ms per check it carries).
+    # Long enough that a Redis short of CPU for a moment is not taken for a failed one (a
+    # deadline miss admits by fail-open), short enough that an outage is noticed at once.
+    redis_timeout_ms: int = 200
     # RATEKEEPER_VIEWER_TOKENS: name:token pairs that may read the admin API but change nothing.
     viewer_tokens: tuple[AdminToken, ...] = ()
     # RATEKEEPER_SYNC_INTERVAL_MS: how often each process re-reads flags from Redis, in case
@@ -132,7 +134,7 @@ class Settings:
             config_path=env.get("RATEKEEPER_CONFIG") or None,
             trusted_proxies=_parse_proxies(env.get("RATEKEEPER_TRUSTED_PROXIES")),
             key_prefix=_parse_prefix(env.get("RATEKEEPER_KEY_PREFIX", "rk")),
-            redis_timeout_ms=_parse_int(env, "RATEKEEPER_REDIS_TIMEOUT_MS", 50, low=1),
+            redis_timeout_ms=_parse_int(env, "RATEKEEPER_REDIS_TIMEOUT_MS", 200, low=1),
             sync_interval_ms=_parse_int(env, "RATEKEEPER_SYNC_INTERVAL_MS", 1000, low=10),
             local_cache_size=_parse_int(env, "RATEKEEPER_LOCAL_CACHE_SIZE", 50_000, low=0),
             log_format=_parse_choice(env, "RATEKEEPER_LOG_FORMAT", ("text", "json")),  # type: ignore[arg-type]
