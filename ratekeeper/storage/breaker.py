@@ -9,10 +9,8 @@ A slow Redis costs one deadline per call until the circuit opens, then nothing; 
 noticed by the first call after the cooldown, so decisions are normal again within about
 ``cooldown`` plus one round trip of Redis coming back.
 
-Deadline misses that end within one ``timeout_window`` of each other count as one failure:
-a burst that makes a hundred calls miss their deadline together (one slow pipeline, or a
-busy event loop) is one slow moment, not a hundred failures; a Redis that stays slow still
-opens the circuit after ``threshold`` windows in a row. Errors (refused, reset) count each.
+A failure is one Redis call's: the coalescer reports a write once, however many checks it
+carried, so a hundred checks in one slow write are one failure, not a hundred.
 """
 
 from __future__ import annotations
@@ -35,19 +33,17 @@ DEFAULT_COOLDOWN = 0.5  # seconds
 class Breaker:
     """Counts consecutive Redis failures and decides whether the next call may try."""
 
-    __slots__ = ("_clock", "_failures", "_last_timeout", "_opened_at", "_probing", "_state",
-                 "cooldown", "threshold", "timeout_window")
+    __slots__ = ("_clock", "_failures", "_opened_at", "_probing", "_state", "cooldown",
+                 "threshold")
 
     def __init__(self, *, threshold: int = DEFAULT_THRESHOLD,
-                 cooldown: float = DEFAULT_COOLDOWN, timeout_window: float = 0.0,
+                 cooldown: float = DEFAULT_COOLDOWN,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if threshold < 1 or cooldown <= 0 or timeout_window < 0:
-            raise ValueError("threshold must be >= 1, cooldown > 0, timeout_window >= 0")
+        if threshold < 1 or cooldown <= 0:
+            raise ValueError("threshold must be >= 1 and cooldown > 0")
         self.threshold = threshold
         self.cooldown = cooldown
-        self.timeout_window = timeout_window
         self._clock = clock
-        self._last_timeout = float("-inf")
         self._state: BreakerState = "closed"
         self._failures = 0
         self._opened_at = 0.0
@@ -76,13 +72,8 @@ class Breaker:
             log.info("redis answers again: circuit closed")
         self._state, self._failures, self._probing = "closed", 0, False
 
-    def failure(self, *, timed_out: bool = False) -> None:
-        """Redis failed, or (``timed_out``) missed the deadline."""
-        if timed_out and self._state == "closed":
-            now = self._clock()
-            if now - self._last_timeout < self.timeout_window:
-                return  # the same slow moment as the previous miss
-            self._last_timeout = now
+    def failure(self) -> None:
+        """Redis failed: an error, or no reply within the deadline."""
         self._failures += 1
         if self._state == "half-open" or (
             self._state == "closed" and self._failures >= self.threshold

@@ -109,7 +109,6 @@ class Limiter:
         # on a cluster, keys of different hash tags may live in different slots and nodes:
         # each node has its breaker, so a failing node degrades only the checks it holds
         self.sharded = _is_cluster(redis) if sharded is None else sharded
-        self._node_breakers: dict[str, Breaker] = {}
         # on a cluster: a client of each master (``node_client(host, port)``), whose checks
         # are coalesced as one Redis's are
         self.node_client = node_client
@@ -187,7 +186,7 @@ class Limiter:
                 breakers: Sequence[Breaker] = ()) -> StoreUnavailable:
         """Count a failed call (breakers, log, metrics); the error to raise instead."""
         for breaker in breakers or (self.breaker,):
-            breaker.failure(timed_out=isinstance(exc, TimeoutError))
+            breaker.failure()
         self._log_failure(exc)
         self._report(op, type(exc).__name__)
         return StoreUnavailable(f"redis: {type(exc).__name__}")
@@ -213,7 +212,7 @@ class Limiter:
     @property
     def breaker_state(self) -> BreakerState:
         """The worst state of the limiter's breakers (on a Cluster, one per node)."""
-        states = {self.breaker.state, *(b.state for b in self._node_breakers.values())}
+        states = {self.breaker.state, *(b.state for _, b in self._nodes.values())}
         for state in ("open", "half-open"):
             if state in states:
                 return state
@@ -276,7 +275,7 @@ class Limiter:
         after another."""
         if not self._topology_known:
             try:
-                await self._call(self._no_op, op="topology")
+                await self._call(self._learn_topology, op="topology")
             except StoreUnavailable as exc:
                 return [exc] * len(calls)
         replies: list[Sequence[int] | StoreUnavailable] = []
@@ -299,9 +298,6 @@ class Limiter:
             return await call
         except StoreUnavailable as exc:
             return exc
-
-    async def _no_op(self) -> None:
-        """Nothing: ``_call`` learns the Cluster's slots before it runs a call."""
 
     async def _script_call(self, keys: Sequence[str], now: str, cost: int,
                            rule_set: tuple[str | int, ...]) -> Sequence[int]:
@@ -392,7 +388,7 @@ class Limiter:
             client = self.node_client(node.host, node.port)
             coalescer = Coalescer(client, self.scripts.check, timeout=self.timeout,
                                   slot_of=self.redis.keyslot)
-            breaker = self._node_breakers.setdefault(node.name, Breaker())
+            breaker = Breaker()
             coalescer.on_batch = lambda seconds, error: self._batch_done(seconds, error, breaker)
             known = self._nodes[node.name] = (coalescer, breaker)
         return known
