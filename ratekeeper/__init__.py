@@ -6,10 +6,8 @@ clients above all) loads only that part.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
-
 from ratekeeper._version import __version__ as __version__
+from ratekeeper.lazy import exports
 
 # each public name, and the module that defines it
 _HOMES = {
@@ -27,14 +25,4 @@ _HOMES = {
 }
 
 __all__ = sorted(_HOMES, key=str.casefold)
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'ratekeeper' has no attribute {name!r}")
-    return getattr(import_module(home), name)
-
-
-def __dir__() -> list[str]:
-    return [*globals(), *__all__]
+__getattr__, __dir__ = exports(__name__, _HOMES)

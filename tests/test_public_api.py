@@ -27,9 +27,9 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 
 
 def test_importing_the_package_loads_nothing_else() -> None:
-    """``import ratekeeper`` loads only its version: the parts load when they are used."""
+    """``import ratekeeper`` loads only its version and its face: the parts load when used."""
     code = ("import sys, ratekeeper; print(sorted(m for m in sys.modules "
             "if m.startswith('ratekeeper')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip() == "['ratekeeper', 'ratekeeper._version']"
+    assert out.strip() == "['ratekeeper', 'ratekeeper._version', 'ratekeeper.lazy']"

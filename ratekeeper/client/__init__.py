@@ -6,8 +6,7 @@ blocking client alone, and no client loads a server module.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from ratekeeper.lazy import exports
 
 # each public name, and the module that defines it
 _HOMES = {
@@ -24,14 +23,4 @@ _HOMES = {
 }
 
 __all__ = sorted(_HOMES, key=str.casefold)
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'ratekeeper.client' has no attribute {name!r}")
-    return getattr(import_module(home), name)
-
-
-def __dir__() -> list[str]:
-    return [*globals(), *__all__]
+__getattr__, __dir__ = exports(__name__, _HOMES)

@@ -10,8 +10,7 @@ the request goes on: a bad rules file must not take the app down.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from ratekeeper.lazy import exports
 
 # each public name, and the module that defines it (a WSGI app never loads aiohttp)
 _HOMES = {
@@ -20,14 +19,4 @@ _HOMES = {
 }
 
 __all__ = sorted(_HOMES, key=str.casefold)
-
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'ratekeeper.client.middleware' has no attribute {name!r}")
-    return getattr(import_module(home), name)
-
-
-def __dir__() -> list[str]:
-    return [*globals(), *__all__]
+__getattr__, __dir__ = exports(__name__, _HOMES)
