@@ -51,6 +51,7 @@ from ratekeeper.logs import configure_logging
 from ratekeeper.metrics import mark_worker_dead
 from ratekeeper.process.accept import AcceptShare, AcceptSlots, BalancedSite
 from ratekeeper.server.guard import ANSWERS_LOG, Answered, Gate, connection_cap, hush_client_gone
+from ratekeeper.server.hot import HotLane
 from ratekeeper.server.state import RUNTIME, STOPPING, reload_config
 from ratekeeper.server.warmup import WORKERS, keep_warming, warm_up
 from ratekeeper.settings import Settings
@@ -125,7 +126,7 @@ async def _serve(settings: Settings, config: Config, share: AcceptShare, sock: s
                                 "a rolling restart needs --workers 2 or more; ignored")
     warming = await _warm(app, settings, stopping, share)
     gate = Gate(runner.server, request_timeout=settings.request_timeout_ms / 1000,
-                limit=connection_cap(settings.max_connections))
+                limit=connection_cap(settings.max_connections), lane=HotLane(app))
     if not stopping.is_set():  # (a stop asked during the warm-up: nothing was served)
         site = BalancedSite(runner, sock, share, gate)
         await site.start()
@@ -142,6 +143,7 @@ async def _serve(settings: Settings, config: Config, share: AcceptShare, sock: s
     if warming is not None:
         warming.cancel()
     await runner.cleanup()  # closes what is still idle, waits for what is in flight
+    await gate.close(SHUTDOWN_TIMEOUT)  # (the lane's connections)
     gate.stop()
     if watchdog is not None:
         watchdog.cancel()

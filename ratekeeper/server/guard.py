@@ -39,7 +39,8 @@ import asyncio
 import logging
 import math
 import resource
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 import httptools
@@ -48,6 +49,7 @@ import yarl
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from ratekeeper.server.hot import CONTINUE, HotLane, Reply, failed, hot_kind
 from ratekeeper.server.http import MAX_BODY
 
 __all__ = ["ANSWERS_LOG", "Answered", "ClientGone", "Gate", "Guard", "connection_cap",
@@ -87,11 +89,23 @@ _WATCHED = {name: 1 << index for index, name in enumerate(_SINGLE_NAMES)}
 _SINGLE = sum(_WATCHED.values())
 _WATCHED[b"expect"] = _EXPECT_BIT = 1 << len(_SINGLE_NAMES)
 _WATCHED[b"sec-websocket-key1"] = _OLD_WEBSOCKET = 1 << (len(_SINGLE_NAMES) + 1)
+_WATCHED[b"content-encoding"] = _ENCODED = 1 << (len(_SINGLE_NAMES) + 2)
 _CHUNKED = _WATCHED[b"transfer-encoding"]
 _WATCHED_SIZES = frozenset(len(name) for name in _WATCHED)
 assert _WATCHED[b"host"] == _HOST and _WATCHED[b"content-length"] == _LENGTH
 
-OPEN, REFUSING, LINGERING = 0, 1, 2  # a guard's state
+OPEN, REFUSING, LINGERING, ENDING = 0, 1, 2, 3  # a guard's state
+PASS, HOT, RELAY = 0, 1, 2  # who reads a guard's requests (see the module)
+MAX_OWED = 64  # answers a connection may be owed before the guard stops reading it
+Owed = tuple[bytes | Reply | asyncio.Task[Reply], bool]  # an answer, and whether it ends
+
+
+def _outcome(task: asyncio.Task[Reply]) -> Reply:
+    """A decided task's answer; a 500 (logged) when deciding failed."""
+    if task.cancelled():
+        return failed(asyncio.CancelledError())
+    exc = task.exception()
+    return failed(exc) if exc is not None else task.result()
 
 
 class _Refusal(Exception):
@@ -112,13 +126,17 @@ def connection_cap(configured: int = 0) -> int:
 class Guard(asyncio.Protocol):
     """One connection's protocol, wrapped around aiohttp's (see the module)."""
 
-    __slots__ = ("answered", "began_here", "deadline", "expect", "fields", "gate", "head_bytes",
-                 "head_size", "heads", "heads_parsed", "held", "in_head", "inner", "length",
-                 "parser", "receiving", "refusal", "seen", "skip", "state", "transport", "url")
+    __slots__ = ("answered", "began_here", "body", "chunked", "deadline", "early", "eof",
+                 "expect", "fields", "gate", "head_bytes", "head_size", "heads", "heads_parsed",
+                 "held", "in_head", "inner", "kind", "lane", "length", "lines", "mode", "owed",
+                 "parser", "receiving", "refusal", "relay_mark", "relay_out", "seen", "skip",
+                 "state", "stopped_reading", "transport", "url")
 
-    def __init__(self, gate: Gate, inner: asyncio.Protocol) -> None:
+    def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self.inner = inner
+        self.lane = gate.lane
+        self.inner: asyncio.Protocol | None = None  # aiohttp's, once a request goes to it
+        self.mode = HOT if self.lane is not None else PASS
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.state = OPEN
@@ -126,12 +144,23 @@ class Guard(asyncio.Protocol):
         self.receiving = False  # a request has begun and not yet ended
         self.in_head = False  # ... and its head has not ended
         self.began_here = False  # ... and it began in the read being parsed
-        self.heads_parsed = 0  # request heads parsed
+        self.heads_parsed = 0  # request heads parsed for aiohttp
         self.heads = 0  # request heads handed to aiohttp
         self.held = False  # aiohttp has the head of a request whose body is still coming
         self.answered = 0  # answers aiohttp has sent
         self.refusal = MALFORMED  # what a failed parse answers
         self.skip = 0  # body bytes of an upgrade request, which llhttp does not read
+        # the lane's side: every read while the first request's destination is unknown
+        self.early: bytearray | None = bytearray() if self.mode == HOT else None
+        self.kind = 0  # the lane's endpoint of the request coming in (hot_kind), else 0
+        self.body = bytearray()  # ... and its body so far
+        self.owed: deque[Owed] = deque()  # the lane's answers not yet written, in order
+        self.relay_out = bytearray()  # requests for aiohttp, rewritten, not yet handed on
+        self.relay_mark = 0  # where the read being parsed began in relay_out
+        self.stopped_reading = False  # reads paused: too many answers owed, or writes paused
+        self.eof = False  # the client's end closed while answers were owed
+        self.lines: list[bytes] = []  # the request's header lines, while it may be relayed
+        self.chunked = False
         self._reset_head()
 
     def _reset_head(self) -> None:
@@ -142,6 +171,8 @@ class Guard(asyncio.Protocol):
         self.seen = 0
         self.length = 0
         self.expect = b""
+        if self.mode != PASS:
+            self.lines = []
 
     # ------------------------------------------------------------------ the transport's side
 
@@ -149,11 +180,21 @@ class Guard(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         self.deadline = self.gate.loop.time() + self.gate.timeout
         self.gate.joined(self)
-        self.inner.connection_made(transport)
+        if self.mode == PASS:
+            self._open_inner()
+
+    def _open_inner(self) -> asyncio.Protocol:
+        inner = self.inner = self.gate.server()
+        assert self.transport is not None
+        inner.connection_made(self.transport)
+        return inner
 
     def data_received(self, data: bytes) -> None:
         if self.state != OPEN:
-            return  # refused: nothing more goes to aiohttp
+            return  # refused or ending: nothing more is read
+        if self.early is not None:
+            self.early += data
+        self.relay_mark = len(self.relay_out)
         rest = self._skip(data) if self.skip else data
         try:
             self.parser.feed_data(rest)
@@ -164,6 +205,8 @@ class Guard(asyncio.Protocol):
         except httptools.HttpParserError:
             self.refuse(self.refusal)
             return
+        if self.state != OPEN:
+            return  # a request asked to close the connection: what follows it is not read
         if self.in_head:
             if self.began_here:  # its part of this read is unknown, and at most one read
                 self.began_here = False
@@ -172,31 +215,60 @@ class Guard(asyncio.Protocol):
                 if self.head_bytes > HEAD_MAX:
                     self.refuse(MALFORMED)
                     return
-        self.heads = self.heads_parsed
-        self.held = self.receiving and not self.in_head
-        self.inner.data_received(data)
-        if not self.receiving and self.answered >= self.heads:
+        mode = self.mode
+        if mode == PASS:
+            if self.early is not None:  # the first request went to aiohttp: all it sent
+                data = bytes(self.early)
+                self.early = None
+            self.heads = self.heads_parsed
+            self.held = self.receiving and not self.in_head
+            assert self.inner is not None
+            self.inner.data_received(data)
+        elif mode == RELAY and not self.owed:
+            self._relay()
+        if not self.receiving and not self.owed and self.answered >= self.heads:
             self.gate.rests(self)
 
     def eof_received(self) -> bool | None:
+        if self.owed:
+            self.eof = True  # the answers owed are still written; then the connection ends
+            return True
         if self.state != OPEN:
             return False  # (the transport closes)
+        if self.inner is None:
+            return False
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = LINGERING
+        self.owed.clear()  # (their checks finish; nobody is left to read the answers)
         self.gate.left(self)
-        self.inner.connection_lost(exc)
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        if self.inner is not None:
+            self.inner.pause_writing()
+        elif self.transport is not None:  # the lane's answers wait: so does its reading
+            self.stopped_reading = True
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if self.inner is not None:
+            self.inner.resume_writing()
+        else:
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self.stopped_reading and len(self.owed) <= MAX_OWED // 2 and self.transport:
+            self.stopped_reading = False
+            self.transport.resume_reading()
 
     # ------------------------------------------------------------------ httptools' callbacks
 
     def on_message_begin(self) -> None:
+        if self.state != OPEN:
+            raise _Refusal  # the request before asked to close the connection
         self.receiving = self.in_head = self.began_here = True
         self.gate.idle.pop(self, None)  # (Gate.works, on every request's path)
         if self.deadline == INF:
@@ -214,6 +286,8 @@ class Guard(asyncio.Protocol):
         self.head_size += size
         if size > FIELD_MAX:
             raise _Refusal
+        if self.mode != PASS:  # kept in case the request is to be relayed to aiohttp
+            self.lines.append(b"%s: %s\r\n" % (name, value))
         if len(name) in _WATCHED_SIZES:
             bit = _WATCHED.get(name.lower(), 0)
             if bit:
@@ -231,7 +305,6 @@ class Guard(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self.parser
         self.in_head = False
-        self.heads_parsed += 1
         version = parser.get_http_version()
         if (self.fields > FIELDS_MAX or self.head_size + 4 * self.fields + len(self.url) > HEAD_MAX
                 or version not in ("1.1", "1.0")
@@ -246,10 +319,55 @@ class Guard(asyncio.Protocol):
             if self.seen & _EXPECT_BIT and self.length > MAX_BODY:
                 self.refusal = TOO_LARGE
                 raise _Refusal
+        if self.mode == PASS:
+            self.heads_parsed += 1
+        else:
+            self._route(parser, version)
+
+    def _route(self, parser: httptools.HttpRequestParser, version: str) -> None:
+        """Send the request whose head just ended to the lane or to aiohttp."""
+        method = parser.get_method()
+        if self.mode == HOT and not self.seen & _ENCODED and not parser.should_upgrade():
+            self.kind = hot_kind(method, self.url)
+            if self.kind:
+                self.early = None
+                if self.seen & _EXPECT_BIT and version == "1.1":
+                    self._owe(CONTINUE, False)
+                return
+        self.heads_parsed += 1
+        if self.early is not None:  # the connection's first request: aiohttp reads it all
+            self.mode = PASS
+            self.lines = []
+            self._open_inner()
+            return
+        if self.mode == HOT:  # from now on aiohttp reads them all, as the guard writes them
+            self.mode = RELAY
+            self._open_inner()
+        self.chunked = bool(self.seen & _CHUNKED)
+        self.relay_out += b"%s %s HTTP/%s\r\n%s\r\n" % (method, self.url, version.encode(),
+                                                         b"".join(self.lines))
+
+    def on_body(self, body: bytes) -> None:
+        if self.kind:
+            if len(self.body) <= MAX_BODY:  # (beyond it, the answer is a 413)
+                self.body += body
+        elif self.mode == RELAY:
+            if self.chunked:
+                self.relay_out += b"%x\r\n%s\r\n" % (len(body), body)
+            else:
+                self.relay_out += body
 
     def on_message_complete(self) -> None:
         self.receiving = False
         self.deadline = INF
+        if self.kind:
+            assert self.lane is not None
+            body = bytes(self.body)
+            self.body.clear()
+            kind, self.kind = self.kind, 0
+            self._owe(self.lane.answer(kind, body), not self.parser.should_keep_alive())
+        elif self.mode == RELAY and self.chunked:
+            self.relay_out += b"0\r\n\r\n"
 
     def _target_ok(self, method: bytes) -> bool:
         """Whether aiohttp takes a request target other than origin-form (``/path``): ``*``
@@ -304,26 +422,101 @@ class Guard(asyncio.Protocol):
         self.answered += 1
         if self.state == REFUSING:
             self._settle()
+        elif not self.receiving and not self.owed and self.answered >= self.heads:
+            self.gate.rests(self)
+
+    def _owe(self, answer: bytes | Reply | Coroutine[Any, Any, Reply], close: bool) -> None:
+        """Write ``answer`` (the lane's) after those owed before it; ``close``: and then end
+        the connection, reading nothing more."""
+        if isinstance(answer, (bytes, Reply)):
+            self.owed.append((answer, close))
+        else:
+            task = self.gate.loop.create_task(answer)
+            task.add_done_callback(self._decided)
+            self.owed.append((task, close))
+        if close:
+            self.state = ENDING
+        if len(self.owed) == 1:
+            self._flush()
+        elif len(self.owed) > MAX_OWED and not self.stopped_reading and self.transport:
+            self.stopped_reading = True  # a client pipelining faster than it is answered
+            self.transport.pause_reading()
+
+    def _decided(self, task: asyncio.Task[Reply]) -> None:
+        if not task.cancelled():
+            task.exception()  # (retrieved, also when the connection is gone)
+        if self.owed and self.owed[0][0] is task:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the answers owed that are ready, in order; once none is owed, hand aiohttp
+        what was relayed meanwhile."""
+        owed, lane, transport = self.owed, self.lane, self.transport
+        assert lane is not None and transport is not None
+        while owed:
+            answer, close = owed[0]
+            if isinstance(answer, asyncio.Task):
+                if not answer.done():
+                    return
+                answer = _outcome(answer)
+            owed.popleft()
+            if isinstance(answer, bytes):
+                transport.write(answer)
+                continue
+            # a draining worker ends the connection with the last answer owed
+            ending = close or answer.ends or (not owed and lane.stopping.is_set())
+            transport.write(lane.render(answer, ending))
+            if ending:
+                self.state = ENDING
+                owed.clear()
+                self.linger()
+                return
+        self._resume_reading()
+        if self.state == REFUSING:
+            self._relay()
+            self._settle()
+            return
+        if self.mode == RELAY:
+            self._relay()
+        if self.eof:
+            self.eof = False
+            if self.inner is None or not self.inner.eof_received():
+                transport.close()
         elif not self.receiving and self.answered >= self.heads:
             self.gate.rests(self)
 
+    def _relay(self) -> None:
+        """Hand aiohttp the requests rewritten for it."""
+        if self.relay_out:
+            data = bytes(self.relay_out)
+            self.relay_out.clear()
+            self.relay_mark = 0
+            self.heads = self.heads_parsed
+            self.held = self.receiving and not self.in_head
+            assert self.inner is not None
+            self.inner.data_received(data)
+
     def refuse(self, answer: bytes) -> None:
-        """Answer ``answer`` once aiohttp has answered what came before, then close."""
+        """Answer ``answer`` once what came before is answered, then close."""
         if self.state != OPEN:
             return
         self.state = REFUSING
         self.refusal = answer
-        self.deadline = INF  # aiohttp's answers before it are the server's to finish
+        self.deadline = INF  # the answers before it are the server's to finish
+        del self.relay_out[self.relay_mark:]  # (the read that held it is not handed on)
         self.gate.works(self)
-        self._settle()
+        if not self.owed:
+            self._relay()
+            self._settle()
 
     def _settle(self) -> None:
         before = self.heads - self.held  # requests aiohttp has whole
         if self.answered < before or self.transport is None:
             return
         transport = self.transport
-        if self.held:
-            # aiohttp has this request: closing at once leaves it nothing to write into
+        if self.held or self.kind:
+            # aiohttp (or the lane) has this request's head: the connection ends at once,
+            # which leaves aiohttp's handler nothing to write into
             if self.answered == before:
                 transport.write(self.refusal)
             transport.close()
@@ -338,7 +531,9 @@ class Guard(asyncio.Protocol):
         self.state = LINGERING
         self.gate.works(self)
         self.deadline = self.gate.loop.time() + LINGER
-        if self.transport.can_write_eof():
+        if self.eof:  # the client has closed its end: nothing more will come
+            self.transport.close()
+        elif self.transport.can_write_eof():
             self.transport.write_eof()
         else:
             self.transport.close()
@@ -348,7 +543,8 @@ class Guard(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self.state == LINGERING or (self.state == OPEN and not self.receiving):
+        if self.state == LINGERING or (self.state == OPEN and not self.receiving
+                                       and not self.owed):
             self.state = LINGERING
             transport.close()  # a connection that never sent a request: nothing to answer
         elif not transport.is_reading():  # aiohttp holds back: the wait is the server's
@@ -368,8 +564,9 @@ class Gate:
     ``runner.server``); their deadlines and their cap (see the module)."""
 
     def __init__(self, server: Callable[[], asyncio.Protocol], *, request_timeout: float,
-                 limit: int) -> None:
+                 limit: int, lane: HotLane | None = None) -> None:
         self.server = server
+        self.lane = lane  # answers the check endpoints; without one aiohttp answers all
         self.timeout = request_timeout
         self.limit = limit
         self.loop = asyncio.get_running_loop()
@@ -381,7 +578,7 @@ class Gate:
         self._sweep: asyncio.TimerHandle | None = None
 
     def __call__(self) -> Guard:
-        return Guard(self, self.server())
+        return Guard(self)
 
     def __len__(self) -> int:
         return len(self.guards) + self.opening - len(self.leaving)
@@ -406,6 +603,15 @@ class Gate:
     def full(self) -> bool:
         """Whether the worker holds its cap of connections."""
         return len(self) >= self.limit
+
+    async def close(self, timeout: float) -> None:
+        """Close the connections left once every answer owed by the lane is written (or
+        ``timeout`` has passed); aiohttp's own are closed by its runner."""
+        deadline = self.loop.time() + timeout
+        while any(guard.owed for guard in self.guards) and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for guard in list(self.guards):
+            guard.evict()
 
     def make_room(self) -> bool:
         """Close the connection idle longest (it is gone by the next turn of the loop), for

@@ -22,6 +22,7 @@ from aiohttp import web
 from ratekeeper.app import create_app
 from ratekeeper.process.accept import AcceptShare, AcceptSlots, BalancedSite
 from ratekeeper.server.guard import ANSWERS_LOG, Answered, Gate, hush_client_gone
+from ratekeeper.server.hot import HotLane
 from ratekeeper.settings import Settings
 
 from support.common import TEST_DEADLINE_MS, config_from
@@ -113,7 +114,7 @@ async def guarded_server(settings: Settings, config_text: str, *, timeout: float
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     slots = AcceptSlots(1, multiprocessing.get_context("spawn"))
-    gate = Gate(runner.server, request_timeout=timeout, limit=limit)
+    gate = Gate(runner.server, request_timeout=timeout, limit=limit, lane=HotLane(app))
     site = BalancedSite(runner, sock, AcceptShare(slots, 0), gate)
     await site.start()
     try:
@@ -122,6 +123,7 @@ async def guarded_server(settings: Settings, config_text: str, *, timeout: float
         slots.stop_all()
         await site.stop()
         await runner.cleanup()
+        await gate.close(5.0)
         gate.stop()
 
 
