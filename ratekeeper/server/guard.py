@@ -1,13 +1,23 @@
-"""The edge of every HTTP connection: each request must arrive in time and well formed, and
-a worker holds no more connections than it has file descriptors for.
+"""The edge of every HTTP connection: each request must arrive in time and well formed, a
+worker holds no more connections than it has file descriptors for, and the check endpoints
+are answered without aiohttp.
 
 aiohttp's own connection handler (``runner.server()``, a ``RequestHandler``) would wait an
 hour for a request head that never ends and forever for a body that stops coming, and it
 answers a request it cannot parse with its own text, which repeats what the client sent,
-and a logged traceback. So every connection's protocol is a ``Guard`` wrapped around
-aiohttp's: it reads the bytes first, parses them with ``httptools`` (llhttp, strict) only to
-learn where each request's head and body end and whether they are well formed, and hands
-each read on to aiohttp unchanged when it is. aiohttp parses it again and answers as usual.
+and a logged traceback. So every connection's protocol is a ``Guard``: it reads the bytes
+first and parses them with ``httptools`` (llhttp, strict), to learn where each request's
+head and body end and whether they are well formed, and to route it:
+
+- ``POST /v1/check`` and ``POST /v1/check/batch`` (without a ``Content-Encoding``) go to the
+  gate's hot lane (``server/hot.py``): the guard keeps the body, the lane decides, and the
+  guard writes the answers in the order the requests came (``_owe``, ``_flush``);
+- every other request goes to aiohttp's protocol, which the guard composes and opens for the
+  connection when the first such request comes. When that is the connection's first request,
+  aiohttp is handed every byte unchanged from then on (``PASS``). After checks the lane has
+  answered (``HOT``), the connection is aiohttp's for good (``RELAY``): the guard rewrites
+  each request it parsed (method, target, version, header lines, body; a chunked body
+  re-chunked) and hands it on once the lane's answers before it are written.
 
 A guard answers, itself and as JSON, what aiohttp must not see:
 
@@ -19,8 +29,9 @@ A guard answers, itself and as JSON, what aiohttp must not see:
 - ``Expect: 100-continue`` with a ``Content-Length`` over 64 KiB: ``413`` at once, never a
   ``100 Continue`` first; any other ``Expect``: ``417``.
 
-Such an answer follows aiohttp's answers to the requests before it on the connection (the
-access-log hook ``Answered`` tells the guard of each), then the connection closes: after
+Such an answer follows the answers to the requests before it on the connection (the lane's,
+and aiohttp's: its access-log hook ``Answered`` tells the guard of each), then the
+connection closes: after
 a half-close that lets the client read the answer, when aiohttp holds none of its requests.
 A read that holds a refused request is not handed on at all, so a request pipelined before
 it in the same read goes unanswered: the refusal then answers the first such request.
