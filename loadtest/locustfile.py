@@ -8,6 +8,15 @@ Who is in the mix (class weights are relative):
 - ``Upload``: release files by user, project and address.
 - ``Spammer``: a wave of a few hundred IPv6 addresses rotating inside a handful of /64s
   (ratekeeper counts a /64 as one client), registering and creating projects.
+- ``Flood``: a project-creation flood from thousands of addresses and accounts, each
+  well within its own limits (what per-client limits cannot stop, and a tripwire can), from
+  RK_FLOOD_AT for RK_FLOOD_FOR seconds. A tripwire on ``project-create`` in the server's
+  config trips on it and turns its kill switch on; from then on the flood and the ordinary
+  creations are answered ``disabled`` by that switch, which is expected.
+- ``Watcher``: looks at ``GET /v1/admin/tripwires`` every second and prints a line when a
+  tripwire trips. With RK_WEBHOOK_PORT set, the run also listens on 127.0.0.1:<port> for the
+  server's alerts (list ``http://127.0.0.1:<port>/`` in the config's ``[alerts]``) and prints
+  each one as it arrives.
 - ``EdgeUpload``: the reverse proxy's ``GET /v1/authz`` for ``POST /legacy/``, where 204,
   429 and 403 are all answers the contract allows.
 - ``Admin``: one admin who turns the ``disallow-new-user-registration`` kill switch on
@@ -19,11 +28,14 @@ Every answer is judged against what this traffic should get: a denial the mix pr
 spammer rate limited or boxed, registration disabled while the switch is on, the site-wide
 login cap reached) is a success; a 4xx/5xx, a degraded answer, a disabled answer with the
 switch off, an allowed registration with the switch on, or a ban nobody issued is a
-failure. At the end a table of answers per action is printed.
+failure. At the end a table of answers per action is printed, then the tripwires' trips
+and the alerts received. A kill switch a tripwire turned on during the run is turned off as
+the run stops.
 
 Environment: RK_ADMIN_TOKEN (the token the server has in RATEKEEPER_ADMIN_TOKENS),
 RK_KILL_AT and RK_KILL_FOR (seconds after start; defaults 20 and 20), RK_SPAM_AT and
-RK_SPAM_FOR (defaults 10 and 30), RK_FLAG_GRACE (seconds a flip may take to reach every
+RK_SPAM_FOR (defaults 10 and 30), RK_FLOOD_AT and RK_FLOOD_FOR (defaults 30 and 15),
+RK_WEBHOOK_PORT (unset: no receiver), RK_FLAG_GRACE (seconds a flip may take to reach every
 worker; default 5). See loadtest/README.md for the command.
 """
 
@@ -34,8 +46,10 @@ import itertools
 import json
 import os
 import random
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from locust import FastHttpUser, between, constant, events, task
@@ -46,6 +60,9 @@ KILL_FOR = float(os.environ.get("RK_KILL_FOR", "20"))
 SPAM_AT = float(os.environ.get("RK_SPAM_AT", "10"))
 SPAM_FOR = float(os.environ.get("RK_SPAM_FOR", "30"))
 GRACE = float(os.environ.get("RK_FLAG_GRACE", "5"))
+FLOOD_AT = float(os.environ.get("RK_FLOOD_AT", "30"))
+FLOOD_FOR = float(os.environ.get("RK_FLOOD_FOR", "15"))
+WEBHOOK_PORT = int(os.environ.get("RK_WEBHOOK_PORT", "0"))
 KILL_SWITCH = "disallow-new-user-registration"
 SPAM_NETWORKS = 6  # the /64s the spam wave rotates in
 SPAM_ADDRESSES = 300  # distinct addresses across them
@@ -57,6 +74,10 @@ OUTCOMES: collections.Counter[tuple[str, str]] = collections.Counter()
 # process holds it, so run without --processes
 SWITCH: dict[str, Any] = {"on": False, "at": 0.0, "confirmed": False}
 _serial = itertools.count()
+# the server's tripwires: name -> its flag; and each trip seen, as a line for the summary
+WIRES: dict[str, str] = {}
+TRIPS: list[str] = []
+ALERTS: list[str] = []  # the ``text`` of every alert the receiver took
 
 
 def elapsed() -> float:
@@ -173,10 +194,62 @@ class ProjectCreate(CheckUser):
     @task
     def create(self) -> None:
         who = {"ip": client_ip(self.rng), "user": f"maintainer{self.rng.randrange(20_000)}"}
-        peek = self.check("project-create", "project-create: peek", expect=LIMITED, cost=0,
+        # a tripwire may turn project creation off (the flood is there to trip it)
+        expect = LIMITED | frozenset({"disabled"}) if WIRES else LIMITED
+        peek = self.check("project-create", "project-create: peek", expect=expect, cost=0,
                           **who)
         if peek and peek.get("allowed"):
-            self.check("project-create", "project-create: hit", expect=LIMITED, **who)
+            self.check("project-create", "project-create: hit", expect=expect, **who)
+
+
+class Flood(CheckUser):
+    """A project-creation flood from thousands of addresses and accounts, each within its
+    own limits: allowed until a tripwire turns project creation off."""
+
+    weight = 5
+    wait_time = constant(0.02)
+
+    @task
+    def flood(self) -> None:
+        if not FLOOD_AT <= elapsed() < FLOOD_AT + FLOOD_FOR:
+            time.sleep(0.5)
+            return
+        n = self.rng.randrange(1 << 20)
+        # a switch turned on by a trip may take a moment to reach every worker: until the
+        # watcher has seen the trip, either answer is right
+        self.check("project-create", "flood: project-create",
+                   expect=ALLOWED | frozenset({"disabled"}),
+                   ip=f"100.{64 + n % 64}.{n // 64 % 256}.{n // 16384 % 256 + 1}",
+                   user=f"flood{n}")
+
+
+class Watcher(FastHttpUser):
+    """Prints a line when a tripwire trips (GET /v1/admin/tripwires once a second)."""
+
+    fixed_count = 1
+    wait_time = constant(1.0)
+
+    @task
+    def look(self) -> None:
+        if not WIRES:
+            return
+        with self.client.get("/v1/admin/tripwires", name="admin: GET /v1/admin/tripwires",
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                             catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                return
+            resp.success()
+            wires = resp.json()["tripwires"]
+        for wire in wires:
+            seen = any(line.startswith(f"tripwire {wire['name']} ") for line in TRIPS)
+            if wire["tripped_until"] and not seen:
+                line = (f"tripwire {wire['name']} tripped (+{elapsed():.0f} s): "
+                        f"{wire['action']} reached {wire['threshold']} in {wire['window']} s; "
+                        f"{wire['flag']} is on" + (" (shadow: not really)" if wire["shadow"]
+                                                   else ""))
+                TRIPS.append(line)
+                print(line, flush=True)
 
 
 class Upload(CheckUser):
@@ -282,6 +355,53 @@ def switch_is_on(host: str) -> bool:
     return any(f["name"] == KILL_SWITCH and f["enabled"] for f in flags)
 
 
+def admin_get(host: str, path: str) -> Any:
+    """An admin API read, outside the measured traffic."""
+    request = urllib.request.Request(f"{host.rstrip('/')}{path}",
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+class AlertHandler(BaseHTTPRequestHandler):
+    """The run's webhook: prints each alert's text line as it comes."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        try:
+            text = str(json.loads(body).get("text", ""))
+        except ValueError:
+            text = "(not JSON)"
+        signed = "signed" if self.headers.get("Ratekeeper-Signature") else "unsigned"
+        ALERTS.append(text)
+        print(f"alert received ({signed}): {text}", flush=True)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@events.test_start.add_listener
+def find_tripwires(environment: Any, **kwargs: Any) -> None:
+    """Learn the server's tripwires; listen for its alerts when RK_WEBHOOK_PORT is set."""
+    if WEBHOOK_PORT:
+        server = ThreadingHTTPServer(("127.0.0.1", WEBHOOK_PORT), AlertHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        print(f"listening for alerts on http://127.0.0.1:{WEBHOOK_PORT}/")
+    if not environment.host:
+        return
+    try:
+        wires = admin_get(environment.host, "/v1/admin/tripwires")["tripwires"]
+    except OSError as exc:
+        print(f"tripwires: could not list them ({exc})")
+        return
+    WIRES.update({w["name"]: w["flag"] for w in wires})
+    armed = ", ".join(f"{w['name']} ({w['action']}, {w['threshold']} per {w['window']} s)"
+                      for w in wires if w["armed"])
+    print(f"tripwires armed: {armed or 'none'}; the flood starts at +{FLOOD_AT:.0f} s")
+
+
 @events.test_start.add_listener
 def switch_off_at_start(environment: Any, **kwargs: Any) -> None:
     """A run that was killed mid-drill may have left the switch on: start from off."""
@@ -307,6 +427,27 @@ def switch_off_at_stop(environment: Any, **kwargs: Any) -> None:
     SWITCH.update(on=False, at=time.monotonic())
 
 
+@events.test_stop.add_listener
+def tripped_switches_off_at_stop(environment: Any, **kwargs: Any) -> None:
+    """Turn off what a tripwire turned on during the run, so the next run starts clean."""
+    if not (environment.host and TRIPS):
+        return
+    try:
+        flags = admin_get(environment.host, "/v1/admin/flags")["flags"]
+        for flag in flags:
+            if flag["enabled"] and str(flag["updated_by"]).startswith("tripwire:"):
+                body = json.dumps({"enabled": False, "reason": "locust: the run ended"})
+                request = urllib.request.Request(
+                    f"{environment.host.rstrip('/')}/v1/admin/flags/{flag['name']}",
+                    data=body.encode(), method="PUT",
+                    headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                             "Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=5):
+                    pass
+    except OSError as exc:
+        print(f"tripwires: could not turn their switches off ({exc})")
+
+
 @events.quitting.add_listener
 def print_outcomes(environment: Any, **kwargs: Any) -> None:
     """The answers per action, and whether the kill switch was ever accepted."""
@@ -314,3 +455,11 @@ def print_outcomes(environment: Any, **kwargs: Any) -> None:
     for (action, outcome), count in sorted(OUTCOMES.items()):
         print(f"  {action:16s} {outcome:28s} {count:8d}")
     print(f"  kill switch accepted by the admin API: {SWITCH['confirmed']}")
+    if WIRES:
+        print("tripwires tripped during the run:")
+        for line in TRIPS or ["  none"]:
+            print(f"  {line}")
+    if WEBHOOK_PORT:
+        print(f"alerts received: {len(ALERTS)}")
+        for text in ALERTS:
+            print(f"  {text}")

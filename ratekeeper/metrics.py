@@ -11,7 +11,10 @@ to the Prometheus counters by ``flush``: at every scrape of this process, once a
 when the server stops (the server runs ``flush_forever``), so another worker's counts reach
 /metrics within about a second. A counter's ``inc`` takes a lock (and in multiprocess mode
 writes a memory-mapped file); a dict entry costs a fraction of that, and the path runs once
-per decision.
+per decision. Each flush also adds what it moved to a second tally, per (action, rule,
+outcome), which the traffic recorder takes once a second (``take_traffic``) for the shared
+counts in Redis behind the tripwires and the admin page's chart: the request path pays
+nothing more for them.
 """
 
 from __future__ import annotations
@@ -58,12 +61,24 @@ class Metrics:
         self.cache_hits = prom.Counter(
             "ratekeeper_local_cache_hits", "Decisions answered from the local cache", ["kind"],
             **kwargs)
+        self.alerts_sent = prom.Counter(
+            "ratekeeper_alerts_sent", "Alerts a webhook accepted", **kwargs)
+        self.alerts_dropped = prom.Counter(
+            "ratekeeper_alerts_dropped",
+            "Alerts given up: the queue was full, or every attempt failed", ["reason"],
+            **kwargs)
+        self.tripwire_trips = prom.Counter(
+            "ratekeeper_tripwire_trips", "Tripwires tripped (shadow: recorded only)",
+            ["tripwire", "shadow"], **kwargs)
         # labelled children by their label values: ``labels()`` validates and hashes its
         # arguments on every call, and the hot path counts every decision
         self._children: dict[tuple[Any, ...], Any] = {}
         # counted on the request path, not yet in the counters above (``flush``)
         self._decided: dict[tuple[str, str, str], int] = {}
         self._hits: dict[str, int] = {}
+        # flushed, not yet taken by the traffic recorder (``take_traffic``)
+        self._traffic: dict[tuple[str, str, str], int] = {}
+        self.tapped = False  # whether anything takes the traffic (else it is not kept)
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (metric, *values)
@@ -104,12 +119,34 @@ class Metrics:
         decided, hits = self._decided, self._hits
         if decided:
             self._decided = {}
-            for (action, rule, outcome), count in decided.items():
-                self._child(self.decisions, action, rule, outcome).inc(count)
+            traffic = self._traffic if self.tapped else None
+            for key, count in decided.items():
+                self._child(self.decisions, *key).inc(count)
+                if traffic is not None:
+                    traffic[key] = traffic.get(key, 0) + count
         if hits:
             self._hits = {}
             for kind, count in hits.items():
                 self._child(self.cache_hits, kind).inc(count)
+
+    def take_traffic(self) -> dict[tuple[str, str, str], int]:
+        """Decisions per (action, rule, outcome) since the last take."""
+        self.tapped = True
+        self.flush()
+        traffic, self._traffic = self._traffic, {}
+        return traffic
+
+    def alert_sent(self) -> None:
+        """Count an alert a webhook accepted."""
+        self.alerts_sent.inc()
+
+    def alert_dropped(self, reason: str) -> None:
+        """Count an alert given up (``queue_full`` or ``undelivered``)."""
+        self._child(self.alerts_dropped, reason).inc()
+
+    def tripped(self, tripwire: str, shadow: bool) -> None:
+        """Count a tripwire's trip."""
+        self._child(self.tripwire_trips, tripwire, "true" if shadow else "false").inc()
 
     async def flush_forever(self, interval: float = FLUSH_SECONDS) -> None:
         """``flush`` every ``interval`` seconds until cancelled (then once more)."""

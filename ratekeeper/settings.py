@@ -72,6 +72,9 @@ class Settings:
     # RATEKEEPER_WARMUP_MS: how long a starting worker waits for Redis (connections open,
     # scripts loaded) before it takes connections anyway.
     warmup_ms: int = 10_000
+    # RATEKEEPER_WEBHOOK_SECRET: the key of the HMAC-SHA256 every alert is signed with
+    # (``Ratekeeper-Signature``); never logged or sent. Empty: alerts go unsigned.
+    webhook_secret: bytes = field(default=b"", repr=False)
 
     @property
     def is_memory(self) -> bool:
@@ -143,6 +146,7 @@ class Settings:
             request_timeout_ms=_parse_int(env, "RATEKEEPER_REQUEST_TIMEOUT_MS", 10_000, low=10),
             max_connections=_parse_int(env, "RATEKEEPER_MAX_CONNECTIONS", 0, low=0),
             warmup_ms=_parse_int(env, "RATEKEEPER_WARMUP_MS", 10_000, low=0),
+            webhook_secret=env.get("RATEKEEPER_WEBHOOK_SECRET", "").encode(),
         )
 
 

@@ -1,9 +1,11 @@
-"""The admin API under ``/v1/admin``: kill switches, the audit trail, bans, resets, top lists.
+"""The admin API under ``/v1/admin``: kill switches, the audit trail, bans, resets, top lists,
+tripwires and the traffic picture.
 
 A sub-application: its middleware authenticates every request before anything is read, so
 a missing or wrong token is a 401 that changes nothing, and a viewer token that tries to
 change something is a 403. A change is written to Redis, applied in this process, recorded
-in the audit trail and announced to every other process (``sync.py``), in that order.
+in the audit trail, announced to every other process (``sync.py``) and alerted
+(``alerts.py``), in that order.
 Handlers about subjects (bans, resets, top lists) are in ``admin_subjects.py``.
 """
 
@@ -39,11 +41,18 @@ from ratekeeper.api.admin_wire import (
     FlagList,
     FlagUpdate,
     FlagView,
+    TrafficAction,
+    TrafficPicture,
+    TripwireList,
+    TripwireUpdate,
 )
+from ratekeeper.control.alerts import Alerts
 from ratekeeper.control.audit import AuditLog
 from ratekeeper.control.bans import BanBook
 from ratekeeper.control.flagstore import FlagStore
 from ratekeeper.control.sync import Event, StateSync, stop_tasks
+from ratekeeper.control.traffic import Traffic, TrafficKeys
+from ratekeeper.control.tripwires import Tripwires, window_text
 from ratekeeper.decision.cache import LocalCache
 from ratekeeper.decision.flags import FlagBoard, FlagState
 from ratekeeper.errors import BadRequest, StoreUnavailable
@@ -59,6 +68,7 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 DEFAULT_AUDIT_LIMIT = 50
 
 _flag_update = msgspec.json.Decoder(FlagUpdate)
+_tripwire_update = msgspec.json.Decoder(TripwireUpdate)
 
 
 @web.middleware
@@ -148,6 +158,13 @@ async def set_flag(runtime: Runtime, admin: AdminState, principal: Principal, na
                                         detail=detail, reason=update.reason or ""))
     await admin.sync.announce(Event(kind="flags"))
     log.info("flag %s turned %s by %s", name, "on" if update.enabled else "off", principal.name)
+    text = f"{principal.name} turned {name} {'on' if update.enabled else 'off'}"
+    if expires_in is not None:
+        text += f" for {window_text(expires_in)}"
+    if update.reason:
+        text += f": {update.reason}"
+    admin.alerts.send("flag", text, flag=name, enabled=update.enabled, by=principal.name,
+                      expires_in=expires_in, reason=update.reason or "")
     return _flag_view(board, state, now)
 
 
@@ -158,6 +175,39 @@ async def list_audit(request: web.Request) -> web.Response:
     _, admin, _ = parts(request)
     limit = limit_param(query(request, {"limit"}), DEFAULT_AUDIT_LIMIT, MAX_AUDIT_LIMIT)
     return json_response(AuditList(events=await admin.audit.recent(limit)))
+
+
+# -- tripwires and traffic ------------------------------------------------------------------
+
+async def list_tripwires(request: web.Request) -> web.Response:
+    """GET /v1/admin/tripwires: every tripwire, its count in the window and its state."""
+    _, admin, _ = parts(request)
+    query(request, set())
+    return json_response(TripwireList(tripwires=await admin.tripwires.views()))
+
+
+async def put_tripwire(request: web.Request) -> web.Response:
+    """PUT /v1/admin/tripwires/{name}: disarm or re-arm a tripwire."""
+    _, admin, principal = parts(request)
+    wire = admin.tripwires.get(request.match_info["name"])
+    if wire is None:
+        return error_response(404, "unknown tripwire: GET /v1/admin/tripwires lists them")
+    update = decode(_tripwire_update, await request.read())
+    check_text(admin, reason=update.reason)
+    await admin.tripwires.set_armed(wire, update.armed, principal.name, update.reason or "")
+    return json_response(await admin.tripwires.view(wire.name))
+
+
+async def get_traffic(request: web.Request) -> web.Response:
+    """GET /v1/admin/traffic: every process's decisions per minute over the last hour."""
+    _, admin, _ = parts(request)
+    query(request, set())
+    picture = await admin.tripwires.traffic.picture()
+    return json_response(TrafficPicture(
+        start=picture.first_minute * 60,
+        actions=[TrafficAction(action=name, minutes=series)
+                 for name, series in sorted(picture.actions.items())],
+        rules=dict(picture.denying_rules())))
 
 
 # -- wiring ----------------------------------------------------------------------------------
@@ -173,12 +223,16 @@ def admin_app() -> web.Application:
     app.router.add_delete("/bans/{id}", admin_subjects.lift_ban)
     app.router.add_post("/reset", admin_subjects.reset)
     app.router.add_get("/top", admin_subjects.top)
+    app.router.add_get("/tripwires", list_tripwires)
+    app.router.add_put("/tripwires/{name}", put_tripwire)
+    app.router.add_get("/traffic", get_traffic)
     return app
 
 
 def admin_context(settings: Settings, wall: Callable[[], float]
                   ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context (after the runtime's) that runs flag sync and the top-list flush."""
+    """A cleanup context (after the runtime's) that runs flag sync, the top-list flush, and
+    the traffic flush that trips the tripwires; alerts are sent from here on."""
 
     async def context(app: web.Application) -> AsyncIterator[None]:
         runtime = app[RUNTIME]
@@ -197,20 +251,32 @@ def admin_context(settings: Settings, wall: Callable[[], float]
         sync = StateSync(redis, keyspace.events_channel(), flagstore, runtime.flags, cache,
                          audit, wall=now, interval=settings.sync_interval_ms / 1000,
                          listen=listen)
+        alerts = Alerts(runtime.checker.config.alerts.webhooks, settings.webhook_secret,
+                        runtime.metrics, wall=now)
+        traffic = Traffic(redis, TrafficKeys(settings.key_prefix), runtime.metrics, now)
+        tripwires = Tripwires(traffic, lambda: runtime.checker.config, runtime.flags,
+                              flagstore, audit, sync, alerts, runtime.metrics, now)
         app[ADMIN] = AdminState(auth=auth, flagstore=flagstore, audit=audit,
                                 bans=BanBook(redis, keyspace.ban_index_key()), sync=sync,
-                                wall=now)
+                                wall=now, alerts=alerts, tripwires=tripwires)
+        await alerts.start()
         await sync.start()
+        counting = asyncio.create_task(tripwires.flush_forever(
+            lambda: runtime.limiter.breaker_state))
         if listen:
             cache.announce = lambda pairs: sync.announce(Event(kind="refund", pairs=pairs))
         denials = runtime.denials
         flusher = asyncio.create_task(denials.flush_forever()) if denials is not None else None
         yield
+        await stop_tasks([counting])
+        with contextlib.suppress(StoreUnavailable):
+            await tripwires.flush()  # the last second's counts
         if flusher is not None:
             await stop_tasks([flusher])
         if denials is not None:
             with contextlib.suppress(StoreUnavailable):
                 await denials.flush()  # the last second's counts
         await sync.stop()
+        await alerts.stop()
 
     return context

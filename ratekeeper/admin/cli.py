@@ -5,6 +5,7 @@
     ratekeeper audit [--limit N]
     ratekeeper top RULE [--limit N]
     ratekeeper reset (--action A | --rule R) [FIELD=VALUE ...] [--reason R]
+    ratekeeper tripwires list | disarm NAME [--reason R] | arm NAME [--reason R]
 
 The server and token come from ``--url`` / ``--token`` or ``RATEKEEPER_URL`` /
 ``RATEKEEPER_TOKEN``. Durations are seconds or a number and a unit (``90s``, ``30m``, ``2h``,
@@ -30,7 +31,7 @@ from ratekeeper.config.rules import parse_duration
 
 __all__ = ["COMMANDS", "add_commands", "run"]
 
-COMMANDS = frozenset({"flags", "bans", "audit", "top", "reset"})
+COMMANDS = frozenset({"flags", "bans", "audit", "top", "reset", "tripwires"})
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 10.0
 MAX_CELL = 60
@@ -93,6 +94,15 @@ def add_commands(commands: Any) -> None:
     reset.add_argument("subjects", nargs="*", metavar="FIELD=VALUE",
                        help="the subjects the rules key on, e.g. ip=203.0.113.7 user=alice")
     reset.add_argument("--reason", default="", help="why, for the audit trail")
+
+    wires = commands.add_parser("tripwires", help="list, disarm and re-arm tripwires")
+    verbs = wires.add_subparsers(dest="verb", required=True)
+    _common(verbs.add_parser("list", help="every tripwire, its count and its state"))
+    for verb, what in (("disarm", "let it count but never trip"),
+                       ("arm", "re-arm it (and clear a trip, so it may trip again)")):
+        change = _common(verbs.add_parser(verb, help=what))
+        change.add_argument("name")
+        change.add_argument("--reason", default="", help="why, for the audit trail")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,6 +169,11 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]
         return "GET", "/v1/admin/audit?" + urlencode({"limit": args.limit}), None
     if command == "top":
         return "GET", "/v1/admin/top?" + urlencode({"rule": args.rule, "limit": args.limit}), None
+    if command == "tripwires" and verb == "list":
+        return "GET", "/v1/admin/tripwires", None
+    if command == "tripwires":
+        return "PUT", f"/v1/admin/tripwires/{quote(args.name, safe='')}", {
+            "armed": verb == "arm", "reason": args.reason}
     body = {"reason": args.reason}
     body.update({"action": args.action} if args.action else {"rule": args.rule})
     for item in args.subjects:
@@ -223,6 +238,13 @@ def _cell(value: Any) -> str:
     return text if len(text) <= MAX_CELL else text[:MAX_CELL - 1] + "…"
 
 
+def _wire_state(wire: dict[str, Any]) -> str:
+    state = "armed" if wire["armed"] else "disarmed"
+    if wire["shadow"]:
+        state += " (shadow)"
+    return state + (", tripped" if wire["tripped_until"] else "")
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str = "none") -> str:
     """Columns padded to their widest cell, under upper-case headers; ``empty`` for no rows."""
     if not rows:
@@ -270,5 +292,14 @@ def _render(args: argparse.Namespace, answer: Any) -> str:
         key = "+".join(answer["key"]) or "global"
         return table([f"subject ({key}, hashed)", "denied"], rows,
                      f"none ({answer['rule']} denied no one in the last hour)")
+    if command == "tripwires" and verb == "list":
+        rows = [(w["name"], _wire_state(w), f"{w['seen']}/{w['threshold']}",
+                 f"{w['window']} s", w["action"], w["count"], w["flag"],
+                 f"{w['duration']} s", _when(w["tripped_until"]))
+                for w in answer["tripwires"]]
+        return table(["tripwire", "state", "count", "window", "action", "counts", "flag",
+                      "trips for", "tripped until"], rows, "none (the config has no tripwires)")
+    if command == "tripwires":
+        return f"{answer['name']} is {_wire_state(answer)}"
     rows = [(c["rule"], c["subject"], c["deleted"]) for c in answer["cleared"]]
     return table(["rule", "subject", "keys deleted"], rows, "none (nothing to clear)")

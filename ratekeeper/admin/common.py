@@ -13,10 +13,12 @@ from ratekeeper.admin.auth import Principal, TokenAuth
 from ratekeeper.api.admin_wire import SUBJECT_HASH_FIELD, ban_request_type, reset_request_type
 from ratekeeper.api.wire import decode
 from ratekeeper.config.rules import parse_duration
+from ratekeeper.control.alerts import Alerts
 from ratekeeper.control.audit import AuditLog
 from ratekeeper.control.bans import BanBook
 from ratekeeper.control.flagstore import FlagStore
 from ratekeeper.control.sync import StateSync
+from ratekeeper.control.tripwires import Tripwires
 from ratekeeper.decision.checker import Checker
 from ratekeeper.errors import BadRequest
 from ratekeeper.identity.keys import contains_ip
@@ -45,6 +47,8 @@ class AdminState:
     bans: BanBook
     sync: StateSync
     wall: Callable[[], float]
+    alerts: Alerts
+    tripwires: Tripwires
     codecs: Codecs | None = None
 
     def codecs_for(self, checker: Checker) -> Codecs:

@@ -32,6 +32,7 @@ from ratekeeper.api.admin_wire import (
 )
 from ratekeeper.config.rules import Rule
 from ratekeeper.control.sync import Event
+from ratekeeper.control.tripwires import window_text
 from ratekeeper.decision.checker import Checker
 from ratekeeper.decision.top import KEEP, LOOKBACK_SECONDS
 from ratekeeper.errors import BadRequest
@@ -95,7 +96,17 @@ async def ban_subject(runtime: Runtime, admin: AdminState, principal: Principal,
     await admin.sync.announce(Event(kind="ban", subjects=[subject]))
     log.info("subject %s:%s banned for %d s by %s", field or "hash", subject, duration,
              principal.name)
+    # the alert names the kind of subject, never the subject (not even its hash)
+    admin.alerts.send("ban", f"{principal.name} banned {_a(field)} for {window_text(duration)}"
+                             + (f": {body.reason}" if body.reason else ""),
+                      field=field, duration=duration, by=principal.name, reason=body.reason)
     return ban
+
+
+def _a(field: str) -> str:
+    """``an ip``, ``a user``; ``a subject`` for a ban by hash."""
+    name = field or "subject"
+    return f"an {name}" if name[0] in "aeiou" else f"a {name}"
 
 
 async def list_bans(request: web.Request) -> web.Response:
@@ -128,6 +139,9 @@ async def lift_subject(runtime: Runtime, admin: AdminState, principal: Principal
                                         target=f"ban:{ban_id}", reason=lift.reason))
     await admin.sync.announce(Event(kind="lift", subjects=[ban_id]))
     log.info("ban %s lifted by %s", ban_id, principal.name)
+    admin.alerts.send("lift", f"{principal.name} lifted a ban"
+                              + (f": {lift.reason}" if lift.reason else ""),
+                      by=principal.name, reason=lift.reason)
     return True
 
 

@@ -33,6 +33,11 @@ __all__ = [
     "ResetResult",
     "TopEntry",
     "TopResult",
+    "TrafficAction",
+    "TrafficPicture",
+    "TripwireList",
+    "TripwireUpdate",
+    "TripwireView",
     "ban_request_type",
     "reset_request_type",
 ]
@@ -88,8 +93,11 @@ class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One admin change. Never holds an IP or a token: subjects appear as their hashes."""
 
     at: float  # Unix seconds
-    actor: str  # the token's name, or "ratekeeper" for what the service did itself
-    kind: str  # flag, flag-expired, flags-restored, ban, lift, reset
+    # the token's name, "ratekeeper" for what the service did itself, or "tripwire:<name>"
+    actor: str
+    # flag, flag-expired, flags-restored, ban, lift, reset, tripwire, tripwire-arm,
+    # tripwire-disarm
+    kind: str
     target: str  # the flag name, "<field>:<subject hash>", "rule:<name>" or "action:<name>"
     detail: dict[str, Any] = {}
     reason: str = ""
@@ -187,3 +195,52 @@ def reset_request_type(subjects: Iterable[str]) -> type[msgspec.Struct]:
     fields += _subject_fields(subjects)
     fields += [("reason", Text, "")]
     return msgspec.defstruct("ResetRequest", fields, forbid_unknown_fields=True, kw_only=True)
+
+
+class TripwireView(msgspec.Struct, frozen=True, kw_only=True):
+    """A tripwire as declared, and its state shared by every process."""
+
+    name: str
+    action: str
+    count: str  # which decisions it counts: allowed, denied or all
+    threshold: int  # decisions within ``window`` that trip it
+    window: int  # seconds
+    flag: str  # the kill switch a trip turns on
+    duration: int  # seconds the flag stays on
+    shadow: bool  # a trip is recorded and alerted, the flag left alone
+    armed: bool  # False: disarmed by an admin, it counts but never trips
+    seen: int  # decisions counted within the window now (a sliding-window estimate)
+    tripped_until: float | None  # Unix seconds; None = not tripped
+    disarmed_by: str | None = None
+    disarmed_at: float | None = None  # Unix seconds
+    reason: str = ""  # why it was disarmed
+
+
+class TripwireList(msgspec.Struct, frozen=True):
+    """``GET /v1/admin/tripwires``."""
+
+    tripwires: list[TripwireView]
+
+
+class TripwireUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``PUT /v1/admin/tripwires/{name}``: disarm (``armed: false``) or re-arm a tripwire."""
+
+    armed: bool
+    reason: Text | None = None  # why, for the audit trail
+
+
+class TrafficAction(msgspec.Struct, frozen=True):
+    """One action's decisions per minute, by category, oldest minute first."""
+
+    action: str
+    # allowed, limited (a rule's window), boxed (a penalty box), banned, disabled, degraded
+    minutes: dict[str, list[int]]
+
+
+class TrafficPicture(msgspec.Struct, frozen=True):
+    """``GET /v1/admin/traffic``: every process's decisions over the last hour."""
+
+    start: int  # Unix seconds of the first minute
+    actions: list[TrafficAction]
+    # rule -> limited (its windows) and boxed (its penalty box) -> denials, most denying first
+    rules: dict[str, dict[str, int]]

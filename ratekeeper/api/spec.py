@@ -20,6 +20,10 @@ from ratekeeper.api.admin_wire import (
     LiftResult,
     ResetResult,
     TopResult,
+    TrafficPicture,
+    TripwireList,
+    TripwireUpdate,
+    TripwireView,
     ban_request_type,
     reset_request_type,
 )
@@ -36,8 +40,10 @@ from ratekeeper.api.openapi import (
 )
 from ratekeeper.api.wire import (
     BatchResponse,
+    ClearResult,
     Decision,
     ErrorBody,
+    FlagStates,
     Health,
     Problem,
     Readiness,
@@ -136,10 +142,38 @@ ADMIN_ENDPOINTS = [
            params=(Param("rule", "query", {"type": "string"}, required=True),
                    Param("limit", "query", {"type": "integer", "minimum": 1,
                                             "maximum": MAX_TOP_LIMIT}))),
+    _admin("GET", "/tripwires", "Every tripwire: its count in the window, armed, tripped",
+           {200: Reply("The tripwires", TripwireList)}),
+    _admin("PUT", "/tripwires/{name}", "Disarm a tripwire, or re-arm it (clearing a trip)",
+           {200: Reply("Its new state", TripwireView),
+            404: Reply("No such tripwire", ErrorBody)}, request=TripwireUpdate),
+    _admin("GET", "/traffic", "Every process's decisions per minute over the last hour",
+           {200: Reply("Decisions per action, minute and category", TrafficPicture)}),
+]
+
+# The origin's endpoints: a credential of their own (RATEKEEPER_ORIGIN_TOKEN), not an admin's.
+NO_ORIGIN_TOKEN = Reply("No valid origin token", ErrorBody,
+                        headers={"WWW-Authenticate": "Bearer realm=\"ratekeeper-origin\""})
+ORIGIN_ENDPOINTS = [
+    Endpoint("GET", "/v1/origin/flags", "Every kill switch: on or off, its message, banner",
+             "origin", replies={200: Reply("The kill switches", FlagStates),
+                                401: NO_ORIGIN_TOKEN}, auth=True),
+    Endpoint("POST", "/v1/origin/state",
+             "A look at an action (a check's body, its cost not read), answered by Redis",
+             "origin", request=CHECK_REQUEST,
+             replies={200: Reply("What a check of cost 0 answers", Decision), 400: BAD,
+                      401: NO_ORIGIN_TOKEN, 413: TOO_BIG}, auth=True),
+    Endpoint("POST", "/v1/origin/clear",
+             "Clear a clearable action's counters for these subjects (a check's body)",
+             "origin", request=CHECK_REQUEST,
+             replies={200: Reply("Cleared, or why not", ClearResult), 400: BAD,
+                      401: NO_ORIGIN_TOKEN,
+                      403: Reply("The action is not clearable", ErrorBody), 413: TOO_BIG},
+             auth=True),
 ]
 
 ENDPOINTS: list[Endpoint] = [*CHECK_ENDPOINTS, *PROXY_ENDPOINTS, *OPS_ENDPOINTS,
-                             *ADMIN_ENDPOINTS]
+                             *ADMIN_ENDPOINTS, *ORIGIN_ENDPOINTS]
 _FIXED_CHECK_FIELDS = {"action", "cost"}
 
 

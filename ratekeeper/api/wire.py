@@ -27,10 +27,13 @@ __all__ = [
     "MAX_COST",
     "BatchResponse",
     "CheckRequestType",
+    "ClearResult",
     "Decision",
     "ErrorBody",
+    "FlagStates",
     "Health",
     "LimitState",
+    "OriginFlag",
     "Problem",
     "Readiness",
     "RefundRequest",
@@ -75,13 +78,25 @@ def batch_request_type(check_type: CheckRequestType) -> type[msgspec.Struct]:
 
 
 class LimitState(msgspec.Struct, frozen=True):
-    """One window of one rule, as the check answer reports it."""
+    """One window of one rule, as the check answer reports it.
+
+    ``reset`` is whole seconds, rounded up, until ``remaining`` next goes up (the oldest hit
+    still counted leaves the window); ``reset_ms`` is the same in milliseconds. A window that
+    holds no hits has nothing to wait for: both are 0 (and ``remaining`` is the limit).
+    """
 
     rule: str
     limit: int
     window: int
     remaining: int
     reset: int
+    # -1: not given, which is taken as the whole seconds (an answer built without the
+    # milliseconds still says them, never less than the truth)
+    reset_ms: int = -1
+
+    def __post_init__(self) -> None:
+        if self.reset_ms < 0:
+            msgspec.structs.force_setattr(self, "reset_ms", self.reset * 1000)
 
 
 RefundText = Annotated[str, Meta(
@@ -97,6 +112,8 @@ class Decision(msgspec.Struct, frozen=True, omit_defaults=True):
     # Always sent: omit_defaults never calls a default_factory to compare a value with what
     # it makes, so of the fields below it leaves out only ``refund`` (when None).
     retry_after: int = msgspec.field(default_factory=lambda: 0)
+    # the same in milliseconds (-1 when built without them: then the whole seconds')
+    retry_after_ms: int = msgspec.field(default_factory=lambda: -1)
     flag: str | None = msgspec.field(default_factory=lambda: None)
     message: str | None = msgspec.field(default_factory=lambda: None)
     degraded: bool = msgspec.field(default_factory=lambda: False)
@@ -105,6 +122,10 @@ class Decision(msgspec.Struct, frozen=True, omit_defaults=True):
     # Sent only when hits were taken (None, and absent on the wire, for a look or a denial):
     # hand it to POST /v1/refund to give them back.
     refund: RefundText | None = None
+
+    def __post_init__(self) -> None:
+        if self.retry_after_ms < 0:
+            msgspec.structs.force_setattr(self, "retry_after_ms", self.retry_after * 1000)
 
 
 class BatchResponse(msgspec.Struct, frozen=True):
@@ -128,6 +149,49 @@ class RefundResult(msgspec.Struct, frozen=True):
     refunded: bool
     reason: str | None = None
     degraded: bool = False
+
+
+class ClearResult(msgspec.Struct, frozen=True):
+    """The answer to ``POST /v1/origin/clear``: whether the counters are gone, and how many
+    keys held them (``reason``: why not, ``unavailable`` when Redis could not be asked)."""
+
+    cleared: bool
+    deleted: int = 0
+    reason: str | None = None
+    degraded: bool = False
+
+
+class OriginFlag(msgspec.Struct, frozen=True):
+    """One kill switch as the origin reads it: on or off, what to tell users, whether to
+    show that site-wide (``notify``), and ``assumed`` when Redis holds no state for it (the
+    config's ``assume`` decided)."""
+
+    name: str
+    enabled: bool
+    message: str
+    notify: bool = False
+    assumed: bool = False
+    expires_at: float | None = None
+
+
+class FlagStates(msgspec.Struct, frozen=True):
+    """``GET /v1/origin/flags``: every declared kill switch, by name (``stale``: a client's
+    last known copy, kept because the sidecar could not be asked)."""
+
+    flags: list[OriginFlag]
+    stale: bool = False
+
+    def enabled(self, name: str) -> bool:
+        """True when flag ``name`` is on (a flag not listed is off)."""
+        return any(flag.enabled for flag in self.flags if flag.name == name)
+
+    def get(self, name: str) -> OriginFlag | None:
+        """Flag ``name``, or None when it is not declared."""
+        return next((flag for flag in self.flags if flag.name == name), None)
+
+    def notifications(self) -> list[OriginFlag]:
+        """The flags that are on and declared ``notify``: the site-wide banners to show."""
+        return [flag for flag in self.flags if flag.enabled and flag.notify]
 
 
 class ErrorBody(msgspec.Struct, frozen=True):

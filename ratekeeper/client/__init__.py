@@ -12,10 +12,13 @@ from ratekeeper.lazy import exports
 _HOMES = {
     "AsyncClient": "ratekeeper.client.aio",
     "Check": "ratekeeper.client.base",
+    "ClearResult": "ratekeeper.api.wire",
     "ClientError": "ratekeeper.client.base",
     "Decision": "ratekeeper.api.wire",
     "FailMode": "ratekeeper.client.base",
     "FallbackDecision": "ratekeeper.client.base",
+    "FlagStates": "ratekeeper.api.wire",
+    "OriginFlag": "ratekeeper.api.wire",
     "RefundResult": "ratekeeper.api.wire",
     "RequestRejected": "ratekeeper.client.base",
     "SidecarUnavailable": "ratekeeper.client.base",

@@ -11,8 +11,10 @@ from types import TracebackType
 
 import aiohttp
 
-from ratekeeper.api.wire import Decision, RefundResult
+from ratekeeper.api.wire import ClearResult, Decision, FlagStates, RefundResult
 from ratekeeper.client.base import (
+    CLEAR_UNAVAILABLE,
+    DEFAULT_FLAGS_TTL,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     NOTHING_TAKEN,
@@ -32,8 +34,10 @@ class AsyncClient(BaseClient):
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = DEFAULT_TIMEOUT,
                  fail: Mapping[str, FailMode] | None = None, default_fail: FailMode = "open",
-                 connections: int = 100) -> None:
-        super().__init__(base_url, timeout=timeout, fail=fail, default_fail=default_fail)
+                 connections: int = 100, origin_token: str | None = None,
+                 flags_ttl: float = DEFAULT_FLAGS_TTL) -> None:
+        super().__init__(base_url, timeout=timeout, fail=fail, default_fail=default_fail,
+                         origin_token=origin_token, flags_ttl=flags_ttl)
         self.connections = connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -60,9 +64,11 @@ class AsyncClient(BaseClient):
             )
         return self._session
 
-    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    async def _post(self, path: str, body: bytes | None, method: str = "POST",
+                    headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         try:
-            async with self._client_session().post(self.base_url + path, data=body) as resp:
+            async with self._client_session().request(method, self.base_url + path, data=body,
+                                                      headers=headers) as resp:
                 return resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise SidecarUnavailable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
@@ -100,3 +106,36 @@ class AsyncClient(BaseClient):
         except SidecarUnavailable as exc:
             log.warning("ratekeeper unavailable, refund not given: %s", exc)
             return UNAVAILABLE
+
+    async def state(self, action: str, ip: str | None = None, *, user: str | None = None,
+                    ip_hash: str | None = None, **subjects: str) -> Decision:
+        """What a look at ``action`` answers, from Redis (exact milliseconds); raises
+        ClientError, as it is no decision to fall back on."""
+        body = Check(action, ip, user=user, cost=0, ip_hash=ip_hash, **subjects).body
+        status, raw = await self._post("/v1/origin/state", self._encode(body),
+                                       headers=self.origin_headers())
+        return self.answer(status, raw, self._decision)
+
+    async def clear(self, action: str, ip: str | None = None, *, user: str | None = None,
+                    ip_hash: str | None = None, **subjects: str) -> ClearResult:
+        """Delete the counters of a clearable ``action`` for these subjects."""
+        body = Check(action, ip, user=user, cost=0, ip_hash=ip_hash, **subjects).body
+        try:
+            status, raw = await self._post("/v1/origin/clear", self._encode(body),
+                                           headers=self.origin_headers())
+            return self.answer(status, raw, self._clear)
+        except SidecarUnavailable as exc:
+            log.warning("ratekeeper unavailable, %s not cleared: %s", action, exc)
+            return CLEAR_UNAVAILABLE
+
+    async def flags(self) -> FlagStates:
+        """Every kill switch, reused for ``flags_ttl`` seconds."""
+        kept = self.cached_flags()
+        if kept is not None:
+            return kept
+        try:
+            status, raw = await self._post("/v1/origin/flags", None, "GET",
+                                           self.origin_headers())
+            return self.keep_flags(self.answer(status, raw, self._flag_states))
+        except SidecarUnavailable as exc:
+            return self.stale_flags(exc)

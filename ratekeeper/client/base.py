@@ -7,6 +7,11 @@ action's fail mode decides, on the client: ``"open"`` allows, ``"closed"`` denie
 request itself is wrong (an unknown action, a missing subject): that is never papered over,
 it raises ``RequestRejected`` with the sidecar's sentence.
 
+The origin's own calls (``state``, ``clear``, ``flags``) need the sidecar's origin token
+(``origin_token``, the sidecar's ``RATEKEEPER_ORIGIN_TOKEN``). ``flags()`` is kept for
+``flags_ttl`` seconds, and when the sidecar cannot be asked the last copy is returned marked
+``stale`` (none yet: no flag is on).
+
 Errors::
 
     RatekeeperError
@@ -18,15 +23,25 @@ Errors::
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from ratekeeper.api.wire import BatchResponse, Decision, ErrorBody, RefundResult
+from ratekeeper.api.wire import (
+    BatchResponse,
+    ClearResult,
+    Decision,
+    ErrorBody,
+    FlagStates,
+    RefundResult,
+)
 from ratekeeper.errors import RatekeeperError
 
 __all__ = [
+    "CLEAR_UNAVAILABLE",
+    "DEFAULT_FLAGS_TTL",
     "DEFAULT_TIMEOUT",
     "DEFAULT_URL",
     "NOTHING_TAKEN",
@@ -46,6 +61,7 @@ log = logging.getLogger("ratekeeper.client")
 FailMode = Literal["open", "closed", "raise"]
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = 0.05  # seconds, the whole call: connect, send, answer
+DEFAULT_FLAGS_TTL = 1.0  # seconds a flags() answer is reused (the sidecar syncs each second)
 FAIL_MODES = ("open", "closed", "raise")
 
 T = TypeVar("T")
@@ -91,9 +107,12 @@ class BaseClient:
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = DEFAULT_TIMEOUT,
                  fail: Mapping[str, FailMode] | None = None,
-                 default_fail: FailMode = "open") -> None:
+                 default_fail: FailMode = "open", origin_token: str | None = None,
+                 flags_ttl: float = DEFAULT_FLAGS_TTL) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if flags_ttl < 0:
+            raise ValueError("flags_ttl must not be negative")
         for action, mode in {**(fail or {}), "": default_fail}.items():
             if mode not in FAIL_MODES:
                 raise ValueError(f"fail mode of '{action or 'default'}' must be one of "
@@ -107,6 +126,36 @@ class BaseClient:
         self._batch = msgspec.json.Decoder(BatchResponse)
         self._refund = msgspec.json.Decoder(RefundResult)
         self._error = msgspec.json.Decoder(ErrorBody)
+        self._clear = msgspec.json.Decoder(ClearResult)
+        self._flag_states = msgspec.json.Decoder(FlagStates)
+        self.origin_token = origin_token
+        self.flags_ttl = flags_ttl
+        self._flags: tuple[float, FlagStates] | None = None  # (monotonic time read, answer)
+
+    def origin_headers(self) -> dict[str, str]:
+        """The origin calls' headers: the JSON type and the origin token."""
+        headers = {"Content-Type": "application/json"}
+        if self.origin_token:
+            headers["Authorization"] = f"Bearer {self.origin_token}"
+        return headers
+
+    def cached_flags(self) -> FlagStates | None:
+        """The last flags() answer while it is younger than ``flags_ttl``."""
+        kept = self._flags
+        if kept is not None and time.monotonic() - kept[0] < self.flags_ttl:
+            return kept[1]
+        return None
+
+    def keep_flags(self, flags: FlagStates) -> FlagStates:
+        """Remember a fresh flags() answer."""
+        self._flags = (time.monotonic(), flags)
+        return flags
+
+    def stale_flags(self, error: SidecarUnavailable) -> FlagStates:
+        """What flags() answers when the sidecar cannot be asked: the last copy, marked."""
+        log.warning("ratekeeper unavailable, flags as last known: %s", error)
+        kept = self._flags
+        return FlagStates(flags=[] if kept is None else kept[1].flags, stale=True)
 
     def fail_mode(self, action: str) -> FailMode:
         """What decides ``action`` when the sidecar cannot be asked."""
@@ -151,5 +200,6 @@ class BaseClient:
         return token
 
 
+CLEAR_UNAVAILABLE = ClearResult(cleared=False, reason="unavailable", degraded=True)
 NOTHING_TAKEN = RefundResult(refunded=False, reason="nothing_taken")
 UNAVAILABLE = RefundResult(refunded=False, reason="unavailable", degraded=True)

@@ -12,8 +12,10 @@ from types import TracebackType
 
 import urllib3
 
-from ratekeeper.api.wire import Decision, RefundResult
+from ratekeeper.api.wire import ClearResult, Decision, FlagStates, RefundResult
 from ratekeeper.client.base import (
+    CLEAR_UNAVAILABLE,
+    DEFAULT_FLAGS_TTL,
     DEFAULT_TIMEOUT,
     DEFAULT_URL,
     NOTHING_TAKEN,
@@ -29,12 +31,15 @@ __all__ = ["SyncClient"]
 
 
 class SyncClient(BaseClient):
-    """The blocking client: ``check``, ``batch``, ``refund`` as in ``AsyncClient``."""
+    """The blocking client: ``check``, ``batch``, ``refund`` and the origin's ``state``,
+    ``clear`` and ``flags``, as in ``AsyncClient``."""
 
     def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = DEFAULT_TIMEOUT,
                  fail: Mapping[str, FailMode] | None = None, default_fail: FailMode = "open",
-                 connections: int = 10) -> None:
-        super().__init__(base_url, timeout=timeout, fail=fail, default_fail=default_fail)
+                 connections: int = 10, origin_token: str | None = None,
+                 flags_ttl: float = DEFAULT_FLAGS_TTL) -> None:
+        super().__init__(base_url, timeout=timeout, fail=fail, default_fail=default_fail,
+                         origin_token=origin_token, flags_ttl=flags_ttl)
         url = urllib3.util.parse_url(self.base_url)
         self._path = (url.path or "").rstrip("/")
         # block=False: a burst beyond `connections` opens extra short-lived connections
@@ -55,10 +60,11 @@ class SyncClient(BaseClient):
         """Close the pooled connections."""
         self._pool.close()
 
-    def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+    def _post(self, path: str, body: bytes | None, method: str = "POST",
+              headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         try:
-            resp = self._pool.urlopen("POST", self._path + path, body=body, retries=False,
-                                      redirect=False)
+            resp = self._pool.urlopen(method, self._path + path, body=body, retries=False,
+                                      redirect=False, headers=headers)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise SidecarUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return resp.status, resp.data
@@ -96,3 +102,35 @@ class SyncClient(BaseClient):
         except SidecarUnavailable as exc:
             log.warning("ratekeeper unavailable, refund not given: %s", exc)
             return UNAVAILABLE
+
+    def state(self, action: str, ip: str | None = None, *, user: str | None = None,
+              ip_hash: str | None = None, **subjects: str) -> Decision:
+        """What a look at ``action`` answers, from Redis (exact milliseconds); raises
+        ClientError, as it is no decision to fall back on."""
+        body = Check(action, ip, user=user, cost=0, ip_hash=ip_hash, **subjects).body
+        status, raw = self._post("/v1/origin/state", self._encode(body),
+                                 headers=self.origin_headers())
+        return self.answer(status, raw, self._decision)
+
+    def clear(self, action: str, ip: str | None = None, *, user: str | None = None,
+              ip_hash: str | None = None, **subjects: str) -> ClearResult:
+        """Delete the counters of a clearable ``action`` for these subjects."""
+        body = Check(action, ip, user=user, cost=0, ip_hash=ip_hash, **subjects).body
+        try:
+            status, raw = self._post("/v1/origin/clear", self._encode(body),
+                                     headers=self.origin_headers())
+            return self.answer(status, raw, self._clear)
+        except SidecarUnavailable as exc:
+            log.warning("ratekeeper unavailable, %s not cleared: %s", action, exc)
+            return CLEAR_UNAVAILABLE
+
+    def flags(self) -> FlagStates:
+        """Every kill switch, reused for ``flags_ttl`` seconds."""
+        kept = self.cached_flags()
+        if kept is not None:
+            return kept
+        try:
+            status, raw = self._post("/v1/origin/flags", None, "GET", self.origin_headers())
+            return self.keep_flags(self.answer(status, raw, self._flag_states))
+        except SidecarUnavailable as exc:
+            return self.stale_flags(exc)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from limits import parse_many
 
+from ratekeeper.config.tripwires import Alerting, Tripwire, parse_alerts, parse_tripwires
 from ratekeeper.errors import ConfigError
 
 __all__ = [
@@ -85,6 +86,7 @@ class Action:
     name: str
     rules: tuple[Rule, ...]
     flags: tuple[str, ...]
+    clearable: bool = False  # the origin may clear its counters (POST /v1/origin/clear)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,9 @@ class Flag:
     name: str
     description: str = ""
     message: str = ""
+    assume: bool = False  # its state while Redis holds none for it (e.g. Redis unreadable)
+    notify: bool = False  # the origin shows its message site-wide while it is on
+    origin: bool = False  # the origin reads it (GET /v1/origin/flags) rather than an action
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,8 @@ class Config:
     routes: tuple[Route, ...] = ()
     ip: IPGrouping = field(default_factory=IPGrouping)
     source: str = "<config>"
+    tripwires: Mapping[str, Tripwire] = field(default_factory=dict)
+    alerts: Alerting = field(default_factory=Alerting)
 
     @property
     def subjects(self) -> frozenset[str]:
@@ -195,8 +202,9 @@ def config_warnings(config: Config) -> list[str]:
     for name in config.rules:
         if name not in used_rules:
             warn(f"rules.{name}", "no action lists this rule, so it never counts anything")
-    for name in config.flags:
-        if name not in used_flags and name not in BUILT_IN_FLAGS:
+    for name, flag in config.flags.items():
+        if name not in used_flags and name not in BUILT_IN_FLAGS and not (
+                flag.origin or flag.notify):
             warn(f"flags.{name}", "no action lists this flag, so turning it on blocks nothing")
     for name, action in config.actions.items():
         if not action.rules and not action.flags:
@@ -267,7 +275,7 @@ class _Parser:
                 self.error(f"{where}.{key}", "names use a-z, 0-9, '.', '_' and '-' (at most 64)")
 
     def parse(self, data: dict[str, Any]) -> Config:
-        self.only(data, "", {"ip", "rules", "actions", "flags", "routes"})
+        self.only(data, "", {"ip", "rules", "actions", "flags", "routes", "tripwires", "alerts"})
         ip = self.ip(self.table(data.get("ip", {}), "ip"))
         flags_data = self.table(data.get("flags", {}), "flags")
         self.names(flags_data, "flags")
@@ -288,7 +296,13 @@ class _Parser:
         if not actions:
             self.error("actions", "at least one action is required")
         routes = self.routes(data.get("routes", []), actions)
+        tripwires = parse_tripwires(data.get("tripwires", {}), actions=actions_data,
+                                    flags=flags,
+                                    names_ok=lambda n: NAME_RE.match(n) is not None,
+                                    duration=parse_duration, error=self.error)
+        alerts = parse_alerts(data.get("alerts", {}), self.error)
         return Config(rules=rules, actions=actions, flags=flags, routes=routes, ip=ip,
+                      tripwires=tripwires, alerts=alerts,
                       source=self.source)
 
     def ip(self, data: dict[str, Any]) -> IPGrouping:
@@ -322,9 +336,19 @@ class _Parser:
 
     def flag(self, name: str, data: dict[str, Any]) -> Flag:
         where = f"flags.{name}"
-        self.only(data, where, {"description", "message"})
+        self.only(data, where, {"description", "message", "assume", "notify", "origin"})
         return Flag(name=name, description=self.string(data, where, "description", ""),
-                    message=self.string(data, where, "message", ""))
+                    message=self.string(data, where, "message", ""),
+                    assume=self.boolean(data, where, "assume"),
+                    notify=self.boolean(data, where, "notify"),
+                    origin=self.boolean(data, where, "origin"))
+
+    def boolean(self, data: Mapping[str, object], where: str, key: str) -> bool:
+        value = data.get(key, False)
+        if not isinstance(value, bool):
+            self.error(f"{where}.{key}", "must be true or false")
+            return False
+        return value
 
     def rule(self, name: str, data: dict[str, Any]) -> Rule | None:
         where = f"rules.{name}"
@@ -397,7 +421,7 @@ class _Parser:
     def action(self, name: str, data: dict[str, Any], rules: Mapping[str, Rule],
                declared_rules: Mapping[str, object], flags: Mapping[str, Flag]) -> Action:
         where = f"actions.{name}"
-        self.only(data, where, {"rules", "flags"})
+        self.only(data, where, {"rules", "flags", "clearable"})
         rule_names = self.name_list(data, where, "rules")
         flag_names = self.name_list(data, where, "flags")
         for rule_name in rule_names:
@@ -407,7 +431,7 @@ class _Parser:
             if flag_name not in flags:
                 self.error(f"{where}.flags", f'"{flag_name}" is not a declared flag')
         return Action(name=name, rules=tuple(rules[r] for r in rule_names if r in rules),
-                      flags=tuple(flag_names))
+                      flags=tuple(flag_names), clearable=self.boolean(data, where, "clearable"))
 
     def name_list(self, data: Mapping[str, object], where: str, key: str) -> tuple[str, ...]:
         value = data.get(key, [])

@@ -4,6 +4,10 @@ Order: the action's kill switches (local state, no Redis), then this process's c
 subjects Redis already said are banned or over a limit (it only ever denies), then bans and
 penalty boxes and every window of every rule in one script call, all or nothing. When Redis
 cannot be asked, the rules' fail modes decide here, and only here.
+
+For the origin alone (``server/origin.py``): ``state`` reads an action's windows from Redis,
+past the cache, so its figures are exact to the millisecond; ``clear`` deletes the counters of
+an action that allows it (``clearable``), here and in the caches of every process.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from ratekeeper.api.wire import (
+    ClearResult,
     Decision,
     LimitState,
     RefundRequest,
@@ -38,9 +43,13 @@ from ratekeeper.identity.keys import Keyspace
 from ratekeeper.metrics import Metrics
 from ratekeeper.storage.limiter import CheckCall, Limiter, Outcome, Status, parse_outcome
 
-__all__ = ["Checker", "Pending"]
+__all__ = ["Checker", "NotClearable", "Pending"]
 
 REFUND_SLACK_MS = 1000  # as check.lua's SLACK_MS: the marker outlives the hits it guards
+
+
+class NotClearable(BadRequest):
+    """A clear of an action whose config does not allow it (the origin endpoint's 403)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +130,11 @@ def _rule_culprit(rule: Rule, subject: str) -> Culprit:
     return "+".join(rule.key) or "global", subject
 
 
-def _shown(remaining: int, reset_ms: int) -> tuple[int, int]:
-    """A window as an answer shows it: hits left, never below 0, and whole seconds until it
-    resets, rounded up."""
-    return remaining if remaining > 0 else 0, -(-reset_ms // 1000) if reset_ms > 0 else 0
+def _shown(remaining: int, reset_ms: int) -> tuple[int, int, int]:
+    """A window as an answer shows it: hits left, never below 0, and the time until it
+    resets in whole seconds (rounded up) and in milliseconds."""
+    reset_ms = reset_ms if reset_ms > 0 else 0
+    return remaining if remaining > 0 else 0, -(-reset_ms // 1000), reset_ms
 
 
 def _seconds(ms: int) -> int:
@@ -229,6 +239,34 @@ class Checker:
         """Decide one decoded request."""
         return (await self._decide([self.prepare(request)], [request.cost]))[0]
 
+    async def state(self, request: Any) -> Decision:
+        """What a look (cost 0) at ``request``'s action answers, always from Redis: never the
+        local cache, whose denials carry whole seconds; counted and logged as no decision."""
+        plan, values = self.prepare(request)
+        return (await self._decide([(plan, values)], [0], fresh=True))[0]
+
+    async def clear(self, request: Any) -> ClearResult:
+        """Delete the counters of ``request``'s action for its subjects (penalty boxes and bans
+        stay): only for an action whose config says ``clearable``. Raises BadRequest."""
+        plan, values = self.prepare(request)
+        action = plan.action
+        if not action.clearable:
+            raise NotClearable(f"action '{action.name}' is not clearable (set clearable = "
+                               "true on it in the config)")
+        keyspace = self.keyspace
+        pairs = [(rule, keyspace.subject((f, values[f]) for f in rule.key))
+                 for rule in action.rules]
+        keys = [keyspace.counter_key(subject, rule) for rule, subject in pairs]
+        if self.rotation is not None:  # else a check would carry the old counts over again
+            keys += [self.rotation.previous.rule_keys(rule, values)[0] for rule in action.rules]
+        try:
+            deleted = await self.limiter.clear(keys) if keys else 0
+        except StoreUnavailable:
+            return ClearResult(cleared=False, reason="unavailable", degraded=True)
+        if self.cache is not None:  # a denial remembered for these subjects no longer holds
+            await self.cache.gave_back([(rule.name, subject) for rule, subject in pairs])
+        return ClearResult(cleared=True, deleted=deleted)
+
     async def check_batch(self, requests: Sequence[Any]) -> list[Decision]:
         """Decide decoded requests in order, each as if after the one before it.
 
@@ -244,9 +282,10 @@ class Checker:
         return await self._decide(prepared, [request.cost for request in requests])
 
     async def _decide(self, prepared: Sequence[tuple[ActionPlan, dict[str, bytes]]],
-                      costs: Sequence[int]) -> list[Decision]:
-        """Stage every check, decide the ones Redis must in one call, settle them all."""
-        staged = [self._stage(plan, values, cost)
+                      costs: Sequence[int], *, fresh: bool = False) -> list[Decision]:
+        """Stage every check, decide the ones Redis must in one call, settle them all
+        (``fresh``: past the local cache, and not counted as decisions)."""
+        staged = [self._stage(plan, values, cost, fresh=fresh)
                   for (plan, values), cost in zip(prepared, costs, strict=True)]
         pending = [stage for stage in staged if isinstance(stage, Pending)]
         replies: Iterator[Sequence[int] | StoreUnavailable] = iter(())
@@ -257,6 +296,9 @@ class Checker:
                         await self.rotation.carry_over(self.limiter, stage.plan.action.rules,
                                                        stage.values)
             replies = iter(await self.limiter.decide([stage.call for stage in pending]))
+        if fresh:
+            return [self._looked(stage, next(replies)) if isinstance(stage, Pending)
+                    else stage[0] for stage in staged]
         return [self._observed(plan, values, cost,
                                self._finish(stage, next(replies))
                                if isinstance(stage, Pending) else stage)
@@ -278,8 +320,8 @@ class Checker:
             self.observer.observe(plan.action, values, cost, decision, culprit)
         return decision
 
-    def _stage(self, plan: ActionPlan, values: dict[str, bytes], cost: int
-               ) -> Answer | Pending:
+    def _stage(self, plan: ActionPlan, values: dict[str, bytes], cost: int, *,
+               fresh: bool = False) -> Answer | Pending:
         """Everything before Redis: the answer when flags or the cache decide, else the call."""
         action = plan.action
         now = self.wall()
@@ -289,10 +331,10 @@ class Checker:
                 # retrying helps only once every switch of the action is off: say when, if
                 # each has an expiry (headers.retry_after)
                 off_at = self.flags.off_at(action.flags, now)
+                wait_ms = 0 if off_at is None else max(1000, math.ceil((off_at - now) * 1000))
                 return Decision(allowed=False, reason="disabled", action=action.name,
                                 flag=blocking.name, message=self.flags.message_for(blocking),
-                                retry_after=0 if off_at is None else max(
-                                    1, math.ceil(off_at - now))), None
+                                retry_after=_seconds(wait_ms), retry_after_ms=wait_ms), None
         shadow_all = self._shadow_all or self.flags.is_on(SHADOW_FLAG, now)
         subject = self.keyspace.subject
         # one subject per field (its bans), then one per rule: a one-field rule's is the same
@@ -302,7 +344,7 @@ class Checker:
                     else subject(tuple([(f, values[f]) for f in fields]))
                     for fields in plan.rule_keys]
         cache = self.cache
-        if cache is not None:
+        if cache is not None and not fresh:
             hit = cache.lookup(action, ban_subjects, subjects, cost, shadow_all)
             if hit is not None:
                 if self.metrics is not None:
@@ -333,6 +375,12 @@ class Checker:
         return Pending(plan, values, cost, ban_fields, ban_subjects, subjects,
                        cache.now_ms() if cache is not None else 0,
                        (keys, cost, n_bans, len(action.rules), rule_args))
+
+    def _looked(self, stage: Pending, reply: Sequence[int] | StoreUnavailable) -> Decision:
+        """A look's answer from Redis (``state``): nothing remembered, nothing counted."""
+        if isinstance(reply, StoreUnavailable):
+            return self.degraded(stage.plan)
+        return self.decision(stage.plan, parse_outcome(reply))
 
     def _finish(self, stage: Pending, reply: Sequence[int] | StoreUnavailable) -> Answer:
         """Everything after Redis answered (check.lua's reply) or could not."""
@@ -366,19 +414,21 @@ class Checker:
         """Turn the script's answer into the API's Decision (``refund``: its token)."""
         action = plan.action
         status = outcome.status
+        # a box or ban (-1: without end) says whole seconds: its wait is the key's TTL, which
+        # runs on Redis's own clock whatever clock the windows use
+        wait = outcome.wait_ms if outcome.wait_ms > 0 else 0
         if status is Status.PENALTY:
-            return boxed_decision(action, outcome.culprit - 1,
-                                  _seconds(outcome.wait_ms) if outcome.wait_ms > 0 else 0)
+            return boxed_decision(action, outcome.culprit - 1, _seconds(wait))
         if status is Status.BANNED:
-            wait = outcome.wait_ms
             return Decision(allowed=False, reason="banned", action=action.name,
-                            retry_after=_seconds(wait) if wait > 0 else 0)
+                            retry_after=_seconds(wait))
         limits = [LimitState(rule, limit, seconds, *_shown(remaining, reset_ms))
                   for (rule, limit, seconds), (remaining, reset_ms, _) in zip(
                       plan.windows, outcome.windows, strict=True)]
         if status is Status.LIMITED:
             return Decision(allowed=False, reason="rate_limited", action=action.name,
-                            retry_after=max(1, _seconds(outcome.wait_ms)), limits=limits)
+                            retry_after=max(1, _seconds(wait)), retry_after_ms=max(1, wait),
+                            limits=limits)
         if outcome.shadowed:
             return Decision(allowed=True, reason="rate_limited", action=action.name,
                             shadow=True, limits=limits, refund=refund)

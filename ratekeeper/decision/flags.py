@@ -1,4 +1,10 @@
-"""Kill switches: the state of every declared flag, as this process last knew it."""
+"""Kill switches: the state of every declared flag, as this process last knew it.
+
+A flag Redis holds no state for (never set, Redis not yet readable, or its data lost) has
+the state its config declares with ``assume`` (off unless said): so a sidecar that starts
+while Redis is down can start with ``read-only`` on, and every process that reads Redis
+agrees with it until an admin sets the flag, which records a state that then wins.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ class FlagState:
     updated_by: str | None = None
     updated_at: float | None = None
     expires_at: float | None = None
+    assumed: bool = False  # no state in Redis: the config's ``assume`` decided
 
     def is_on(self, now: float) -> bool:
         """On and not past its expiry."""
@@ -37,13 +44,19 @@ class FlagBoard:
     def __init__(self, declared: Mapping[str, Flag]) -> None:
         self.declared = dict(declared)
         self.declared.setdefault(SHADOW_FLAG, Flag(SHADOW_FLAG, SHADOW_DESCRIPTION))
-        self._states: dict[str, FlagState] = {name: FlagState(name) for name in self.declared}
+        self._states: dict[str, FlagState] = self._assumed()
         # True once Redis was seen holding flag state: if it later holds none, Redis lost it
         self.seen_in_store = False
 
+    def _assumed(self) -> dict[str, FlagState]:
+        """Every declared flag in the state its config assumes."""
+        return {name: FlagState(name, enabled=flag.assume, assumed=True)
+                for name, flag in self.declared.items()}
+
     def replace(self, states: Iterable[FlagState]) -> None:
-        """Swap in a fresh snapshot (from Redis) of every flag's state."""
-        fresh = {name: FlagState(name) for name in self.declared}
+        """Swap in a fresh snapshot (from Redis) of every flag's state; a flag it does not
+        hold keeps to its assumed state."""
+        fresh = self._assumed()
         for state in states:
             if state.name in fresh:
                 fresh[state.name] = state

@@ -10,6 +10,7 @@ from aiohttp import web
 from ratekeeper.api.headers import rate_limit_headers
 from ratekeeper.api.spec import openapi_document
 from ratekeeper.api.wire import BatchResponse, Decision, Health, Readiness
+from ratekeeper.server import origin
 from ratekeeper.server.http import JSON, Answer, json_response, response
 from ratekeeper.server.state import RUNTIME
 from ratekeeper.server.warmup import WORKERS
@@ -95,3 +96,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    origin.add_routes(app)

@@ -505,6 +505,18 @@ class Limiter:
         """Undo a claim (best effort: a claim whose work failed may be retried)."""
         await self._call(lambda: self.redis.delete(key), op="release")
 
+    async def clear(self, keys: Sequence[str]) -> int:
+        """Delete ``keys`` (one DEL each: on a Cluster they may live in different slots);
+        how many existed."""
+
+        async def delete() -> int:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.delete(key)
+            return sum(int(count) for count in await pipe.execute())
+
+        return await self._call(delete, op="clear")
+
     def now_ms(self) -> int:
         """This process's idea of now in ms: the test clock when one is injected."""
         return self._clock() if self._clock is not None else time.time_ns() // 1_000_000

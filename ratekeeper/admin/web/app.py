@@ -1,4 +1,5 @@
-"""The admin page at ``/admin``: kill switches, bans, top lists, audit and health, in HTML.
+"""The admin page at ``/admin``: kill switches, bans, top lists, audit, health, and a live
+picture of the traffic with the tripwires, in HTML.
 
 Signed in with the admin API's tokens (``auth.py``'s check), the page makes its changes
 through the admin API's own functions (``admin.set_flag``, ``admin_subjects.ban_subject``,
@@ -6,10 +7,13 @@ through the admin API's own functions (``admin.set_flag``, ``admin_subjects.ban_
 announced to every process exactly like API calls. Every form posts back here with a CSRF
 token and is answered with a redirect to the page (post/redirect/get); a viewer token sees
 the page without forms, and its posts are refused. No script, no asset from elsewhere:
-one stylesheet served from here, and a Content-Security-Policy that allows nothing else.
-The forms' handlers are in ``webadmin_forms.py``, sessions and CSRF in
-``webadmin_session.py``, the page's data in ``webadmin_view.py``, the health line in
-``webadmin_health.py``.
+one stylesheet served from here, and a Content-Security-Policy that allows nothing else. The
+live picture of the traffic is a frame of this page (``GET /admin/traffic``, which only this
+site may frame) that reloads itself every ``REFRESH_SECONDS`` with a meta refresh, so it
+stays live while the tab is open, and the page around it (its forms, what is typed in them)
+is never reloaded. The forms' handlers are in ``forms.py``, sessions and CSRF in
+``session.py``, the page's data in ``view.py``, the health line in ``health.py``, the live
+picture in ``traffic.py``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from ratekeeper.admin.web.common import (
     render,
     url_for,
 )
-from ratekeeper.admin.web.forms import add_ban, change_flag, lift_ban
+from ratekeeper.admin.web.forms import add_ban, arm_tripwire, change_flag, lift_ban
 from ratekeeper.admin.web.health import DecisionRate, health
 from ratekeeper.admin.web.session import (
     SESSION_COOKIE,
@@ -53,6 +57,7 @@ from ratekeeper.admin.web.session import (
     set_cookie,
 )
 from ratekeeper.admin.web.throttle import SignInThrottle
+from ratekeeper.admin.web.traffic import LEGEND, live_picture
 from ratekeeper.admin.web.view import FILTERS, gather
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.identity.forwarded import TrustedProxies
@@ -65,9 +70,13 @@ __all__ = ["webadmin_app", "webadmin_context"]
 
 log = logging.getLogger("ratekeeper.admin.web.app")
 
-# Nothing but this service's own stylesheet and forms; no script at all.
-CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-       "frame-ancestors 'none'; base-uri 'none'")
+# Nothing but this service's own stylesheet, forms and frame (the live picture); no script.
+CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; frame-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+# The live picture: framed by this site's page only, and with nothing to frame or submit.
+FRAME_CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'none'; "
+             "frame-ancestors 'self'; base-uri 'none'")
+REFRESH_SECONDS = 5
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -113,7 +122,24 @@ async def page(request: web.Request) -> web.Response:
     status = await health(runtime, admin.sync, state.rate, sections.flags_stale)
     return render(request, "page.html", {
         "session": session, "can_write": session.principal.can_write, "now": admin.wall(),
-        "s": sections, "health": status, "flash": session.flash})
+        "s": sections, "health": status, "flash": session.flash,
+        "refresh": REFRESH_SECONDS})
+
+
+async def traffic(request: web.Request) -> web.Response:
+    """GET /admin/traffic: the live picture, the page's frame, which reloads itself."""
+    session = await current_session(request)
+    if session is None:
+        response = render(request, "message.html", {
+            "title": "Signed out", "text": "Sign in again to see the traffic."}, status=401)
+    else:
+        _, admin, _ = parts(request)
+        response = render(request, "traffic.html", {
+            "now": admin.wall(), "live": await live_picture(admin), "legend": LEGEND,
+            "refresh": REFRESH_SECONDS})
+    response.headers["Content-Security-Policy"] = FRAME_CSP
+    response.headers["X-Frame-Options"] = "SAMEORIGIN"
+    return response
 
 
 async def asset(request: web.Request) -> web.Response:
@@ -227,6 +253,8 @@ def webadmin_app() -> web.Application:
     app.router.add_post("/flags/{name}", change_flag, name="flag")
     app.router.add_post("/bans", add_ban, name="bans")
     app.router.add_post("/bans/{id}/lift", lift_ban, name="lift")
+    app.router.add_get("/traffic", traffic, name="traffic")
+    app.router.add_post("/tripwires/{name}", arm_tripwire, name="tripwire")
     return app
 
 

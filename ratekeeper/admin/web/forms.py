@@ -1,4 +1,5 @@
-"""The admin page's forms: turn a kill switch on or off, ban a subject, lift a ban.
+"""The admin page's forms: turn a kill switch on or off, ban a subject, lift a ban, disarm or
+re-arm a tripwire.
 
 Each form is refused unless it comes from this site, with a live session, that session's
 CSRF token and an admin (not viewer) token. Then it calls the admin API's own function
@@ -19,7 +20,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from ratekeeper.admin.api import set_flag
-from ratekeeper.admin.common import decode, duration_seconds
+from ratekeeper.admin.common import check_text, decode, duration_seconds
 from ratekeeper.admin.subjects import ban_subject, lift_subject
 from ratekeeper.admin.web.common import (
     UNREADABLE_FORM,
@@ -37,7 +38,7 @@ from ratekeeper.api.admin_wire import MAX_BAN_SECONDS, MAX_FLAG_SECONDS, FlagUpd
 from ratekeeper.errors import BadRequest, StoreUnavailable
 from ratekeeper.server.http import Handler
 
-__all__ = ["add_ban", "change", "change_flag", "lift_ban"]
+__all__ = ["add_ban", "arm_tripwire", "change", "change_flag", "lift_ban"]
 
 Change = Callable[[web.Request, Session, MultiDictProxy[Any]], Awaitable[str]]
 OUTCOME_ID = "outcome"  # the id of the page's one-shot message (page.html)
@@ -147,3 +148,22 @@ async def lift_ban(request: web.Request, session: Session, form: MultiDictProxy[
     if not await lift_subject(runtime, admin, session.principal, ban_id, lift):
         raise BadRequest("that ban had already ended or been lifted")
     return f"Lifted the ban on {ban_id}."
+
+
+@change
+async def arm_tripwire(request: web.Request, session: Session, form: MultiDictProxy[Any]
+                       ) -> str:
+    """POST /admin/tripwires/{name}: disarm a tripwire, or re-arm it."""
+    _, admin, _ = parts(request)
+    wire = admin.tripwires.get(request.match_info["name"])
+    if wire is None:
+        raise BadRequest("there is no such tripwire")
+    armed = {"on": True, "off": False}.get(field(form, "armed"))
+    if armed is None:
+        raise BadRequest("say whether to disarm or re-arm the tripwire")
+    reason = field(form, "reason").strip()
+    if len(reason) > 1000:
+        raise BadRequest("the reason is longer than 1000 characters")
+    check_text(admin, reason=reason)
+    await admin.tripwires.set_armed(wire, armed, session.principal.name, reason)
+    return f"{wire.name} is {'armed' if armed else 'disarmed'}."

@@ -15,7 +15,7 @@ from typing import Any
 
 from ratekeeper.admin.api import flag_views
 from ratekeeper.admin.common import AdminState
-from ratekeeper.api.admin_wire import AuditEvent, BanView, FlagView, TopEntry
+from ratekeeper.api.admin_wire import AuditEvent, BanView, FlagView, TopEntry, TripwireView
 from ratekeeper.config.rules import Rule
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.server.state import Runtime
@@ -50,6 +50,7 @@ class Sections:
     tops: list[RuleTop] | None
     quiet_rules: list[str]  # rules that denied nobody in the last hour
     subject_fields: tuple[str, ...]  # what a ban can name
+    tripwires: list[TripwireView] | None = None
 
 
 async def _or_none(awaitable: Any) -> Any:
@@ -76,13 +77,15 @@ async def _tops(runtime: Runtime) -> tuple[list[RuleTop] | None, list[str]]:
 async def gather(runtime: Runtime, admin: AdminState) -> Sections:
     """Read every section of the page."""
     flags = await flag_views(runtime, admin)
-    bans, audit, (tops, quiet) = await asyncio.gather(
+    bans, audit, (tops, quiet), wires = await asyncio.gather(
         _or_none(admin.bans.active(admin.wall())),
         _or_none(admin.audit.recent(AUDIT_SHOWN)),
-        _tops(runtime))
+        _tops(runtime),
+        _or_none(admin.tripwires.views()))
     return Sections(flags=flags.flags, flags_stale=flags.stale, bans=bans, audit=audit,
                     tops=tops, quiet_rules=quiet,
-                    subject_fields=admin.codecs_for(runtime.checker).subject_fields)
+                    subject_fields=admin.codecs_for(runtime.checker).subject_fields,
+                    tripwires=wires)
 
 
 # -- text ------------------------------------------------------------------------------------

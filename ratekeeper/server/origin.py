@@ -1,0 +1,111 @@
+"""The origin's own endpoints: its kill switches to read, an action's windows read exactly,
+and counters to clear.
+
+``GET /v1/origin/flags`` lists every flag as this process knows it (no Redis call: flags are
+synced in the background), for banners and behaviour switches. ``POST /v1/origin/state`` is a
+look (cost 0) at an action that Redis answers, never the local cache, so its milliseconds are
+exact. ``POST /v1/origin/clear`` deletes an action's counters for some subjects, the way an
+application forgives a user after a success (a verified email, a finished password reset).
+
+Each needs a credential of its own, ``RATEKEEPER_ORIGIN_TOKEN`` (several, comma-separated, while
+one is being rotated), sent as ``Authorization: Bearer``. The check port may be reachable by
+clients (a proxy that forwards too much, a sidecar bound wide): without that token a client
+could clear its own counters. Clears stay narrow even with it: only an action the config marks
+``clearable = true``, only its counters (penalty boxes and bans are the admins'), and outside
+the admin audit trail, which records what people do. With no token set, these endpoints answer
+401 to everyone.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Mapping
+
+from aiohttp import web
+
+from ratekeeper.api.wire import FlagStates, OriginFlag
+from ratekeeper.decision.checker import NotClearable
+from ratekeeper.server.http import error_response, json_response
+from ratekeeper.server.state import RUNTIME
+
+__all__ = ["ORIGIN_TOKENS", "ORIGIN_TOKEN_ENV", "add_routes", "origin_tokens"]
+
+ORIGIN_TOKEN_ENV = "RATEKEEPER_ORIGIN_TOKEN"
+ORIGIN_TOKENS = web.AppKey("origin_tokens", tuple[bytes, ...])
+NO_TOKEN = ("a valid origin token is required (Authorization: Bearer <token>, one of the "
+            f"sidecar's {ORIGIN_TOKEN_ENV})")
+
+
+def origin_tokens(environ: Mapping[str, str] | None = None) -> tuple[bytes, ...]:
+    """The origin tokens of ``environ`` (default ``os.environ``): none when unset."""
+    env = os.environ if environ is None else environ
+    text = env.get(ORIGIN_TOKEN_ENV, "")
+    return tuple(part.strip().encode() for part in text.split(",") if part.strip())
+
+
+def _authorized(request: web.Request) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return False
+    secret = given.strip().encode("utf-8", "replace")
+    # every token compared, so the time taken says nothing about which one came close
+    found = False
+    for token in request.app[ORIGIN_TOKENS]:
+        found |= hmac.compare_digest(secret, token)
+    return found
+
+
+def _refused() -> web.Response:
+    response = error_response(401, NO_TOKEN)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="ratekeeper-origin"'
+    return response
+
+
+async def flags(request: web.Request) -> web.Response:
+    """GET /v1/origin/flags: every declared flag, on or off, with its message."""
+    if not _authorized(request):
+        return _refused()
+    runtime = request.app[RUNTIME]
+    board = runtime.flags
+    now = runtime.checker.wall()
+    listed = []
+    for state in board.all():
+        on = state.is_on(now)
+        listed.append(OriginFlag(name=state.name, enabled=on,
+                                 message=board.message_for(state),
+                                 notify=board.declared[state.name].notify,
+                                 assumed=state.assumed,
+                                 expires_at=state.expires_at if on else None))
+    return json_response(FlagStates(flags=listed))
+
+
+async def state(request: web.Request) -> web.Response:
+    """POST /v1/origin/state: a look at an action (a check's body; its cost is not read),
+    answered by Redis."""
+    if not _authorized(request):
+        return _refused()
+    checker = request.app[RUNTIME].checker
+    return json_response(await checker.state(checker.decode(await request.read())))
+
+
+async def clear(request: web.Request) -> web.Response:
+    """POST /v1/origin/clear: delete a clearable action's counters for the subjects given (a
+    check's body; its cost is not read)."""
+    if not _authorized(request):
+        return _refused()
+    checker = request.app[RUNTIME].checker
+    try:
+        result = await checker.clear(checker.decode(await request.read()))
+    except NotClearable as exc:
+        return error_response(403, str(exc))
+    return json_response(result)
+
+
+def add_routes(app: web.Application, tokens: tuple[bytes, ...] | None = None) -> None:
+    """Serve the origin endpoints on ``app``, behind ``tokens`` (default: the environment's)."""
+    app[ORIGIN_TOKENS] = origin_tokens() if tokens is None else tokens
+    app.router.add_get("/v1/origin/flags", flags)
+    app.router.add_post("/v1/origin/state", state)
+    app.router.add_post("/v1/origin/clear", clear)
