@@ -51,7 +51,7 @@ import logging
 import math
 import resource
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any, cast
 
 import httptools
@@ -60,7 +60,7 @@ import yarl
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from ratekeeper.server.hot import CONTINUE, HotLane, Reply, failed, hot_kind
+from ratekeeper.server.hot import CONTINUE, HotLane, Pending, Reply, hot_kind
 from ratekeeper.server.http import MAX_BODY
 
 __all__ = ["ANSWERS_LOG", "Answered", "ClientGone", "Gate", "Guard", "connection_cap",
@@ -108,15 +108,7 @@ assert _WATCHED[b"host"] == _HOST and _WATCHED[b"content-length"] == _LENGTH
 OPEN, REFUSING, LINGERING, ENDING = 0, 1, 2, 3  # a guard's state
 PASS, HOT, RELAY = 0, 1, 2  # who reads a guard's requests (see the module)
 MAX_OWED = 64  # answers a connection may be owed before the guard stops reading it
-Owed = tuple[bytes | Reply | asyncio.Task[Reply], bool]  # an answer, and whether it ends
-
-
-def _outcome(task: asyncio.Task[Reply]) -> Reply:
-    """A decided task's answer; a 500 (logged) when deciding failed."""
-    if task.cancelled():
-        return failed(asyncio.CancelledError())
-    exc = task.exception()
-    return failed(exc) if exc is not None else task.result()
+Owed = tuple[bytes | Reply | Pending, bool]  # an answer, and whether it ends
 
 
 class _Refusal(Exception):
@@ -376,7 +368,8 @@ class Guard(asyncio.Protocol):
             body = bytes(self.body)
             self.body.clear()
             kind, self.kind = self.kind, 0
-            self._owe(self.lane.answer(kind, body), not self.parser.should_keep_alive())
+            self._owe(self.lane.answer(kind, body, self._settled),
+                      not self.parser.should_keep_alive())
         elif self.mode == RELAY and self.chunked:
             self.relay_out += b"0\r\n\r\n"
 
@@ -436,15 +429,10 @@ class Guard(asyncio.Protocol):
         elif not self.receiving and not self.owed and self.answered >= self.heads:
             self.gate.rests(self)
 
-    def _owe(self, answer: bytes | Reply | Coroutine[Any, Any, Reply], close: bool) -> None:
+    def _owe(self, answer: bytes | Reply | Pending, close: bool) -> None:
         """Write ``answer`` (the lane's) after those owed before it; ``close``: and then end
         the connection, reading nothing more."""
-        if isinstance(answer, (bytes, Reply)):
-            self.owed.append((answer, close))
-        else:
-            task = self.gate.loop.create_task(answer)
-            task.add_done_callback(self._decided)
-            self.owed.append((task, close))
+        self.owed.append((answer, close))
         if close:
             self.state = ENDING
         if len(self.owed) == 1:
@@ -453,10 +441,9 @@ class Guard(asyncio.Protocol):
             self.stopped_reading = True  # a client pipelining faster than it is answered
             self.transport.pause_reading()
 
-    def _decided(self, task: asyncio.Task[Reply]) -> None:
-        if not task.cancelled():
-            task.exception()  # (retrieved, also when the connection is gone)
-        if self.owed and self.owed[0][0] is task:
+    def _settled(self, pending: Pending) -> None:
+        """The lane has decided ``pending``."""
+        if self.owed and self.owed[0][0] is pending:
             self._flush()
 
     def _flush(self) -> None:
@@ -466,10 +453,10 @@ class Guard(asyncio.Protocol):
         assert lane is not None and transport is not None
         while owed:
             answer, close = owed[0]
-            if isinstance(answer, asyncio.Task):
-                if not answer.done():
+            if isinstance(answer, Pending):
+                if answer.reply is None:
                     return
-                answer = _outcome(answer)
+                answer = answer.reply
             owed.popleft()
             if isinstance(answer, bytes):
                 transport.write(answer)
