@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -167,6 +168,52 @@ def test_the_installed_command(server: ServerProcess) -> None:
     assert check(server.url, action="register", ip=IP)["reason"] == "disabled"
 
 
+WIRE = """
+[tripwires.register-flood]
+action = "register"
+count = "all"
+threshold = "4 per hour"
+flag = "disallow-new-user-registration"
+duration = "1 hour"
+"""
+
+
+@pytest.mark.slow
+def test_tripwires_list_disarm_and_arm(serve_process: Any, redis_server: RedisServer,
+                                       key_prefix: str, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`tripwires list` shows each wire armed, with its count against its threshold;
+    `tripwires disarm` (with a reason) and `tripwires arm` change it; re-armed, a wave
+    trips it, which turns its flag on and shows in the list; an unknown wire exits 1."""
+    env = {"RATEKEEPER_REDIS_URL": redis_server.url, "RATEKEEPER_IP_SALT": "x" * 24,
+           "RATEKEEPER_KEY_PREFIX": key_prefix,
+           "RATEKEEPER_ADMIN_TOKENS": f"alice:{ALICE_TOKEN}"}
+    server: ServerProcess = serve_process(CONFIG + WIRE, env)
+    monkeypatch.setenv("RATEKEEPER_URL", server.url)
+    monkeypatch.setenv("RATEKEEPER_TOKEN", ALICE_TOKEN)
+    code, out, _ = run(capsys, "tripwires", "list")
+    assert code == 0
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["TRIPWIRE", "STATE", "COUNT"]
+    assert row.split()[:3] == ["register-flood", "armed", "0/4"]
+
+    code, out, _ = run(capsys, "tripwires", "disarm", "register-flood", "--reason", "import")
+    assert (code, out) == (0, "register-flood is disarmed\n")
+    assert run(capsys, "tripwires", "list")[1].splitlines()[1].split()[1] == "disarmed"
+    code, out, _ = run(capsys, "tripwires", "arm", "register-flood")
+    assert (code, out) == (0, "register-flood is armed\n")
+
+    for n in range(5):
+        check(server.url, action="register", ip=f"198.51.100.{n + 1}")
+    deadline = time.monotonic() + 10
+    while "tripped" not in run(capsys, "tripwires", "list")[1]:
+        assert time.monotonic() < deadline, "the wave did not trip the wire"
+        time.sleep(0.1)
+    assert check(server.url, action="register", ip="198.51.100.9")["reason"] == "disabled"
+    code, _, err = run(capsys, "tripwires", "arm", "nope")
+    assert code == 1 and "404" in err
+
+
 def test_version_and_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
     """`--version` names the version; `--help` is plain text (no module names, no rst
     markup) and lists every command; `serve --help` explains --host, --port and --workers."""
@@ -179,7 +226,8 @@ def test_version_and_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     text = capsys.readouterr().out
     assert ".py" not in text and "``" not in text
-    for command in ("serve", "check-config", "flags", "bans", "audit", "top", "reset"):
+    for command in ("serve", "check-config", "flags", "bans", "audit", "top", "reset",
+                    "tripwires"):
         assert f"    {command}" in text
 
     with pytest.raises(SystemExit):

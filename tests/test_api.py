@@ -39,7 +39,8 @@ async def test_five_per_minute_walk_over_http(make_client: Any, clock: FakeClock
         # reset: until the oldest counted hit (the first, at 0 s) leaves the window
         reset = 60 - 2 * (4 - expected)
         assert body["limits"] == [{"rule": "five", "limit": 5, "window": 60,
-                                   "remaining": expected, "reset": reset}]
+                                   "remaining": expected, "reset": reset,
+                                   "reset_ms": reset * 1000}]
         assert resp.headers["RateLimit-Policy"] == '"five";q=5;w=60'
         assert resp.headers["RateLimit"] == f'"five";r={expected};t={reset}'
         assert "Retry-After" not in resp.headers
@@ -49,10 +50,10 @@ async def test_five_per_minute_walk_over_http(make_client: Any, clock: FakeClock
     body = await resp.json()
     # hits at 0, 2, 4, 6, 8 s; at 10 s the first leaves the window in 50 s
     assert body == {"allowed": False, "reason": "rate_limited", "action": "login",
-                    "retry_after": 50, "flag": None, "message": None, "degraded": False,
-                    "shadow": False,
+                    "retry_after": 50, "retry_after_ms": 50_000, "flag": None,
+                    "message": None, "degraded": False, "shadow": False,
                     "limits": [{"rule": "five", "limit": 5, "window": 60, "remaining": 0,
-                                "reset": 50}]}
+                                "reset": 50, "reset_ms": 50_000}]}
     assert resp.headers["Retry-After"] == "50"
     assert resp.headers["RateLimit"] == '"five";r=0;t=50'
     for value in resp.headers.values():

@@ -163,8 +163,8 @@ async def test_a_look_carries_no_refund(make: MakeAdapter, sidecar: str) -> None
     async with aiohttp.ClientSession() as session, session.post(f"{sidecar}/v1/check",
                                                                 json=look) as resp:
         wire = await resp.json()
-    assert set(wire) == {"allowed", "reason", "action", "retry_after", "flag", "message",
-                         "degraded", "shadow", "limits"}
+    assert set(wire) == {"allowed", "reason", "action", "retry_after", "retry_after_ms", "flag",
+                         "message", "degraded", "shadow", "limits"}
     client = make(sidecar)
     look = await client.check("login", ip="192.0.2.4", cost=0)
     denied = await client.check("login", ip="192.0.2.4", cost=4)

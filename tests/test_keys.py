@@ -110,6 +110,22 @@ def test_key_parts_build_the_documented_names(prefix: str) -> None:
             f"{prefix}:{{{subject}}}:{tag}:p")
 
 
+@pytest.mark.parametrize("prefix", ["rk", "pypi-prod"])
+def test_traffic_and_tripwire_keys_share_one_hash_tag(prefix: str) -> None:
+    """The traffic picture's minutes and every tripwire's counter, trip and the disarmed list
+    are ``<prefix>:{traffic}:...``: one cluster slot, so one script call reaches them all;
+    two tripwires never share a key."""
+    keyspace = Keyspace(SALT, prefix=prefix)
+    keys = [keyspace.traffic_minute_key(29_000_000), keyspace.tripwires_disarmed_key(),
+            keyspace.tripwire_counter_key("project-flood"),
+            keyspace.tripwire_trip_key("project-flood"),
+            keyspace.tripwire_counter_key("register-flood")]
+    assert keys == [f"{prefix}:{{traffic}}:m:29000000", f"{prefix}:{{traffic}}:disarmed",
+                    f"{prefix}:{{traffic}}:tw:project-flood",
+                    f"{prefix}:{{traffic}}:trip:project-flood",
+                    f"{prefix}:{{traffic}}:tw:register-flood"]
+
+
 def test_network_bytes_never_hold_host_bits() -> None:
     """What ip_value returns for IPv6 carries only the /64 network."""
     value = Keyspace(SALT).ip_value("2001:db8:1:2:aaaa:bbbb:cccc:dddd")

@@ -135,6 +135,7 @@ async def test_the_cache_never_changes_a_decision(redis: aioredis.Redis, key_pre
         assert (got.allowed, got.reason) == (expected.allowed, expected.reason), fields
         if not got.allowed:
             assert got.retry_after <= expected.retry_after, fields
+            assert got.retry_after_ms <= expected.retry_after_ms, fields
         clock.advance(rng.choice([0, 0, 0.001, 0.1, 0.5, 1, 3]))
     assert cached.cache is not None and cached.cache.hits > 50
 
@@ -232,8 +233,8 @@ async def _subscribed(client: Any) -> bool:
 
 
 def test_a_remembered_answer_is_the_one_computed_afresh() -> None:
-    """Answers are reused while every whole-second figure in them stays the same: at every
-    ms they equal an answer built from nothing (random deadlines, random steps of time)."""
+    """An answer is reused within its millisecond only: at every ms it equals an answer built
+    from nothing (random deadlines, random steps of time, some of them 0)."""
     rng = random.Random(11)
     rule = Rule(name="r", windows=(Window(limit=5, seconds=60), Window(limit=50, seconds=3600)),
                 key=("ip",))
@@ -259,4 +260,67 @@ def test_a_remembered_answer_is_the_one_computed_afresh() -> None:
             assert got == want
             if got is None:
                 break
-            clock.ms += rng.randrange(1, 400)
+            clock.ms += rng.choice([0, rng.randrange(1, 400)])
+
+
+EXACT_CONFIG = """
+[rules.r]
+limit = "3 per 10 seconds"
+key = ["ip"]
+[actions.a]
+rules = ["r"]
+"""
+
+
+async def test_a_cached_denial_says_its_waits_to_the_millisecond(redis: aioredis.Redis,
+                                                                 key_prefix: str) -> None:
+    """A denial answered from the cache is the one Redis gives at that moment, to the
+    millisecond: retry_after_ms and every window's reset_ms count down with the clock."""
+    config = config_from(EXACT_CONFIG)
+    clock = FakeClock()
+    checkers = []
+    for name, cache in (("plain", None), ("cached", LocalCache(100, now_ms=clock))):
+        keyspace = Keyspace(SALT, prefix=f"{key_prefix}-{name}", grouping=config.ip)
+        checkers.append(Checker(config, keyspace, Limiter(redis, timeout=2.0, clock=clock),
+                                FlagBoard(config.flags), cache=cache))
+    plain, cached = checkers
+    body = json.dumps({"action": "a", "ip": IP}).encode()
+    for _ in range(3):
+        for checker in checkers:
+            assert (await checker.check(checker.decode(body))).allowed
+        clock.advance(0.25)
+    first = await cached.check(cached.decode(body))  # Redis denies; the cache remembers
+    assert first == await plain.check(plain.decode(body))
+    assert (first.retry_after_ms, first.limits[0].reset_ms) == (9250, 9250)
+    assert cached.cache is not None and cached.cache.hits == 0
+    clock.advance(1.234)
+    again = await cached.check(cached.decode(body))
+    assert cached.cache.hits == 1
+    assert again == await plain.check(plain.decode(body))
+    assert (again.retry_after, again.retry_after_ms) == (9, 8016)
+    assert (again.limits[0].reset, again.limits[0].reset_ms) == (9, 8016)
+
+
+def test_cached_bans_and_boxes_say_their_waits_to_the_millisecond() -> None:
+    """A ban or penalty box answered from the cache says the time left to the millisecond
+    (whole seconds rounded up), and a box's windows reset no later than the box ends."""
+    clock = FakeClock()
+    cache = LocalCache(10, now_ms=clock)
+    rule = Rule(name="r", windows=(Window(limit=1, seconds=2), Window(limit=9, seconds=60)),
+                key=("ip",))
+    action = Action(name="a", rules=(rule,), flags=())
+    banned = Outcome(status=Status.BANNED, now_ms=0, shadowed=False, culprit=1, wait_ms=5000,
+                     windows=())
+    boxed = Outcome(status=Status.PENALTY, now_ms=0, shadowed=False, culprit=1, wait_ms=5000,
+                    windows=())
+    cache.remember(action, ["b" * 22], ["s" * 22], 1, banned, clock.ms)
+    cache.remember(action, ["c" * 22], ["t" * 22], 1, boxed, clock.ms)
+    clock.ms += 1234
+    ban = cache.lookup(action, ["b" * 22], ["s" * 22], 1, False)
+    box = cache.lookup(action, ["c" * 22], ["t" * 22], 1, False)
+    assert ban is not None and box is not None
+    assert (ban.decision.reason, ban.decision.retry_after, ban.decision.retry_after_ms) == (
+        "banned", 4, 3766)
+    assert (box.decision.reason, box.decision.retry_after, box.decision.retry_after_ms) == (
+        "banned", 4, 3766)
+    assert [(w.reset, w.reset_ms) for w in box.decision.limits] == [(2, 2000), (4, 3766)]

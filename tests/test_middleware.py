@@ -303,4 +303,4 @@ async def test_aiohttp_example_warehouse_patterns(make_client: Any, aiohttp_clie
     sidecar.app[RUNTIME].flags.replace([FlagState("read-only", enabled=True)])
     resp = await app.post("/upload/numpy", data=b"wheel", headers={"X-User": "frank"})
     assert resp.status == 403
-    assert await resp.text() == "Read-only mode: Uploads are temporarily disabled."
+    assert await resp.text() == "Read-only mode: PyPI is not accepting changes right now."

@@ -175,24 +175,29 @@ async def test_the_answer_carries_milliseconds(make_client: Make, clock: FakeClo
     assert (denied["limits"][0]["reset"], denied["limits"][0]["reset_ms"]) == (60, 59_750)
 
 
-async def test_state_is_exact_where_the_cache_rounds(make_client: Make, clock: FakeClock,
-                                                     with_token: None) -> None:
-    """After a denial this process caches, a check's milliseconds are its whole seconds; the
-    origin's state reads Redis and says the exact time, and takes nothing."""
+async def test_state_reads_redis_where_the_cache_remembers(make_client: Make, clock: FakeClock,
+                                                           with_token: None) -> None:
+    """A denial this process caches keeps the remaining hits Redis gave it, to the
+    millisecond of its reset; the origin's state reads Redis past the cache, so it sees a hit
+    taken since, and it takes nothing."""
     client = await make_client(CONFIG, clock=clock)
-    await check(client, action="create", ip="192.0.2.6", cost=2)
+    await check(client, action="create", ip="192.0.2.6")
     clock.advance(0.5)
-    assert (await check(client, action="create", ip="192.0.2.6"))["limits"][0][
-        "reset_ms"] == 59_500  # Redis's answer, remembered
+    denied = await check(client, action="create", ip="192.0.2.6", cost=2)  # Redis; remembered
+    assert (denied["reason"], denied["limits"][0]["remaining"]) == ("rate_limited", 1)
+    assert denied["limits"][0]["reset_ms"] == 59_500
+    assert (await check(client, action="create", ip="192.0.2.6"))["allowed"]  # the last hit
     clock.advance(0.2)
-    cached = await check(client, action="create", ip="192.0.2.6", cost=0)
-    assert cached["limits"][0]["reset_ms"] == 60_000  # the cache's whole seconds
+    cached = await check(client, action="create", ip="192.0.2.6", cost=2)
+    assert cached["limits"][0]["remaining"] == 1  # what Redis said when it denied
+    assert cached["limits"][0]["reset_ms"] == 59_300
     state = await origin(client, "POST", "/v1/origin/state",
                          json={"action": "create", "ip": "192.0.2.6"})
-    assert state["allowed"] is False and state["limits"][0]["reset_ms"] == 59_300
-    clock.advance(60)
-    assert (await check(client, action="create", ip="192.0.2.6"))["limits"][0][
-        "remaining"] == 1  # the state call took nothing
+    assert state["allowed"] is False
+    assert (state["limits"][0]["remaining"], state["limits"][0]["reset_ms"]) == (0, 59_300)
+    clock.advance(59.5)  # 60.2 s: the hit at 0 s has left, the one at 0.5 s still counts
+    assert (await check(client, action="create", ip="192.0.2.6", cost=0))["limits"][0][
+        "remaining"] == 1  # so the state call took nothing
 
 
 async def test_flags_list_states_messages_and_banners(make_client: Make,

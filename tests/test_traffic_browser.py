@@ -22,8 +22,7 @@ import pytest
 import redis
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
-from ratekeeper.control.traffic import TrafficKeys
-from ratekeeper.identity.keys import contains_ip
+from ratekeeper.identity.keys import Keyspace, contains_ip
 
 from support.admin import ALICE_TOKEN, SALT
 from support.common import EXAMPLE
@@ -239,15 +238,15 @@ def test_screenshot_of_a_spam_wave(serve_process: Serve, redis_server: RedisServ
     it) and a live wave of project creations, rate limited and boxed, that trips the wire.
     The screenshot is kept when RATEKEEPER_TRAFFIC_SCREENSHOT names a file."""
     server = start(serve_process, redis_server, key_prefix, hook, "1 hour")
-    keys = TrafficKeys(key_prefix)
+    keys = Keyspace(SALT, prefix=key_prefix)
     client = redis.Redis.from_url(redis_server.url)
     now = int(time.time() // 60)
     for ago in range(1, 31):
         fields = {"project-create|allowed": 2 + ago % 3, "upload|allowed": 20 + (ago * 7) % 11,
                   "login|allowed": 30 + (ago * 5) % 13, "login|limited": ago % 4,
                   "rule|login-ip|limited": ago % 4}
-        client.hset(keys.minute(now - ago), mapping=fields)
-        client.expire(keys.minute(now - ago), 3700)
+        client.hset(keys.traffic_minute_key(now - ago), mapping=fields)
+        client.expire(keys.traffic_minute_key(now - ago), 3700)
     client.close()
     for n in range(1, 33):  # a wave that trips the wire
         create(server, n)

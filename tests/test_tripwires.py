@@ -18,7 +18,7 @@ from ratekeeper.control.alerts import Alerts
 from ratekeeper.control.audit import AuditLog
 from ratekeeper.control.flagstore import FlagStore
 from ratekeeper.control.sync import StateSync
-from ratekeeper.control.traffic import Traffic, TrafficKeys
+from ratekeeper.control.traffic import Traffic
 from ratekeeper.control.tripwires import Tripwires
 from ratekeeper.decision.cache import LocalCache
 from ratekeeper.decision.flags import FlagBoard, FlagState
@@ -28,7 +28,7 @@ from ratekeeper.metrics import Metrics
 from ratekeeper.process.cli import main
 
 from support.admin import admin_of, admin_settings, call, check, wait_until
-from support.common import SALT, FakeClock
+from support.common import ROOT, SALT, FakeClock
 from support.redis_servers import RedisServer
 from support.webhooks import receiver, signed_by
 
@@ -102,7 +102,7 @@ async def processes(redis: aioredis.Redis, key_prefix: str, clock: FakeClock
                          audit, wall=wall, interval=1.0, listen=False)
         alerts = Alerts((), b"", metrics)
         made.append(alerts)
-        traffic = Traffic(redis, TrafficKeys(key_prefix), metrics, wall, now_ms=clock)
+        traffic = Traffic(redis, keyspace, metrics, wall, now_ms=clock)
         return Process(metrics, board, Tripwires(traffic, lambda: config, board, flagstore,
                                                  audit, sync, alerts, metrics, wall))
 
@@ -244,13 +244,13 @@ async def test_every_key_but_the_disarmed_list_expires(
     await one.tripwires.flush()
     one.decided("project-create", count=1)
     await one.tripwires.flush()
-    keys = TrafficKeys(key_prefix)
+    keys = Keyspace(SALT, prefix=key_prefix)
     ttls = {key.decode(): await redis.pttl(key)
             async for key in redis.scan_iter(match=f"{key_prefix}:{{traffic}}*")}
-    assert ttls.pop(keys.disarmed()) == -1
-    assert 0 < ttls.pop(keys.trip("project-flood")) <= 7_200_000
-    assert 0 < ttls.pop(keys.counter("project-flood")) <= 121_000
-    (minute,) = [k for k in ttls if ":m:" in k]
+    assert ttls.pop(keys.tripwires_disarmed_key()) == -1
+    assert 0 < ttls.pop(keys.tripwire_trip_key("project-flood")) <= 7_200_000
+    assert 0 < ttls.pop(keys.tripwire_counter_key("project-flood")) <= 121_000
+    (minute,) = [k for k in ttls if k.startswith(keys.traffic_minute_key(0)[:-1])]
     assert 3_540_000 <= ttls.pop(minute) <= 3_600_000
     assert ttls == {}
 
@@ -271,7 +271,7 @@ async def test_counts_that_cannot_reach_redis_wait_for_the_next_flush(
         wall = lambda: clock() / 1000  # noqa: E731
         sync = StateSync(store, keyspace.events_channel(), flagstore, board, LocalCache(0),
                          audit, wall=wall, interval=1.0, listen=False)
-        traffic = Traffic(store, TrafficKeys(key_prefix), metrics, wall, now_ms=clock)
+        traffic = Traffic(store, keyspace, metrics, wall, now_ms=clock)
         tripwires = Tripwires(traffic, lambda: config, board, flagstore, audit, sync,
                               Alerts((), b"", None), metrics, wall)
         metrics.decision("project-create", "", "allowed", 8)
@@ -285,6 +285,43 @@ async def test_counts_that_cannot_reach_redis_wait_for_the_next_flush(
         await store.aclose()
 
 
+async def test_a_trip_whose_flag_cannot_be_written_is_acted_on_at_the_next_flush(
+        redis: aioredis.Redis, lone_redis: RedisServer, key_prefix: str,
+        clock: FakeClock) -> None:
+    """A process that wins a trip while the flags' Redis is stopped raises, and at its next
+    flush (no new decision needed: no other process will act on that trip) turns the flag
+    on, expiring a duration after the trip was won, and audits it once."""
+    flags_store = aioredis.Redis.from_url(lone_redis.url)
+    try:
+        config = wires()
+        keyspace = Keyspace(SALT, prefix=key_prefix)
+        metrics = Metrics()
+        board = FlagBoard(config.flags)
+        flagstore = FlagStore(flags_store, keyspace.flags_key())
+        audit = AuditLog(redis, keyspace.audit_key())
+        wall = lambda: clock() / 1000  # noqa: E731
+        sync = StateSync(redis, keyspace.events_channel(), flagstore, board, LocalCache(0),
+                         audit, wall=wall, interval=1.0, listen=False)
+        traffic = Traffic(redis, keyspace, metrics, wall, now_ms=clock)
+        tripwires = Tripwires(traffic, lambda: config, board, flagstore, audit, sync,
+                              Alerts((), b"", None), metrics, wall)
+        won = clock() / 1000
+        metrics.decision("project-create", "", "allowed", 12)
+        lone_redis.stop()
+        with pytest.raises(StoreUnavailable):
+            await tripwires.flush()
+        assert not board.get("disallow-new-project-registration").enabled
+        lone_redis.restart()
+        clock.advance(30)
+        assert [(w.name, n) for w, n in await tripwires.flush()] == [("project-flood", 12)]
+        state = board.get("disallow-new-project-registration")
+        assert (state.enabled, state.expires_at) == (True, won + 3600)
+        assert [e.kind for e in await audit.recent(10)] == ["tripwire"]
+        assert await tripwires.flush() == []
+    finally:
+        await flags_store.aclose()
+
+
 # -- the config ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("change", "error"), [
@@ -292,15 +329,18 @@ async def test_counts_that_cannot_reach_redis_wait_for_the_next_flush(
     ('count = "allowed"', 'count = "most"'),
     ('threshold = "10 per minute"', 'threshold = "ten a minute"'),
     ('threshold = "10 per minute"', 'threshold = "10 per minute; 20 per hour"'),
+    ('threshold = "10 per minute"', 'threshold = "0 per minute"'),
     ('flag = "disallow-new-project-registration"', 'flag = "no-such-flag"'),
     ('duration = "1 hour"', 'duration = "a while"'),
     ('duration = "1 hour"', 'duration = "1 hour"\nwhen = "always"'),
-], ids=["action", "count", "threshold", "several-limits", "flag", "duration", "unknown-key"])
+], ids=["action", "count", "threshold", "several-limits", "zero", "flag", "duration",
+     "unknown-key"])
 def test_check_config_names_a_bad_tripwire(change: tuple[str, str], error: str,
                                            tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """`ratekeeper check-config` exits 1 and names the file and the tripwire's key for an
-    unknown action or flag, a bad count or threshold, a bad duration or an unknown key."""
+    unknown action or flag, a bad count or threshold (unreadable, several limits, none
+    allowed), a bad duration or an unknown key."""
     text = WIRES.format(threshold=10, duration="1 hour").replace(change, error, 1)
     assert text != WIRES
     path = tmp_path / "wires.toml"
@@ -309,6 +349,17 @@ def test_check_config_names_a_bad_tripwire(change: tuple[str, str], error: str,
     err = capsys.readouterr().err
     key = error.split("\n")[-1].split(" =")[0]
     assert f"{path}: tripwires.project-flood.{key}:" in err, err
+
+
+def test_check_config_counts_the_tripwires_of_the_example(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`ratekeeper check-config examples/tripwires.toml` exits 0 without a warning, and its
+    summary counts the tripwires beside the rules, actions, flags and routes."""
+    example = ROOT / "examples" / "tripwires.toml"
+    assert main(["check-config", str(example)]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    assert out.out == f"{example}: ok (2 rules, 1 action, 1 flag, 0 routes, 2 tripwires)\n"
 
 
 def test_a_valid_tripwire_and_webhooks_parse() -> None:
@@ -409,7 +460,7 @@ async def test_on_a_cluster_one_slot_holds_every_traffic_key(
     wall = lambda: clock() / 1000  # noqa: E731
     sync = StateSync(cluster_client, keyspace.events_channel(), flagstore, board,
                      LocalCache(0), audit, wall=wall, interval=1.0, listen=False)
-    traffic = Traffic(cluster_client, TrafficKeys(key_prefix), metrics, wall, now_ms=clock)
+    traffic = Traffic(cluster_client, keyspace, metrics, wall, now_ms=clock)
     tripwires = Tripwires(traffic, lambda: config, board, flagstore, audit, sync,
                           Alerts((), b"", None), metrics, wall)
     wire = tripwires.get("project-flood")

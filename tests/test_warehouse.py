@@ -330,7 +330,8 @@ class Request:
 def test_the_factory_stands_where_warehouses_does() -> None:
     """RateLimit(limit, identifiers=[name]) called with (context, request) makes a limiter
     over the registry's client with the metrics service; it compares and shows as
-    Warehouse's does."""
+    Warehouse's does; and RateLimiter is built as Warehouse's factory builds its
+    limiter_class."""
     client = SyncClient(f"http://127.0.0.1:{free_port()}")
     metrics = Recorder()
     request = Request(client, metrics)
@@ -341,6 +342,11 @@ def test_the_factory_stands_where_warehouses_does() -> None:
     assert limiter.client is client and limiter.metrics is metrics
     assert (limiter.limit, limiter.identifiers) == ("10 per 5 minutes", ["user.login"])
     assert request.found == [(iface, None)]
+    # Warehouse's own RateLimit builds its limiter_class with these keywords
+    built = RateLimiter(client, limit="5 per day", identifiers=["password.reset"],
+                        metrics=metrics)
+    assert (built.client, built.limit, built.identifiers, built.metrics) == (
+        client, "5 per day", ["password.reset"], metrics)
     assert factory == RateLimit("10 per 5 minutes", identifiers=["user.login"])
     assert factory != RateLimit("10 per 5 minutes", identifiers=["ip.login"])
     assert factory != object()

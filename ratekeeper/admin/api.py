@@ -51,7 +51,7 @@ from ratekeeper.control.audit import AuditLog
 from ratekeeper.control.bans import BanBook
 from ratekeeper.control.flagstore import FlagStore
 from ratekeeper.control.sync import Event, StateSync, stop_tasks
-from ratekeeper.control.traffic import Traffic, TrafficKeys
+from ratekeeper.control.traffic import Traffic
 from ratekeeper.control.tripwires import Tripwires, window_text
 from ratekeeper.decision.cache import LocalCache
 from ratekeeper.decision.flags import FlagBoard, FlagState
@@ -253,7 +253,7 @@ def admin_context(settings: Settings, wall: Callable[[], float]
                          listen=listen)
         alerts = Alerts(runtime.checker.config.alerts.webhooks, settings.webhook_secret,
                         runtime.metrics, wall=now)
-        traffic = Traffic(redis, TrafficKeys(settings.key_prefix), runtime.metrics, now)
+        traffic = Traffic(redis, keyspace, runtime.metrics, now)
         tripwires = Tripwires(traffic, lambda: runtime.checker.config, runtime.flags,
                               flagstore, audit, sync, alerts, runtime.metrics, now)
         app[ADMIN] = AdminState(auth=auth, flagstore=flagstore, audit=audit,

@@ -15,9 +15,9 @@ rule's window), ``boxed`` (a rule's penalty box), ``banned`` (an admin's ban), `
 kill switch) or ``degraded`` (Redis could not be asked; the fail mode decided). A tripwire
 counting ``allowed`` counts the first, ``denied`` the four after it, ``all`` every one.
 
-Every key shares the hash tag ``{traffic}``, so on a Cluster one call reaches them all. Counts
-that could not reach Redis are kept for the next call (they land a second or so late), so a
-moment without Redis loses no wave.
+Every key (named by ``Keyspace``) shares the hash tag ``{traffic}``, so on a Cluster one call
+reaches them all. Counts that could not reach Redis are kept for the next call (they land a
+second or so late), so a moment without Redis loses no wave.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ratekeeper.config.tripwires import Tripwire
+from ratekeeper.identity.keys import Keyspace
 from ratekeeper.metrics import Metrics
 from ratekeeper.storage.scripts import LuaScript, read_script
 from ratekeeper.storage.storecall import store_call
 
-__all__ = ["CATEGORIES", "DENIED", "MINUTES", "Picture", "Traffic", "TrafficKeys", "category"]
+__all__ = ["CATEGORIES", "DENIED", "MINUTES", "Picture", "Traffic", "category"]
 
 log = logging.getLogger("ratekeeper.control.traffic")
 
@@ -58,29 +59,6 @@ def counts_for(wire: Tripwire, category: str) -> bool:
     if wire.counted == "allowed":
         return category == "allowed"
     return category in DENIED
-
-
-class TrafficKeys:
-    """The Redis keys of the shared counts, all under the hash tag ``{traffic}``."""
-
-    def __init__(self, prefix: str) -> None:
-        self.base = f"{prefix}:{{traffic}}"
-
-    def minute(self, minute: int) -> str:
-        """The HASH of one minute's decisions (``minute``: Unix seconds // 60)."""
-        return f"{self.base}:m:{minute}"
-
-    def disarmed(self) -> str:
-        """The HASH of disarmed tripwires: name -> who and why (JSON)."""
-        return f"{self.base}:disarmed"
-
-    def counter(self, tripwire: str) -> str:
-        """A tripwire's counter: a HASH of bucket -> decisions."""
-        return f"{self.base}:tw:{tripwire}"
-
-    def trip(self, tripwire: str) -> str:
-        """A tripwire's trip: a STRING that lives as long as the trip."""
-        return f"{self.base}:trip:{tripwire}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,11 +88,11 @@ def _int(value: Any) -> int:
 class Traffic:
     """Adds this process's decisions to the shared counts; reads the picture back."""
 
-    def __init__(self, redis: Any, keys: TrafficKeys, metrics: Metrics,
+    def __init__(self, redis: Any, keys: Keyspace, metrics: Metrics,
                  wall: Callable[[], float], *, now_ms: Callable[[], int] | None = None
                  ) -> None:
         self.redis = redis
-        self.keys = keys
+        self.keys = keys  # names the keys (``traffic_minute_key``, ``tripwire_*_key``)
         self.metrics = metrics
         self.wall = wall  # names the minute
         self.now_ms = now_ms  # a test clock for the tripwire windows; None: Redis TIME
@@ -157,14 +135,15 @@ class Traffic:
         now = self.wall()
         minute = int(now // 60)
         ttl_ms = max(1, round(((minute + MINUTES) * 60 - now) * 1000))
-        keys = [self.keys.minute(minute), self.keys.disarmed()]
+        keys = [self.keys.traffic_minute_key(minute), self.keys.tripwires_disarmed_key()]
         args: list[str | int] = ["" if self.now_ms is None else self.now_ms(), ttl_ms,
                                  len(by_field)]
         for name, count in by_field.items():
             args += [name, count]
         args.append(len(wires))
         for wire, count in wires:
-            keys += [self.keys.counter(wire.name), self.keys.trip(wire.name)]
+            keys += [self.keys.tripwire_counter_key(wire.name),
+                     self.keys.tripwire_trip_key(wire.name)]
             args += [wire.name, count, wire.threshold, wire.window * 1000,
                      wire.duration * 1000, "1" if blocked(wire) else "0"]
         try:
@@ -190,7 +169,7 @@ class Traffic:
         async with store_call():
             pipe = self.redis.pipeline(transaction=False)
             for minute in range(first, last + 1):
-                pipe.hgetall(self.keys.minute(minute))
+                pipe.hgetall(self.keys.traffic_minute_key(minute))
             minutes = await pipe.execute()
         picture = Picture(first_minute=first)
         for column, raw in enumerate(minutes):

@@ -100,20 +100,31 @@ class Tripwires:
         self.redis = traffic.redis
         self.keys = traffic.keys
         self._state = LuaScript(self.redis, "tripwire_state", read_script("tripwire_state"))
+        # trips won in Redis whose flag could not be written yet: (wire, count, when won)
+        self._owed: list[tuple[Tripwire, int, float]] = []
 
     def get(self, name: str) -> Tripwire | None:
         """The tripwire ``name`` of the live config."""
         return self.config().tripwires.get(name)
 
     async def flush(self) -> list[tuple[Tripwire, int]]:
-        """Add this process's decisions to the shared counts and react to what tripped.
-        Raises StoreUnavailable (the counts are kept for the next flush)."""
+        """Add this process's decisions to the shared counts and react to what tripped (and
+        to a trip an earlier flush won but could not act on). Raises StoreUnavailable (the
+        counts, and the trips not acted on, are kept for the next flush)."""
         wires = list(self.config().tripwires.values())
         now = self.wall()
         trips = await self.traffic.record(wires, lambda w: self.board.is_on(w.flag, now))
-        for wire, count in trips:
-            await self.trip(wire, count)
-        return trips
+        # a trip this process won in Redis is its alone to act on: no other process will
+        owed, self._owed = self._owed, []
+        todo = [(wire, count, now) for wire, count in trips] + [
+            (wire, count, at) for wire, count, at in owed if now < at + wire.duration]
+        for i, (wire, count, at) in enumerate(todo):
+            try:
+                await self.trip(wire, count, at)
+            except StoreUnavailable:
+                self._owed = todo[i:]
+                raise
+        return [(wire, count) for wire, count, _ in todo]
 
     async def flush_forever(self, breaker: Callable[[], str],
                             interval: float = FLUSH_SECONDS) -> None:
@@ -130,18 +141,19 @@ class Tripwires:
             except Exception:  # never let one bad round end the counting
                 log.exception("the traffic flush failed")
 
-    async def trip(self, wire: Tripwire, count: int) -> None:
-        """What a trip does (this process won it in Redis): the flag, the audit, the alert."""
+    async def trip(self, wire: Tripwire, count: int, at: float | None = None) -> None:
+        """What a trip does (this process won it in Redis at ``at``, default now): the flag,
+        the audit, the alert. Raises StoreUnavailable before it has done any of them."""
         now = self.wall()
         actor = actor_of(wire)
-        if self.metrics is not None:
-            self.metrics.tripped(wire.name, wire.shadow)
         seen = (f"{count} {wire.action} decisions ({wire.counted}) within "
                 f"{window_text(wire.window)} reached its threshold of {wire.threshold}")
         detail: dict[str, Any] = {"count": count, "threshold": wire.threshold,
                                   "window": wire.window, "action": wire.action,
                                   "counted": wire.counted}
         if wire.shadow:
+            if self.metrics is not None:
+                self.metrics.tripped(wire.name, wire.shadow)
             detail["shadow"] = True
             log.warning("tripwire %s (shadow) would have tripped: %s; %s stays as it is",
                         wire.name, seen, wire.flag)
@@ -151,13 +163,16 @@ class Tripwires:
                                          f"{seen}. {wire.flag} was not turned on.",
                              tripwire=wire.name, shadow=True, flag=wire.flag, **_fields(detail))
             return
-        until = now + wire.duration
+        # the trip's duration runs from when it was won, as its trip key's TTL does
+        until = (now if at is None else at) + wire.duration
         state = FlagState(name=wire.flag, enabled=True, message="", updated_by=actor,
                           updated_at=now, expires_at=until)
         board = self.board
         restore = [s for s in board.recorded() if s.name != wire.flag] \
             if board.seen_in_store else []
         await self.flagstore.put(state, restore)
+        if self.metrics is not None:
+            self.metrics.tripped(wire.name, wire.shadow)
         board.seen_in_store = True
         board.update(state)
         detail.update(duration=wire.duration, expires_at=until)
@@ -173,10 +188,11 @@ class Tripwires:
     async def views(self) -> list[TripwireView]:
         """Every tripwire of the live config with its shared state. Raises StoreUnavailable."""
         wires = sorted(self.config().tripwires.values(), key=lambda w: w.name)
-        keys = [self.keys.disarmed()]
+        keys = [self.keys.tripwires_disarmed_key()]
         args: list[str | int] = ["" if self.traffic.now_ms is None else self.traffic.now_ms()]
         for wire in wires:
-            keys += [self.keys.counter(wire.name), self.keys.trip(wire.name)]
+            keys += [self.keys.tripwire_counter_key(wire.name),
+                     self.keys.tripwire_trip_key(wire.name)]
             args.append(wire.window * 1000)
         async with store_call():
             reply = await self._state(keys=keys, args=args)
@@ -213,10 +229,10 @@ class Tripwires:
         async with store_call():
             pipe = self.redis.pipeline(transaction=False)
             if armed:
-                pipe.hdel(self.keys.disarmed(), wire.name)
-                pipe.delete(self.keys.trip(wire.name))
+                pipe.hdel(self.keys.tripwires_disarmed_key(), wire.name)
+                pipe.delete(self.keys.tripwire_trip_key(wire.name))
             else:
-                pipe.hset(self.keys.disarmed(), wire.name,
+                pipe.hset(self.keys.tripwires_disarmed_key(), wire.name,
                           _encode(Disarmed(by=by, at=now, reason=reason)))
             await pipe.execute()
         verb = "re-armed" if armed else "disarmed"

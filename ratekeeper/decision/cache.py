@@ -44,7 +44,6 @@ __all__ = ["CacheHit", "LocalCache"]
 BAN, PENALTY, LIMIT = 0, 1, 2
 # A ban key without a TTL (set by hand) is remembered this long only.
 UNBOUNDED_MS = 1000
-FOREVER = 1 << 62
 
 CacheKey = str | tuple[str, str]  # a ban: subject hash; a rule: (rule name, subject hash)
 
@@ -63,8 +62,8 @@ class Entry:
     want: int = 0  # LIMIT: answers only requests taking at least this many hits
     at_ms: int = 0
     windows: tuple[tuple[Window, int, int], ...] = ()  # (window, remaining, reset_ms) at at_ms
-    # the last answer given from this entry: (action, valid before this ms, the hit). Every
-    # figure in an answer is whole seconds, so it is the same answer until one of them ticks.
+    # the last answer given from this entry: (action, the ms it was made in, the hit). An
+    # answer says its waits to the millisecond, so it holds for that millisecond alone.
     memo: tuple[str, int, CacheHit] | None = None
 
 
@@ -81,60 +80,60 @@ def _seconds(ms: int) -> int:
     return max(0, math.ceil(ms / 1000))
 
 
-def boxed_decision(action: Action, index: int, retry_after: int) -> Decision:
+def boxed_decision(action: Action, index: int, retry_after: int,
+                   retry_after_ms: int | None = None) -> Decision:
     """A denial by the penalty box of the action's rule ``index``: ``banned`` for
-    ``retry_after`` seconds, naming the rule in ``limits`` (nothing left in any of its
-    windows; a reset no longer than the window)."""
+    ``retry_after`` seconds (``retry_after_ms``: the same to the millisecond, when known),
+    naming the rule in ``limits`` (nothing left in any of its windows; a reset no longer than
+    the window)."""
     rule = action.rules[index]
+    wait_ms = retry_after * 1000 if retry_after_ms is None else retry_after_ms
     return Decision(allowed=False, reason="banned", action=action.name, retry_after=retry_after,
+                    retry_after_ms=wait_ms,
                     limits=[LimitState(rule=rule.name, limit=window.limit,
                                        window=window.seconds, remaining=0,
-                                       reset=min(retry_after, window.seconds))
+                                       reset=min(retry_after, window.seconds),
+                                       reset_ms=min(wait_ms, window.seconds * 1000))
                             for window in rule.windows])
 
 
 def _banned(entry: Entry, action: str, now: int, index: int, subject: str = "") -> CacheHit:
+    wait_ms = max(0, entry.until_ms - now)
     return CacheHit(Decision(allowed=False, reason="banned", action=action,
-                             retry_after=_seconds(entry.until_ms - now)), index, subject)
+                             retry_after=_seconds(wait_ms), retry_after_ms=wait_ms),
+                    index, subject)
 
 
 def _boxed(entry: Entry, action: Action, now: int, index: int) -> CacheHit:
-    return CacheHit(boxed_decision(action, index, _seconds(entry.until_ms - now)), index)
+    wait_ms = max(0, entry.until_ms - now)
+    return CacheHit(boxed_decision(action, index, _seconds(wait_ms), wait_ms), index)
 
 
 def _limited(entry: Entry, rule: str, action: str, now: int, index: int) -> CacheHit:
     elapsed = now - entry.at_ms
-    limits = [LimitState(rule=rule, limit=window.limit, window=window.seconds,
-                         remaining=max(0, remaining),
-                         reset=_seconds(max(0, reset_ms - elapsed)))
-              for window, remaining, reset_ms in entry.windows]
+    limits = []
+    for window, remaining, reset_ms in entry.windows:
+        left_ms = max(0, reset_ms - elapsed)
+        limits.append(LimitState(rule=rule, limit=window.limit, window=window.seconds,
+                                 remaining=max(0, remaining), reset=_seconds(left_ms),
+                                 reset_ms=left_ms))
+    wait_ms = max(1, entry.until_ms - now)
     return CacheHit(Decision(allowed=False, reason="rate_limited", action=action,
-                             retry_after=max(1, _seconds(entry.until_ms - now)),
+                             retry_after=_seconds(wait_ms), retry_after_ms=wait_ms,
                              limits=limits), index)
 
 
 def _remembered(entry: Entry, action: str, now: int) -> CacheHit | None:
     memo = entry.memo
-    if memo is not None and memo[1] > now and memo[0] == action:
+    if memo is not None and memo[1] == now and memo[0] == action:
         return memo[2]
     return None
 
 
-def _next_tick(remaining_ms: int, now: int) -> int:
-    """The first ms after ``now`` at which ceil(remaining/1000) changes (remaining counts
-    down by one per ms)."""
-    if remaining_ms <= 0:
-        return FOREVER  # it stays 0
-    return now + remaining_ms - 1000 * (math.ceil(remaining_ms / 1000) - 1)
-
-
 def _memo(entry: Entry, action: str, now: int, hit: CacheHit) -> CacheHit:
-    """Remember ``hit``, the answer at ``now``, until any of its seconds would change."""
-    valid = _next_tick(entry.until_ms - now, now)
-    elapsed = now - entry.at_ms
-    for _, _, reset_ms in entry.windows:
-        valid = min(valid, _next_tick(reset_ms - elapsed, now))
-    entry.memo = (action, valid, hit)
+    """Remember ``hit``, the answer at ``now``, for the rest of this millisecond (a flood
+    asks many times in one)."""
+    entry.memo = (action, now, hit)
     return hit
 
 

@@ -322,6 +322,25 @@ class Keyspace:
         """A counter of the decisions every process made in one Unix second (admin page)."""
         return f"{self.prefix}:{{decisions}}:{second}"
 
+    # -- the traffic picture and the tripwires: one hash tag, so one script call reaches all --
+
+    def traffic_minute_key(self, minute: int) -> str:
+        """A HASH of every process's decisions in one minute (``minute``: Unix seconds // 60):
+        ``<action>|<category>`` and ``rule|<rule>|<category>`` -> count."""
+        return f"{self.prefix}:{{traffic}}:m:{minute}"
+
+    def tripwires_disarmed_key(self) -> str:
+        """A HASH of the disarmed tripwires: name -> who disarmed it, when and why (JSON)."""
+        return f"{self.prefix}:{{traffic}}:disarmed"
+
+    def tripwire_counter_key(self, name: str) -> str:
+        """A tripwire's counter: a HASH of window bucket -> decisions."""
+        return f"{self.prefix}:{{traffic}}:tw:{name}"
+
+    def tripwire_trip_key(self, name: str) -> str:
+        """Present while a tripwire is tripped (a STRING whose TTL is the trip's duration)."""
+        return f"{self.prefix}:{{traffic}}:trip:{name}"
+
     def events_channel(self) -> str:
         """The pub/sub channel on which admin changes reach every process."""
         return f"{self.prefix}:events"

@@ -123,7 +123,7 @@ class RateLimiter:
 
     def _decided(self, call: str, decision: Decision) -> bool:
         if decision.degraded:  # the sidecar or its Redis could not be asked: a fail mode said
-            self._failed(call, getattr(decision, "error", "") or "Redis could not be asked")
+            self._failed(call, "Redis could not be asked")
         return decision.allowed
 
     def test(self, *identifiers: object) -> bool:

@@ -113,6 +113,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(line, file=sys.stderr)
         counts = [_many(len(config.rules), "rule"), _many(len(config.actions), "action"),
                   _many(len(config.flags), "flag"), _many(len(config.routes), "route")]
+        if config.tripwires:
+            counts.append(_many(len(config.tripwires), "tripwire"))
         if warnings:
             counts.append(_many(len(warnings), "warning"))
         print(f"{args.file}: ok ({', '.join(counts)})")

@@ -3,8 +3,9 @@ and counters to clear.
 
 ``GET /v1/origin/flags`` lists every flag as this process knows it (no Redis call: flags are
 synced in the background), for banners and behaviour switches. ``POST /v1/origin/state`` is a
-look (cost 0) at an action that Redis answers, never the local cache, so its milliseconds are
-exact. ``POST /v1/origin/clear`` deletes an action's counters for some subjects, the way an
+look (cost 0) at an action that Redis answers, never the local cache, so every figure is
+Redis's now (a cached denial keeps the remaining hits Redis gave when it denied).
+``POST /v1/origin/clear`` deletes an action's counters for some subjects, the way an
 application forgives a user after a success (a verified email, a finished password reset).
 
 Each needs a credential of its own, ``RATEKEEPER_ORIGIN_TOKEN`` (several, comma-separated, while

@@ -3,10 +3,10 @@ and the tripwires with their counts.
 
 The chart is drawn here, on the server, as plain shapes (rects and lines with classes the
 page's stylesheet colours): no script draws it and nothing is fetched from elsewhere, so it
-stays within the page's Content-Security-Policy. The page's one script (``static/live.js``)
-only re-fetches this section (``GET /admin/traffic``) every few seconds while the tab is
-visible. The counts come from Redis (``control/traffic.py``), so every process's traffic is
-in it, whichever process draws it.
+stays within the page's Content-Security-Policy. It is the page's frame
+(``GET /admin/traffic``), which reloads itself with a meta refresh while the page is open, so
+the page needs no script at all. The counts come from Redis (``control/traffic.py``), so
+every process's traffic is in it, whichever process draws it.
 """
 
 from __future__ import annotations
