@@ -31,18 +31,26 @@ def check(ip: str, **extra: Any) -> bytes:
     return msgspec.json.encode({"action": "a", "ip": ip, **extra})
 
 
+def _moment_free(decision: dict[str, Any]) -> dict[str, Any]:
+    """A decision without what names the moment it was made: its refund token (signed per
+    request) and its millisecond timings."""
+    decision.pop("refund", None)
+    decision.pop("retry_after_ms", None)
+    for window in decision.get("limits", []):
+        window.pop("reset_ms", None)
+    return decision
+
+
 def comparable(reply: Reply) -> tuple[int, dict[str, str], Any]:
     """What both answerers must agree on: the status, the headers but the ones that name
-    the moment or the server, and the JSON body without its refund token (signed per
-    request)."""
+    the moment or the server, and the JSON body without what names the moment."""
     headers = {k: v for k, v in reply.headers.items()
                if k not in ("date", "server", "connection", "content-length")}
     body = json.loads(reply.body)
-    if isinstance(body, dict):
-        body.pop("refund", None)
     if isinstance(body, dict) and "results" in body:
-        for result in body["results"]:
-            result.pop("refund", None)
+        body["results"] = [_moment_free(result) for result in body["results"]]
+    elif isinstance(body, dict):
+        body = _moment_free(body)
     return reply.status, headers, body
 
 

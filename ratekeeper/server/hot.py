@@ -103,8 +103,8 @@ class HotLane:
         try:
             if kind == CHECK:
                 request = checker.decode(body)
-                if not self._tick:
-                    asyncio.get_running_loop().call_soon(self._decide_tick)
+                if not self._tick:  # the task begins at the loop's next turn, with the tick's
+                    self._start(self._decide_tick())
                 self._tick.append((request, pending))
             else:
                 self._start(self._batch(checker, checker.decode_batch(body), pending))
@@ -117,11 +117,9 @@ class HotLane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _decide_tick(self) -> None:
+    async def _decide_tick(self) -> None:
         checks, self._tick = self._tick, []
-        self._start(self._checks(self.app[RUNTIME].checker, checks))
-
-    async def _checks(self, checker: Checker, checks: list[tuple[Any, Pending]]) -> None:
+        checker = self.app[RUNTIME].checker
         requests = [request for request, _ in checks]
         replies: Sequence[Reply]
         try:

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
@@ -39,6 +39,8 @@ from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 from ratekeeper.storage.scripts import LuaScript, check_replies
 
 __all__ = ["Arg", "Coalescer", "Request", "within"]
+
+T = TypeVar("T")
 
 Arg = str | int | bytes
 # one check: its KEYS, now (ARGV[1], '' for Redis TIME), cost, the rule set of its action
@@ -220,8 +222,11 @@ class Coalescer:
 
     async def _send(self, data: bytes, expected: int, retried: bool = False) -> list[Any]:
         pool = self.redis.connection_pool
-        # (the pool replaces a connection the server closed while it was idle: after a
-        # restart a write goes on a live one, so nothing sent is ever sent twice)
+        # The pool replaces a connection the server closed while it was idle: after a
+        # restart a write goes on a live one, so nothing sent is ever sent twice. It can
+        # only see a close the loop has read, so the loop first takes its turn at the
+        # sockets.
+        await asyncio.sleep(0)
         connection = await pool.get_connection()
         replies: list[Any] = []
         healthy = False
@@ -251,43 +256,49 @@ class _Demoted(Exception):
     """A Sentinel's master answered READONLY before any call of the write ran."""
 
 
-async def within(work: Any, budget: float) -> Any:
+async def within(work: Awaitable[T], budget: float) -> T:
     """``await work`` with a deadline of ``budget`` seconds that this process's own load
     cannot make it miss.
 
-    asyncio.timeout's timer may fire before the loop has read a reply that is already in the
-    socket (uvloop runs timers before it polls), and a loop busy with a burst wakes every
-    timer late. So a deadline that passes while the loop is late by more than ``LAG`` is
-    moved ``GRACE`` on, and the work fails only at a deadline the loop met on time, after
-    one more ``GRACE`` in which it polls its sockets. Under load that never lets up, the
-    client's socket timeout (a backstop beyond the deadline, store.py) still ends the wait
-    for a Redis that is gone.
+    A plain ``asyncio.timeout`` may fire before the loop has read a reply that is already
+    in the socket (uvloop runs timers before it polls), and a loop busy with a burst wakes
+    every timer late. So a deadline that passes while the loop is late by more than ``LAG``
+    is moved ``GRACE`` on, and the work fails only at a deadline the loop met on time, after
+    one more ``GRACE`` in which it polls its sockets (``_Watch``); then the timeout scope
+    cancels the work. Under load that never lets up, the client's socket timeout (a backstop
+    beyond the deadline, store.py) still ends the wait for a Redis that is gone.
     """
-    task = asyncio.ensure_future(work)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + budget
-    last_chance = False
-    try:
-        while True:
-            done, _ = await asyncio.wait((task,), timeout=max(deadline - loop.time(), 0))
-            if done:
-                return task.result()
-            now = loop.time()
-            if last_chance and now - deadline <= LAG:
-                break
-            last_chance = now - deadline <= LAG  # on time: one more poll, then it fails
-            deadline = now + GRACE
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    except Exception as exc:
-        raise TimeoutError("Redis did not answer within the deadline") from exc
-    raise TimeoutError("Redis did not answer within the deadline")
+    async with asyncio.timeout(None) as scope:
+        watch = _Watch(loop, scope, loop.time() + budget)
+        try:
+            return await work
+        finally:
+            watch.handle.cancel()
+
+
+class _Watch:
+    """The deadline of one ``within``: on time, it ends ``scope`` (at once)."""
+
+    __slots__ = ("deadline", "handle", "last_chance", "loop", "scope")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout,
+                 deadline: float) -> None:
+        self.loop = loop
+        self.scope = scope
+        self.deadline = deadline
+        self.last_chance = False
+        self.handle = loop.call_at(deadline, self._due)
+
+    def _due(self) -> None:
+        now = self.loop.time()
+        on_time = now - self.deadline <= LAG
+        if self.last_chance and on_time:
+            self.scope.reschedule(now)  # (the scope cancels the work and raises TimeoutError)
+            return
+        self.last_chance = on_time  # on time: one more poll, then it fails
+        self.deadline = now + GRACE
+        self.handle = self.loop.call_at(self.deadline, self._due)
 
 
 def _results(size: int, callers: list[list[int]], replies: list[Any]) -> list[Any]:
