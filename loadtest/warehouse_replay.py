@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import random
 import sys
 import threading
@@ -51,7 +50,6 @@ from ratekeeper.app import create_app
 from ratekeeper.client import SyncClient
 from ratekeeper.config.rules import parse_config
 from ratekeeper.integrations.warehouse import RateLimiter
-from ratekeeper.server.origin import ORIGIN_TOKEN_ENV
 from ratekeeper.settings import Settings
 
 HERE = Path(__file__).resolve().parent
@@ -92,8 +90,8 @@ class Sidecar:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         settings = Settings(redis_url=redis_url, ip_salt=b"replay-salt-long-enough",
-                            key_prefix="replay" + uuid.uuid4().hex[:8], redis_timeout_ms=5000)
-        os.environ[ORIGIN_TOKEN_ENV] = token
+                            key_prefix="replay" + uuid.uuid4().hex[:8], redis_timeout_ms=5000,
+                            origin_tokens=(token.encode(),))
         self.runner: web.AppRunner | None = None
         asyncio.run_coroutine_threadsafe(
             self._start(settings, config, clock), self.loop).result(60)

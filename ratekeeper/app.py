@@ -66,6 +66,6 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
     app.add_subapp("/v1/admin", admin_app())
     app.cleanup_ctx.append(webadmin_context(settings))
     app.add_subapp("/admin", webadmin_app())
-    endpoints.add_routes(app)
+    endpoints.add_routes(app, settings)
     authz.add_routes(app)
     return app

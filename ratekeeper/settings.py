@@ -75,6 +75,9 @@ class Settings:
     # RATEKEEPER_WEBHOOK_SECRET: the key of the HMAC-SHA256 every alert is signed with
     # (``Ratekeeper-Signature``); never logged or sent. Empty: alerts go unsigned.
     webhook_secret: bytes = field(default=b"", repr=False)
+    # RATEKEEPER_ORIGIN_TOKEN: the credentials of the origin endpoints (``server.origin``),
+    # comma-separated so one can be rotated; never logged. None: those endpoints answer 401.
+    origin_tokens: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def is_memory(self) -> bool:
@@ -147,6 +150,9 @@ class Settings:
             max_connections=_parse_int(env, "RATEKEEPER_MAX_CONNECTIONS", 0, low=0),
             warmup_ms=_parse_int(env, "RATEKEEPER_WARMUP_MS", 10_000, low=0),
             webhook_secret=env.get("RATEKEEPER_WEBHOOK_SECRET", "").encode(),
+            origin_tokens=tuple(part.strip().encode() for part in
+                                env.get("RATEKEEPER_ORIGIN_TOKEN", "").split(",")
+                                if part.strip()),
         )
 
 

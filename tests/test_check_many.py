@@ -422,10 +422,14 @@ def checker_on(client: Any, prefix: str, clock: FakeClock) -> Checker:
 
 
 def shown(decision: Decision) -> dict[str, Any]:
-    """A decision as the API shows it, its refund token only said to be there."""
+    """A decision as the API shows it, its refund token only said to be there; the wait of
+    a ban or a penalty box to the second, since its milliseconds are what is left of a
+    Redis key's life at the moment it was read, in Redis's own time."""
     body: dict[str, Any] = msgspec.to_builtins(decision)
     if body.get("refund"):
         body["refund"] = "<token>"
+    if body["reason"] == "banned":  # (a ban, or a penalty box)
+        body["retry_after_ms"] = "<the key's time to live>"
     return body
 
 

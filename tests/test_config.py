@@ -237,6 +237,30 @@ rules = ["a1", "a2", "a3"]
     assert len(warnings) == 1 and 'rules.a3.key: warning: "tenent"' in warnings[0]
 
 
+def test_a_tripwire_whose_flag_blocks_nothing_is_flagged() -> None:
+    """A tripwire turning on a flag no action lists (a banner only, notify = true, included)
+    is warned about; one whose flag an action lists or the origin reads (origin = true) is
+    not."""
+    text = GOOD + """
+[flags.banner]
+description = "b"
+notify = true
+[flags.scanning]
+description = "s"
+origin = true
+""" + "".join(f"""
+[tripwires.t-{flag}]
+action = "a"
+threshold = "100 per minute"
+flag = "{flag}"
+duration = "1 hour"
+""" for flag in ("f", "banner", "scanning"))
+    warnings = config_warnings(parse_config(text, source="t.toml"))
+    assert warnings == ['t.toml: tripwires.t-banner.flag: warning: no action lists flag '
+                        '"banner", so a trip blocks nothing (unless the origin reads it: then '
+                        'set origin = true on it)']
+
+
 def test_the_example_config_draws_no_warning() -> None:
     """examples/pypi.toml uses every rule and flag it declares; shadow-mode is built in."""
     assert config_warnings(load_config(EXAMPLE)) == []

@@ -324,3 +324,44 @@ def test_cached_bans_and_boxes_say_their_waits_to_the_millisecond() -> None:
     assert (box.decision.reason, box.decision.retry_after, box.decision.retry_after_ms) == (
         "banned", 4, 3766)
     assert [(w.reset, w.reset_ms) for w in box.decision.limits] == [(2, 2000), (4, 3766)]
+
+
+BOX_CONFIG = """
+[rules.r]
+limit = "1 per 10 seconds, 100 per hour"
+key = ["ip"]
+penalty = "1 hour"
+[actions.a]
+rules = ["r"]
+"""
+
+
+async def test_a_box_says_its_wait_to_the_millisecond_from_redis_and_the_cache(
+        redis: aioredis.Redis, key_prefix: str) -> None:
+    """A penalty box Redis reports says its key's PTTL to the millisecond (whole seconds
+    rounded up), in retry_after_ms and in the reset_ms of a window longer than what is left;
+    the cache that remembers that answer counts down from the same millisecond."""
+    config = config_from(BOX_CONFIG)
+    clock = FakeClock()
+    keyspace = Keyspace(SALT, prefix=key_prefix, grouping=config.ip)
+    plain, cached = (Checker(config, keyspace, Limiter(redis, timeout=2.0, clock=clock),
+                             FlagBoard(config.flags), cache=cache)
+                     for cache in (None, LocalCache(100, now_ms=clock)))
+    body = json.dumps({"action": "a", "ip": IP}).encode()
+    assert (await plain.check(plain.decode(body))).allowed
+    assert (await plain.check(plain.decode(body))).reason == "rate_limited"  # and boxed
+    key = keyspace.penalty_key(keyspace.subject((("ip", keyspace.ip_value(IP)),)),
+                               config.rules["r"])
+    assert await redis.pexpire(key, 1_234_567)  # a box with a part second left
+    before = await redis.pttl(key)
+    boxed = await cached.check(cached.decode(body))  # Redis answers; the cache remembers
+    after = await redis.pttl(key)
+    assert cached.cache is not None and cached.cache.hits == 0
+    assert boxed.reason == "banned" and after <= boxed.retry_after_ms <= before
+    assert boxed.retry_after == -(-boxed.retry_after_ms // 1000)
+    assert [w.reset_ms for w in boxed.limits] == [10_000, boxed.retry_after_ms]
+    clock.advance(1.5)
+    again = await cached.check(cached.decode(body))
+    assert cached.cache.hits == 1
+    assert again.retry_after_ms == boxed.retry_after_ms - 1500
+    assert [w.reset_ms for w in again.limits] == [10_000, again.retry_after_ms]

@@ -5,6 +5,7 @@ the local cache, and clears that only the origin can make, only of clearable act
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from ratekeeper.client import AsyncClient, SyncClient
 from ratekeeper.config.rules import config_warnings
 from ratekeeper.decision.flags import FlagState
 from ratekeeper.errors import ConfigError
-from ratekeeper.server.origin import ORIGIN_TOKEN_ENV, origin_tokens
+from ratekeeper.server.origin import ORIGIN_TOKEN_ENV
 from ratekeeper.server.state import RUNTIME
 from ratekeeper.settings import Settings
 
@@ -70,9 +71,10 @@ Make = Callable[..., Any]
 
 
 @pytest.fixture
-def with_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sidecar's RATEKEEPER_ORIGIN_TOKEN, as an operator sets it."""
-    monkeypatch.setenv(ORIGIN_TOKEN_ENV, f"old-token-0000, {TOKEN}")
+def settings(settings: Settings) -> Settings:
+    """The session's settings with the sidecar's origin tokens, one of them being rotated
+    out, as an operator sets them."""
+    return dataclasses.replace(settings, origin_tokens=(b"old-token-0000", TOKEN.encode()))
 
 
 async def origin(client: TestClient[Any, Any], method: str, path: str, expect: int = 200,
@@ -84,13 +86,15 @@ async def origin(client: TestClient[Any, Any], method: str, path: str, expect: i
 
 
 def test_origin_tokens_are_read_from_the_environment() -> None:
-    """RATEKEEPER_ORIGIN_TOKEN is a comma-separated list (rotation); unset means none."""
-    assert origin_tokens({ORIGIN_TOKEN_ENV: " a , b,"}) == (b"a", b"b")
-    assert origin_tokens({}) == ()
+    """RATEKEEPER_ORIGIN_TOKEN is a comma-separated list (rotation) that repr never shows;
+    unset means none."""
+    settings = Settings.from_env({ORIGIN_TOKEN_ENV: " a-secret , b-secret,"})
+    assert settings.origin_tokens == (b"a-secret", b"b-secret")
+    assert "secret" not in repr(settings)
+    assert Settings.from_env({}).origin_tokens == ()
 
 
-async def test_without_the_origin_token_nothing_is_read_or_cleared(
-        make_client: Make, with_token: None) -> None:
+async def test_without_the_origin_token_nothing_is_read_or_cleared(make_client: Make) -> None:
     """No token, a wrong one, or an admin-style header: 401 on every origin endpoint, and the
     counters a clear names stay as they were."""
     client = await make_client(CONFIG)
@@ -108,17 +112,17 @@ async def test_without_the_origin_token_nothing_is_read_or_cleared(
 
 
 async def test_with_no_token_configured_the_endpoints_are_closed(make_client: Make,
-                                                                 monkeypatch: Any) -> None:
+                                                                 settings: Settings) -> None:
     """An unset RATEKEEPER_ORIGIN_TOKEN admits no one, whatever is sent."""
-    monkeypatch.delenv(ORIGIN_TOKEN_ENV, raising=False)
-    client = await make_client(CONFIG)
+    client = await make_client(CONFIG,
+                               app_settings=dataclasses.replace(settings, origin_tokens=()))
     await origin(client, "GET", "/v1/origin/flags", expect=401)
     await origin(client, "GET", "/v1/origin/flags", expect=401,
                  headers={"Authorization": "Bearer "})
 
 
 async def test_a_clear_forgets_the_counters_and_this_process_cached_denial(
-        make_client: Make, with_token: None) -> None:
+        make_client: Make) -> None:
     """A clearable action's counters are deleted for the subject given (another subject keeps
     its own), and the denial this process cached for it no longer answers."""
     client = await make_client(CONFIG)
@@ -135,8 +139,7 @@ async def test_a_clear_forgets_the_counters_and_this_process_cached_denial(
     assert not (await check(client, action="verify", ip="203.0.113.8"))["allowed"]
 
 
-async def test_only_a_clearable_action_is_cleared(make_client: Make,
-                                                  with_token: None) -> None:
+async def test_only_a_clearable_action_is_cleared(make_client: Make) -> None:
     """An action without ``clearable = true`` answers 403 and keeps its counters, even though
     another action that is clearable shares its rule."""
     client = await make_client(CONFIG)
@@ -151,7 +154,7 @@ async def test_only_a_clearable_action_is_cleared(make_client: Make,
     assert bad.status == 400  # a subject the rule needs is missing
 
 
-async def test_a_clear_leaves_a_penalty_box(make_client: Make, with_token: None) -> None:
+async def test_a_clear_leaves_a_penalty_box(make_client: Make) -> None:
     """Penalty boxes are the admins' to lift: a clear deletes the counter, the box holds."""
     client = await make_client(CONFIG)
     await check(client, action="boxed", user="mallory")
@@ -175,8 +178,8 @@ async def test_the_answer_carries_milliseconds(make_client: Make, clock: FakeClo
     assert (denied["limits"][0]["reset"], denied["limits"][0]["reset_ms"]) == (60, 59_750)
 
 
-async def test_state_reads_redis_where_the_cache_remembers(make_client: Make, clock: FakeClock,
-                                                           with_token: None) -> None:
+async def test_state_reads_redis_where_the_cache_remembers(make_client: Make,
+                                                           clock: FakeClock) -> None:
     """A denial this process caches keeps the remaining hits Redis gave it, to the
     millisecond of its reset; the origin's state reads Redis past the cache, so it sees a hit
     taken since, and it takes nothing."""
@@ -200,8 +203,7 @@ async def test_state_reads_redis_where_the_cache_remembers(make_client: Make, cl
         "remaining"] == 1  # so the state call took nothing
 
 
-async def test_flags_list_states_messages_and_banners(make_client: Make,
-                                                      with_token: None) -> None:
+async def test_flags_list_states_messages_and_banners(make_client: Make) -> None:
     """Every declared flag, with its message and notify; a flag Redis holds no state for is
     the config's assumption (read-only: on), until an admin's state replaces it."""
     client = await make_client(CONFIG)
@@ -224,12 +226,11 @@ async def test_flags_list_states_messages_and_banners(make_client: Make,
     assert (await check(client, action="write"))["flag"] == "disallow-deletion"
 
 
-async def test_an_assumed_flag_holds_while_redis_cannot_be_read(make_client: Make,
-                                                                with_token: None) -> None:
+async def test_an_assumed_flag_holds_while_redis_cannot_be_read(make_client: Make) -> None:
     """A sidecar started while Redis is down has read-only on (assume = true) and the
     others off, and says so."""
     dead = Settings(redis_url=f"redis://127.0.0.1:{free_port()}", ip_salt=SALT,
-                    redis_timeout_ms=200)
+                    redis_timeout_ms=200, origin_tokens=(TOKEN.encode(),))
     client = await make_client(CONFIG, app_settings=dead)
     decision = await check(client, action="write")
     assert decision["reason"] == "disabled" and decision["flag"] == "read-only"
@@ -242,7 +243,7 @@ async def test_an_assumed_flag_holds_while_redis_cannot_be_read(make_client: Mak
                        "degraded": True}
 
 
-async def test_a_clear_stores_nothing_raw(make_client: Make, with_token: None,
+async def test_a_clear_stores_nothing_raw(make_client: Make,
                                           redis: aioredis.Redis, key_prefix: str) -> None:
     """The subjects of a clear reach Redis hashed, as a check's do."""
     client = await make_client(CONFIG)
@@ -254,7 +255,7 @@ async def test_a_clear_stores_nothing_raw(make_client: Make, with_token: None,
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-async def test_clients_read_flags_briefly_cached_and_clear(make_client: Make, with_token: None,
+async def test_clients_read_flags_briefly_cached_and_clear(make_client: Make,
                                                            kind: str) -> None:
     """flags() is reused for flags_ttl; a fresh client sees a change; clear() and state()
     carry the origin token; an unreachable sidecar gives the last flags, marked stale."""

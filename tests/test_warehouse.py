@@ -5,6 +5,7 @@ clears, resets to the millisecond, window stats, failing open, and the factory."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
@@ -22,7 +23,6 @@ from ratekeeper.integrations.warehouse import (
     WindowStats,
     subject_of,
 )
-from ratekeeper.server.origin import ORIGIN_TOKEN_ENV
 from ratekeeper.settings import Settings
 
 from support.admin import dump
@@ -103,14 +103,14 @@ Factory = Callable[..., Any]
 
 
 @pytest.fixture
-async def warehouse(make_client: Factory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+async def warehouse(make_client: Factory, clock: FakeClock, settings: Settings
                     ) -> AsyncIterator[Callable[..., Any]]:
     """Serve a config (with the origin token set) and give a Limiters over it."""
-    monkeypatch.setenv(ORIGIN_TOKEN_ENV, TOKEN)
     made: list[Limiters] = []
 
-    async def start(config: str, **kwargs: Any) -> Limiters:
-        sidecar = await make_client(config, clock=clock, **kwargs)
+    async def start(config: str, app_settings: Settings = settings) -> Limiters:
+        with_token = dataclasses.replace(app_settings, origin_tokens=(TOKEN.encode(),))
+        sidecar = await make_client(config, clock=clock, app_settings=with_token)
         made.append(Limiters(str(sidecar.make_url("")).rstrip("/")))
         return made[-1]
 

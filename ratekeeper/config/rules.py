@@ -206,6 +206,11 @@ def config_warnings(config: Config) -> list[str]:
         if name not in used_flags and name not in BUILT_IN_FLAGS and not (
                 flag.origin or flag.notify):
             warn(f"flags.{name}", "no action lists this flag, so turning it on blocks nothing")
+    for name, wire in config.tripwires.items():
+        declared = config.flags.get(wire.flag)
+        if wire.flag not in used_flags and not (declared is not None and declared.origin):
+            warn(f"tripwires.{name}.flag", f'no action lists flag "{wire.flag}", so a trip '
+                 "blocks nothing (unless the origin reads it: then set origin = true on it)")
     for name, action in config.actions.items():
         if not action.rules and not action.flags:
             warn(f"actions.{name}", "has no rules and no flags, so every check is allowed")

@@ -241,7 +241,8 @@ class Checker:
 
     async def state(self, request: Any) -> Decision:
         """What a look (cost 0) at ``request``'s action answers, always from Redis: never the
-        local cache, whose denials carry whole seconds; counted and logged as no decision."""
+        local cache, whose denials keep the ``remaining`` Redis gave when it denied; counted
+        and logged as no decision."""
         plan, values = self.prepare(request)
         return (await self._decide([(plan, values)], [0], fresh=True))[0]
 
@@ -414,14 +415,14 @@ class Checker:
         """Turn the script's answer into the API's Decision (``refund``: its token)."""
         action = plan.action
         status = outcome.status
-        # a box or ban (-1: without end) says whole seconds: its wait is the key's TTL, which
-        # runs on Redis's own clock whatever clock the windows use
+        # a box's or ban's wait (-1: without end) is its key's PTTL, which runs on Redis's own
+        # clock whatever clock the windows use; the local cache counts down from the same ms
         wait = outcome.wait_ms if outcome.wait_ms > 0 else 0
         if status is Status.PENALTY:
-            return boxed_decision(action, outcome.culprit - 1, _seconds(wait))
+            return boxed_decision(action, outcome.culprit - 1, _seconds(wait), wait)
         if status is Status.BANNED:
             return Decision(allowed=False, reason="banned", action=action.name,
-                            retry_after=_seconds(wait))
+                            retry_after=_seconds(wait), retry_after_ms=wait)
         limits = [LimitState(rule, limit, seconds, *_shown(remaining, reset_ms))
                   for (rule, limit, seconds), (remaining, reset_ms, _) in zip(
                       plan.windows, outcome.windows, strict=True)]

@@ -14,6 +14,7 @@ from ratekeeper.server import origin
 from ratekeeper.server.http import JSON, Answer, json_response, response
 from ratekeeper.server.state import RUNTIME
 from ratekeeper.server.warmup import WORKERS
+from ratekeeper.settings import Settings
 
 __all__ = ["add_routes", "check_response"]
 
@@ -87,8 +88,8 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document(checker.request_type, checker.batch_type))
 
 
-def add_routes(app: web.Application) -> None:
-    """Serve the endpoints above on ``app``."""
+def add_routes(app: web.Application, settings: Settings) -> None:
+    """Serve the endpoints above on ``app`` (the origin's behind ``settings.origin_tokens``)."""
     app.router.add_post("/v1/check", check)
     app.router.add_post("/v1/check/batch", check_batch)
     app.router.add_post("/v1/refund", refund)
@@ -96,4 +97,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
-    origin.add_routes(app)
+    origin.add_routes(app, settings.origin_tokens)

@@ -20,8 +20,6 @@ the admin audit trail, which records what people do. With no token set, these en
 from __future__ import annotations
 
 import hmac
-import os
-from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -30,19 +28,12 @@ from ratekeeper.decision.checker import NotClearable
 from ratekeeper.server.http import error_response, json_response
 from ratekeeper.server.state import RUNTIME
 
-__all__ = ["ORIGIN_TOKENS", "ORIGIN_TOKEN_ENV", "add_routes", "origin_tokens"]
+__all__ = ["ORIGIN_TOKENS", "ORIGIN_TOKEN_ENV", "add_routes"]
 
 ORIGIN_TOKEN_ENV = "RATEKEEPER_ORIGIN_TOKEN"
 ORIGIN_TOKENS = web.AppKey("origin_tokens", tuple[bytes, ...])
 NO_TOKEN = ("a valid origin token is required (Authorization: Bearer <token>, one of the "
             f"sidecar's {ORIGIN_TOKEN_ENV})")
-
-
-def origin_tokens(environ: Mapping[str, str] | None = None) -> tuple[bytes, ...]:
-    """The origin tokens of ``environ`` (default ``os.environ``): none when unset."""
-    env = os.environ if environ is None else environ
-    text = env.get(ORIGIN_TOKEN_ENV, "")
-    return tuple(part.strip().encode() for part in text.split(",") if part.strip())
 
 
 def _authorized(request: web.Request) -> bool:
@@ -104,9 +95,10 @@ async def clear(request: web.Request) -> web.Response:
     return json_response(result)
 
 
-def add_routes(app: web.Application, tokens: tuple[bytes, ...] | None = None) -> None:
-    """Serve the origin endpoints on ``app``, behind ``tokens`` (default: the environment's)."""
-    app[ORIGIN_TOKENS] = origin_tokens() if tokens is None else tokens
+def add_routes(app: web.Application, tokens: tuple[bytes, ...]) -> None:
+    """Serve the origin endpoints on ``app``, behind ``tokens`` (``Settings.origin_tokens``;
+    none: every request is refused)."""
+    app[ORIGIN_TOKENS] = tokens
     app.router.add_get("/v1/origin/flags", flags)
     app.router.add_post("/v1/origin/state", state)
     app.router.add_post("/v1/origin/clear", clear)
