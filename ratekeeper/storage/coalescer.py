@@ -51,11 +51,9 @@ Command = tuple[list[str], list[Arg]]  # KEYS and ARGV of one check.lua call
 MAX_BATCH = 1024
 # Checks one check.lua call decides at most: Redis serves other clients between calls.
 MAX_CHECKS = 128
-# Writes out at a time, and how many checks those out may carry for one more to leave
-# beside them: under load one write is out and the next grows with the load; a lone check
-# still leaves at once beside a small write (latency when Redis is across a network).
+# Writes out at a time: while Redis runs one, the next is on its way with the checks that
+# came meanwhile, so neither this process nor Redis waits for the other.
 MAX_INFLIGHT = 2
-OVERLAP_BELOW = 8
 PER_CHECK = 0.0002  # seconds of budget each check adds to its batch's deadline
 GRACE = 0.005  # seconds a batch past its budget waits for a reply the loop has not read yet
 LAG = 0.002  # seconds late a timer may fire and still count as the loop keeping time
@@ -85,7 +83,7 @@ class Coalescer:
     def __init__(self, redis: Any, script: LuaScript, *, timeout: float,
                  per_check: float = PER_CHECK, max_batch: int = MAX_BATCH,
                  max_checks: int = MAX_CHECKS, max_inflight: int = MAX_INFLIGHT,
-                 overlap_below: int = OVERLAP_BELOW, sentinel: bool = False,
+                 sentinel: bool = False,
                  slot_of: Callable[[str], int] | None = None) -> None:
         self.redis = redis
         self.script = script
@@ -94,7 +92,6 @@ class Coalescer:
         self.max_batch = max_batch
         self.max_checks = max_checks
         self.max_inflight = max_inflight
-        self.overlap_below = overlap_below
         # a Sentinel's master: READONLY there means it was demoted (``_exchange``)
         self.sentinel = sentinel
         # a Cluster node's: a script call's keys must share one slot (``_merged``)
@@ -106,7 +103,6 @@ class Coalescer:
         self._groups: list[int] = []  # checks per submit(), in order: never split
         self._scheduled = False
         self._inflight = 0
-        self._out = 0  # checks of the writes out
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -116,7 +112,7 @@ class Coalescer:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # what was pending belonged to a loop that is gone
             self._loop, self._queue, self._groups = loop, [], []
-            self._scheduled, self._inflight, self._out, self._tasks = False, 0, 0, set()
+            self._scheduled, self._inflight, self._tasks = False, 0, set()
         futures = [loop.create_future() for _ in requests]
         self._queue += zip(requests, futures, strict=True)
         self._groups.append(len(futures))
@@ -126,8 +122,7 @@ class Coalescer:
         return futures
 
     def _may_send(self) -> bool:
-        return self._inflight == 0 or (self._inflight < self.max_inflight
-                                       and self._out < self.overlap_below)
+        return self._inflight < self.max_inflight
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -141,7 +136,6 @@ class Coalescer:
             if not live:
                 continue
             self._inflight += 1
-            self._out += len(live)
             self.batches += 1
             self.checks += len(live)
             task = asyncio.ensure_future(self._run(live))
@@ -183,7 +177,6 @@ class Coalescer:
     def _settle(self, batch: list[tuple[Request, asyncio.Future[Any]]],
                 outcome: list[Any] | BaseException) -> None:
         self._inflight -= 1
-        self._out -= len(batch)
         for i, (_, future) in enumerate(batch):
             if future.done():  # the caller gave up while its batch was out
                 continue
