@@ -35,6 +35,7 @@ from ratekeeper.identity.keys import Keyspace
 
 import paced
 import redis_cost
+import tripwire_cost
 from baseline import run_limits
 from procs import HERE, Server, http_json, run_wrk, start_ceiling, start_ratekeeper, start_redis
 
@@ -358,6 +359,10 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
     finally:
         for stop in reversed(stops):
             stop()
+    log("/v1/check with five tripwires armed against the same config without them")
+    raw["tripwires"] = tripwire_cost.measure(
+        workers=workers, rounds=args.tripwire_rounds, seconds=seconds / 2, connections=conns,
+        threads=args.threads, report=log)
     raw["elapsed_seconds"] = time.monotonic() - started
     raw["loadavg"] = (load_before, os.getloadavg()[0])
     raw["environment_batch_connections"] = args.batch_connections
@@ -404,6 +409,9 @@ def rows_of(raw: dict[str, Any]) -> list[Row]:
             batch / limits),
         Row(f"p99 latency at a paced {p['rate']:g} req/s (from scheduled time)", p["p99_ms"],
             "ms", None, "<= 2 ms", p["p99_ms"] <= 2.0),
+        Row("/v1/check with 5 tripwires armed vs the same config without (alternating)",
+            raw["tripwires"]["with"], "decisions/s", raw["tripwires"]["ratio"], ">= 0.95x",
+            raw["tripwires"]["ratio"] >= 0.95),
         Row(f"flood ({FLOOD_PCT}% from {FLOOD_SUBJECTS} banned/over-limit IPs; decided)", flood,
             "req/s", flood / ceiling),
         Row("flood: Redis commands sent per request", flood_cmds, ""),
@@ -505,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-connections", type=int, default=8,
                         help="connections for the batch scenario (each carries 100 checks)")
     parser.add_argument("--rate", type=float, default=1000, help="paced requests per second")
+    parser.add_argument("--tripwire-rounds", type=int, default=4,
+                        help="alternating rounds of the tripwires' cost")
     parser.add_argument("--paced-seconds", type=float, default=10,
                         help="length of the paced latency run")
     parser.add_argument("--subjects", type=int, default=1_000_000,
