@@ -67,6 +67,7 @@ BAD_REQUESTS = {
     "two lengths": (f"POST /v1/check HTTP/1.1\r\nHost: x\r\nX-A: {MARK}\r\nContent-Length: 2"
                     f"\r\nContent-Length: 2\r\n\r\n{{}}").encode(),
     "bad target": f"GET {MARK} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    "undecodable host": f"GET http://xn--/{MARK} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
     "CONNECT": f"CONNECT {MARK}.example:443 HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
     "TLS hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + MARKB,
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 from typing import Any
 
 import msgspec
@@ -22,6 +23,7 @@ from ratekeeper.settings import Settings
 
 from support.common import ONE_RULE
 from support.edge import Reply, get, guarded_server, post, read_reply, read_to_end
+from support.redis_servers import RedisServer
 
 RULES = ONE_RULE.format(limit="3 per minute", algorithm="sliding-log")
 MARK = "Zq7MARK"  # client text that must never come back
@@ -221,3 +223,86 @@ async def test_a_client_that_closes_its_end_still_gets_its_answers(
         raw = await read_to_end(reader)
         writer.close()
     assert raw.count(b"HTTP/1.1 200 OK") == 2
+
+
+async def test_a_refusal_after_relayed_requests_comes_after_their_answers(
+        settings: Settings, redis_server: RedisServer) -> None:
+    """A check (Redis paused, so its answer is owed) and a request for aiohttp in one read; in
+    the next read another request for aiohttp and a malformed one: the check and the first
+    request are answered in order, then the 400, then the connection closes. The read that
+    held the malformed request is not handed on."""
+    async with guarded_server(settings, RULES) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        redis_server.cli("CLIENT", "PAUSE", "500", "ALL")
+        writer.write(post("/v1/check", check("192.0.2.11")) + get("/healthz"))
+        await writer.drain()
+        await asyncio.sleep(0.1)  # (so that the server reads the two writes apart)
+        writer.write(get("/healthz") + b"GET / HTTP/1.1\r\nHost: x\r\nbad\r\n\r\n")
+        raw = await read_to_end(reader)
+        writer.close()
+    assert statuses(raw) == [b"200", b"200", b"400"]
+
+
+UPGRADE = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\nConnection: upgrade\r\n"
+           b"Content-Length: 5\r\n\r\nhello")
+
+
+@pytest.mark.parametrize("after_a_check", [False, True])
+async def test_requests_after_a_declined_upgrade_are_answered(
+        settings: Settings, after_a_check: bool) -> None:
+    """No route upgrades a connection: an upgrade request with a body is answered as a plain
+    one, and every request pipelined after it in the same write is answered too, in order,
+    whether aiohttp reads the client's bytes or the guard relays them after a check."""
+    first = post("/v1/check", check("192.0.2.12")) if after_a_check else b""
+    async with guarded_server(settings, RULES) as server:
+        raw = await asyncio.wait_for(exchange_all(server.port, first + UPGRADE + get("/healthz")
+                                                  + get("/healthz", "Connection: close")), 10)
+    assert statuses(raw) == [b"200"] * (4 if after_a_check else 3)
+
+
+def statuses(raw: bytes) -> list[bytes]:
+    """The status of each answer in ``raw``, in order."""
+    return re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+
+
+async def exchange_all(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await read_to_end(reader)
+    finally:
+        writer.close()
+
+
+async def test_a_chunked_check_with_a_trailer_is_decided(settings: Settings) -> None:
+    """A trailer after a chunked body, even one that repeats a header, is read past."""
+    body = check("192.0.2.13")
+    request = (b"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n"
+               b"Content-Type: application/json\r\n\r\n" % (len(body), body))
+    async with guarded_server(settings, RULES) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request)
+        reply = await read_reply(reader)
+        writer.close()
+    assert reply.status == 200 and json.loads(reply.body)["allowed"] is True
+
+
+async def test_a_client_that_never_reads_stops_being_read(settings: Settings) -> None:
+    """Answers a client leaves unread fill the server's write buffer only to its limit: the
+    guard then stops reading that connection, however much more the client sends."""
+    async with guarded_server(settings, RULES) as server:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(post("/v1/check", b"{") * 80_000)  # each answered at once: a 400
+        guard = None
+        for _ in range(500):
+            guard = next(iter(server.gate.guards), None)
+            if guard is not None and guard.transport is not None and not (
+                    guard.transport.is_reading()):
+                break
+            await asyncio.sleep(0.01)
+        assert guard is not None and guard.transport is not None
+        assert not guard.transport.is_reading()
+        buffered = guard.transport.get_write_buffer_size()
+        writer.transport.abort()
+    assert buffered < 1024 * 1024

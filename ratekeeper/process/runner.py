@@ -142,8 +142,8 @@ async def _serve(settings: Settings, config: Config, share: AcceptShare, sock: s
             await asyncio.sleep(0.02)
     if warming is not None:
         warming.cancel()
+    await gate.close_lane(SHUTDOWN_TIMEOUT)
     await runner.cleanup()  # closes what is still idle, waits for what is in flight
-    await gate.close(SHUTDOWN_TIMEOUT)  # (the lane's connections)
     gate.stop()
     if watchdog is not None:
         watchdog.cancel()

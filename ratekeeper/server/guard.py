@@ -35,8 +35,10 @@ connection closes: after
 a half-close that lets the client read the answer, when aiohttp holds none of its requests.
 A read that holds a refused request is not handed on at all, so a request pipelined before
 it in the same read goes unanswered: the refusal then answers the first such request.
-No route upgrades a connection: after an ``Upgrade`` request the bytes are HTTP again, as
-aiohttp reads them when it declines one.
+No route upgrades a connection: after an ``Upgrade`` request the bytes are HTTP again. aiohttp
+reads them so when it declines the upgrade, but only from a later read, so a read is handed
+on in pieces that end where an upgrade request does (``_pass``); a relayed upgrade request
+loses its ``Upgrade`` header, and so is a plain one to aiohttp.
 
 A ``Gate`` is one worker's set of connections: their timeouts (one sweep, a few times per
 timeout), and the cap. At the cap, the connection idle longest (open, no request coming in,
@@ -132,8 +134,9 @@ class Guard(asyncio.Protocol):
     __slots__ = ("answered", "began_here", "body", "chunked", "deadline", "early", "eof",
                  "expect", "fields", "gate", "head_bytes", "head_size", "heads", "heads_parsed",
                  "held", "in_head", "inner", "kind", "lane", "length", "lines", "mode", "owed",
-                 "parser", "receiving", "refusal", "relay_mark", "relay_out", "seen", "skip",
-                 "state", "stopped_reading", "transport", "url")
+                 "parser", "read_size", "receiving", "refusal", "relay_heads", "relay_held",
+                 "relay_mark", "relay_out", "seen", "skip", "splits", "state", "stopped_reading",
+                 "transport", "url", "writes_paused")
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
@@ -159,8 +162,14 @@ class Guard(asyncio.Protocol):
         self.body = bytearray()  # ... and its body so far
         self.owed: deque[Owed] = deque()  # the lane's answers not yet written, in order
         self.relay_out = bytearray()  # requests for aiohttp, rewritten, not yet handed on
-        self.relay_mark = 0  # where the read being parsed began in relay_out
-        self.stopped_reading = False  # reads paused: too many answers owed, or writes paused
+        # what was relayed before the read being parsed: relay_out's length, the heads in it,
+        # and whether it ends inside a request (a refusal cuts the read's part away)
+        self.relay_mark = self.relay_heads = 0
+        self.relay_held = False
+        self.read_size = 0  # bytes of the read being parsed
+        self.splits: list[int] = []  # where in it an upgrade request ends (PASS hands on there)
+        self.stopped_reading = False  # reads paused by the guard
+        self.writes_paused = False  # the transport's buffer is full
         self.eof = False  # the client's end closed while answers were owed
         self.lines: list[bytes] = []  # the request's header lines, while it may be relayed
         self.chunked = False
@@ -197,7 +206,8 @@ class Guard(asyncio.Protocol):
             return  # refused or ending: nothing more is read
         if self.early is not None:
             self.early += data
-        self.relay_mark = len(self.relay_out)
+        self.read_size = len(data)
+        self.splits.clear()
         rest = self._skip(data) if self.skip else data
         try:
             self.parser.feed_data(rest)
@@ -220,17 +230,39 @@ class Guard(asyncio.Protocol):
                     return
         mode = self.mode
         if mode == PASS:
-            if self.early is not None:  # the first request went to aiohttp: all it sent
-                data = bytes(self.early)
-                self.early = None
-            self.heads = self.heads_parsed
-            self.held = self.receiving and not self.in_head
-            assert self.inner is not None
-            self.inner.data_received(data)
+            self._pass(data)
         elif mode == RELAY and not self.owed:
-            self._relay()
+            self._relay(self.receiving and not self.in_head)
+        self._mark()
         if not self.receiving and not self.owed and self.answered >= self.heads:
             self.gate.rests(self)
+
+    def _pass(self, data: bytes) -> None:
+        """Hand aiohttp the client's bytes (all of them, for the connection's first read), in
+        pieces that end where an upgrade request does: aiohttp reads on after a declined
+        upgrade only from a later read."""
+        if self.early is not None:  # the first request went to aiohttp: all it sent
+            base = len(self.early) - len(data)
+            data = bytes(self.early)
+            self.early = None
+            self.splits = [base + at for at in self.splits]
+        self.heads = self.heads_parsed
+        self.held = self.receiving and not self.in_head
+        inner = self.inner
+        assert inner is not None
+        start = 0
+        for at in self.splits:
+            if start < at < len(data):
+                inner.data_received(data[start:at])
+                start = at
+        self.splits.clear()
+        inner.data_received(data[start:] if start else data)
+
+    def _mark(self) -> None:
+        """What is relayed so far stays, whatever the next read holds."""
+        self.relay_mark = len(self.relay_out)
+        self.relay_heads = self.heads_parsed
+        self.relay_held = self.receiving and not self.in_head
 
     def eof_received(self) -> bool | None:
         if self.owed:
@@ -253,17 +285,19 @@ class Guard(asyncio.Protocol):
         if self.inner is not None:
             self.inner.pause_writing()
         elif self.transport is not None:  # the lane's answers wait: so does its reading
-            self.stopped_reading = True
+            self.writes_paused = self.stopped_reading = True
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writes_paused = False
         if self.inner is not None:
             self.inner.resume_writing()
         else:
             self._resume_reading()
 
     def _resume_reading(self) -> None:
-        if self.stopped_reading and len(self.owed) <= MAX_OWED // 2 and self.transport:
+        if (self.stopped_reading and not self.writes_paused and len(self.owed) <= MAX_OWED // 2
+                and self.transport):
             self.stopped_reading = False
             self.transport.resume_reading()
 
@@ -284,6 +318,8 @@ class Guard(asyncio.Protocol):
             raise _Refusal
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:
+            return  # a chunked body's trailer: aiohttp reads past it, and so does the lane
         size = len(name) + len(value)
         self.fields += 1
         self.head_size += size
@@ -347,8 +383,11 @@ class Guard(asyncio.Protocol):
             self.mode = RELAY
             self._open_inner()
         self.chunked = bool(self.seen & _CHUNKED)
+        lines = self.lines
+        if parser.should_upgrade():  # declined, as aiohttp would: it reads on as HTTP
+            lines = [line for line in lines if line[:8].lower() != b"upgrade:"]
         self.relay_out += b"%s %s HTTP/%s\r\n%s\r\n" % (method, self.url, version.encode(),
-                                                         b"".join(self.lines))
+                                                         b"".join(lines))
 
     def on_body(self, body: bytes) -> None:
         if self.kind:
@@ -386,7 +425,8 @@ class Guard(asyncio.Protocol):
         if not sep or not scheme.isalpha():
             return False
         try:
-            return yarl.URL(text, encoded=True).raw_host is not None
+            # (.host decodes IDNA, as aiohttp does: a host it cannot decode is refused here)
+            return yarl.URL(text, encoded=True).host is not None
         except ValueError:
             return False
 
@@ -401,6 +441,8 @@ class Guard(asyncio.Protocol):
             self.receiving = True
             self.deadline = self.gate.loop.time() + self.gate.timeout
             rest = self._skip(rest)
+        else:
+            self.splits.append(self.read_size - len(rest))
         if rest:
             try:
                 self.parser.feed_data(rest)
@@ -411,12 +453,15 @@ class Guard(asyncio.Protocol):
         return True
 
     def _skip(self, data: bytes) -> bytes:
-        """What follows the upgrade request's body in ``data``."""
+        """What follows the upgrade request's body in ``data`` (a suffix of the read)."""
         taken = min(self.skip, len(data))
+        if self.mode == RELAY:
+            self.relay_out += data[:taken]
         self.skip -= taken
         if not self.skip:
             self.receiving = False
             self.deadline = INF
+            self.splits.append(self.read_size - len(data) + taken)
         return data[taken:]
 
     # ------------------------------------------------------------------ answers and endings
@@ -471,11 +516,11 @@ class Guard(asyncio.Protocol):
                 return
         self._resume_reading()
         if self.state == REFUSING:
-            self._relay()
+            self._relay(self.relay_held)
             self._settle()
             return
         if self.mode == RELAY:
-            self._relay()
+            self._relay(self.receiving and not self.in_head)
         if self.eof:
             self.eof = False
             if self.inner is None or not self.inner.eof_received():
@@ -483,16 +528,17 @@ class Guard(asyncio.Protocol):
         elif not self.receiving and self.answered >= self.heads:
             self.gate.rests(self)
 
-    def _relay(self) -> None:
-        """Hand aiohttp the requests rewritten for it."""
+    def _relay(self, held: bool) -> None:
+        """Hand aiohttp the requests rewritten for it; ``held``: the last of them is not
+        whole yet."""
         if self.relay_out:
             data = bytes(self.relay_out)
             self.relay_out.clear()
-            self.relay_mark = 0
             self.heads = self.heads_parsed
-            self.held = self.receiving and not self.in_head
+            self.held = held
             assert self.inner is not None
             self.inner.data_received(data)
+        self._mark()
 
     def refuse(self, answer: bytes) -> None:
         """Answer ``answer`` once what came before is answered, then close."""
@@ -501,10 +547,12 @@ class Guard(asyncio.Protocol):
         self.state = REFUSING
         self.refusal = answer
         self.deadline = INF  # the answers before it are the server's to finish
-        del self.relay_out[self.relay_mark:]  # (the read that held it is not handed on)
+        # the read that held it is not handed on
+        del self.relay_out[self.relay_mark:]
+        self.heads_parsed = self.relay_heads
         self.gate.works(self)
         if not self.owed:
-            self._relay()
+            self._relay(self.relay_held)
             self._settle()
 
     def _settle(self) -> None:
@@ -602,13 +650,14 @@ class Gate:
         """Whether the worker holds its cap of connections."""
         return len(self) >= self.limit
 
-    async def close(self, timeout: float) -> None:
-        """Close the connections left once every answer owed by the lane is written (or
-        ``timeout`` has passed); aiohttp's own are closed by its runner."""
+    async def close_lane(self, timeout: float) -> None:
+        """Close the connections only the lane has served, once every answer the lane owes is
+        written (or ``timeout`` has passed): before the app's state is closed, which a check
+        still arriving would need. aiohttp's runner closes the others."""
         deadline = self.loop.time() + timeout
         while any(guard.owed for guard in self.guards) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)
-        for guard in list(self.guards):
+        for guard in [g for g in self.guards if g.inner is None]:
             guard.evict()
 
     def make_room(self) -> bool:

@@ -130,7 +130,7 @@ class HotLane:
         except Exception as exc:
             replies = [_failed(exc)] * len(checks)
         for (_, pending), reply in zip(checks, replies, strict=True):
-            pending.settle(reply)
+            _settle(pending, reply)
 
     @staticmethod
     async def _batch(checker: Checker, requests: list[Any], pending: Pending) -> None:
@@ -141,7 +141,7 @@ class HotLane:
             reply = _error(400, str(exc))
         except Exception as exc:
             reply = _failed(exc)
-        pending.settle(reply)
+        _settle(pending, reply)
 
     def render(self, reply: Reply, close: bool) -> bytes:
         """``reply`` as HTTP/1.1 bytes, saying whether the connection ends after it."""
@@ -154,6 +154,14 @@ class HotLane:
                 b"Date: %s\r\nConnection: %s\r\n\r\n%s"
                 % (_STATUS[reply.status], reply.headers, len(reply.body), self._date, connection,
                    reply.body))
+
+
+def _settle(pending: Pending, reply: Reply) -> None:
+    """Give ``pending`` its reply; a connection that fails to take it fails alone."""
+    try:
+        pending.settle(reply)
+    except Exception:
+        log.exception("an answer could not be written")
 
 
 def _decision(decision: Decision) -> Reply:

@@ -122,8 +122,8 @@ async def guarded_server(settings: Settings, config_text: str, *, timeout: float
     finally:
         slots.stop_all()
         await site.stop()
+        await gate.close_lane(5.0)
         await runner.cleanup()
-        await gate.close(5.0)
         gate.stop()
 
 
