@@ -30,6 +30,9 @@ from support.redis_servers import (
     start_redis,
 )
 
+# the browser tests' Chromium fixtures (playwright, browser, context)
+pytest_plugins = ["support.browser"]
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import redis
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
 from ratekeeper.identity.keys import Keyspace, contains_ip
 
@@ -30,10 +30,6 @@ from support.processes import ServerProcess
 from support.redis_servers import RedisServer
 from support.webhooks import Receiver, receiver, signed_by
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 SECRET = "webhook-secret-for-the-browser-test"
 FLAG = "disallow-new-project-registration"
 WIRE = """
@@ -56,34 +52,6 @@ shadow = true
 webhooks = ["{hook}"]
 """
 Serve = Callable[..., ServerProcess]
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    """The playwright driver (it starts no browser of its own)."""
-    if not os.access(CHROMIUM, os.X_OK):
-        raise RuntimeError("chromium is not installed: run `make test`, which installs it")
-    with sync_playwright() as driver:
-        yield driver
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    """Debian's Chromium, headless, for the whole module."""
-    chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                          args=CHROMIUM_ARGS)
-    yield chromium
-    chromium.close()
-
-
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    """A fresh browser context per test (no cookies), laptop-sized."""
-    made = browser.new_context(viewport={"width": 1440, "height": 900}, locale="en-US",
-                               timezone_id="UTC")
-    made.set_default_timeout(10_000)
-    yield made
-    made.close()
 
 
 @pytest.fixture

@@ -85,6 +85,22 @@ class Process:
         self.metrics.decision(action, rule, outcome, count)
 
 
+def process(config: Config, redis: Any, keyspace: Keyspace, clock: FakeClock, *,
+            flags_redis: Any = None) -> Process:
+    """One process's tripwires on ``redis`` (its flags on ``flags_redis``, when given), on
+    the test clock."""
+    metrics = Metrics()
+    board = FlagBoard(config.flags)
+    flagstore = FlagStore(flags_redis or redis, keyspace.flags_key())
+    audit = AuditLog(redis, keyspace.audit_key())
+    wall = lambda: clock() / 1000  # noqa: E731
+    sync = StateSync(redis, keyspace.events_channel(), flagstore, board, LocalCache(0),
+                     audit, wall=wall, interval=1.0, listen=False)
+    traffic = Traffic(redis, keyspace, metrics, wall, now_ms=clock)
+    return Process(metrics, board, Tripwires(traffic, lambda: config, board, flagstore, audit,
+                                             sync, Alerts((), b"", metrics), metrics, wall))
+
+
 @pytest.fixture
 async def processes(redis: aioredis.Redis, key_prefix: str, clock: FakeClock
                     ) -> AsyncIterator[Callable[..., Process]]:
@@ -93,18 +109,9 @@ async def processes(redis: aioredis.Redis, key_prefix: str, clock: FakeClock
     keyspace = Keyspace(SALT, prefix=key_prefix)
 
     def make(config: Config) -> Process:
-        metrics = Metrics()
-        board = FlagBoard(config.flags)
-        flagstore = FlagStore(redis, keyspace.flags_key())
-        audit = AuditLog(redis, keyspace.audit_key())
-        wall = lambda: clock() / 1000  # noqa: E731
-        sync = StateSync(redis, keyspace.events_channel(), flagstore, board, LocalCache(0),
-                         audit, wall=wall, interval=1.0, listen=False)
-        alerts = Alerts((), b"", metrics)
-        made.append(alerts)
-        traffic = Traffic(redis, keyspace, metrics, wall, now_ms=clock)
-        return Process(metrics, board, Tripwires(traffic, lambda: config, board, flagstore,
-                                                 audit, sync, alerts, metrics, wall))
+        one = process(config, redis, keyspace, clock)
+        made.append(one.tripwires.alerts)
+        return one
 
     yield make
     for alerts in made:
@@ -262,18 +269,8 @@ async def test_counts_that_cannot_reach_redis_wait_for_the_next_flush(
     the next flush, so a wave during an outage still trips the wire."""
     store = aioredis.Redis.from_url(lone_redis.url)
     try:
-        config = wires()
-        keyspace = Keyspace(SALT, prefix=key_prefix)
-        metrics = Metrics()
-        board = FlagBoard(config.flags)
-        flagstore = FlagStore(store, keyspace.flags_key())
-        audit = AuditLog(store, keyspace.audit_key())
-        wall = lambda: clock() / 1000  # noqa: E731
-        sync = StateSync(store, keyspace.events_channel(), flagstore, board, LocalCache(0),
-                         audit, wall=wall, interval=1.0, listen=False)
-        traffic = Traffic(store, keyspace, metrics, wall, now_ms=clock)
-        tripwires = Tripwires(traffic, lambda: config, board, flagstore, audit, sync,
-                              Alerts((), b"", None), metrics, wall)
+        one = process(wires(), store, Keyspace(SALT, prefix=key_prefix), clock)
+        metrics, tripwires = one.metrics, one.tripwires
         metrics.decision("project-create", "", "allowed", 8)
         lone_redis.stop()
         with pytest.raises(StoreUnavailable):
@@ -293,18 +290,10 @@ async def test_a_trip_whose_flag_cannot_be_written_is_acted_on_at_the_next_flush
     on, expiring a duration after the trip was won, and audits it once."""
     flags_store = aioredis.Redis.from_url(lone_redis.url)
     try:
-        config = wires()
-        keyspace = Keyspace(SALT, prefix=key_prefix)
-        metrics = Metrics()
-        board = FlagBoard(config.flags)
-        flagstore = FlagStore(flags_store, keyspace.flags_key())
-        audit = AuditLog(redis, keyspace.audit_key())
-        wall = lambda: clock() / 1000  # noqa: E731
-        sync = StateSync(redis, keyspace.events_channel(), flagstore, board, LocalCache(0),
-                         audit, wall=wall, interval=1.0, listen=False)
-        traffic = Traffic(redis, keyspace, metrics, wall, now_ms=clock)
-        tripwires = Tripwires(traffic, lambda: config, board, flagstore, audit, sync,
-                              Alerts((), b"", None), metrics, wall)
+        one = process(wires(), redis, Keyspace(SALT, prefix=key_prefix), clock,
+                      flags_redis=flags_store)
+        metrics, board, tripwires = one.metrics, one.board, one.tripwires
+        audit = tripwires.audit
         won = clock() / 1000
         metrics.decision("project-create", "", "allowed", 12)
         lone_redis.stop()
@@ -451,18 +440,9 @@ async def test_on_a_cluster_one_slot_holds_every_traffic_key(
         cluster_client: Any, key_prefix: str, clock: FakeClock) -> None:
     """On a Redis Cluster the flush, the trip, disarm and re-arm, the state and the picture
     all work: every key they touch shares the {traffic} hash tag."""
-    config = wires()
-    keyspace = Keyspace(SALT, prefix=key_prefix)
-    metrics = Metrics()
-    board = FlagBoard(config.flags)
-    flagstore = FlagStore(cluster_client, keyspace.flags_key())
-    audit = AuditLog(cluster_client, keyspace.audit_key())
-    wall = lambda: clock() / 1000  # noqa: E731
-    sync = StateSync(cluster_client, keyspace.events_channel(), flagstore, board,
-                     LocalCache(0), audit, wall=wall, interval=1.0, listen=False)
-    traffic = Traffic(cluster_client, keyspace, metrics, wall, now_ms=clock)
-    tripwires = Tripwires(traffic, lambda: config, board, flagstore, audit, sync,
-                          Alerts((), b"", None), metrics, wall)
+    one = process(wires(), cluster_client, Keyspace(SALT, prefix=key_prefix), clock)
+    metrics, board, tripwires = one.metrics, one.board, one.tripwires
+    traffic = tripwires.traffic
     wire = tripwires.get("project-flood")
     assert wire is not None
     await tripwires.set_armed(wire, False, "alice", "")

@@ -23,12 +23,9 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import (
-    Browser,
     BrowserContext,
     Page,
-    Playwright,
     expect,
-    sync_playwright,
 )
 
 from ratekeeper.identity.keys import contains_ip
@@ -38,42 +35,8 @@ from support.common import EXAMPLE
 from support.processes import ServerProcess
 from support.redis_servers import RedisServer
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 IP = "203.0.113.7"
 Serve = Callable[..., ServerProcess]
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    """The playwright driver (it starts no browser of its own)."""
-    if not os.access(CHROMIUM, os.X_OK):
-        raise RuntimeError("chromium is not installed: run `make test`, which installs it")
-    with sync_playwright() as driver:
-        yield driver
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    """Debian's Chromium, headless, for the whole module (playwright gives it a fresh
-    temporary profile directory, and removes it afterwards)."""
-    chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                          args=CHROMIUM_ARGS)
-    yield chromium
-    chromium.close()
-
-
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    """A fresh browser context per test: no cookies, and its connections close with it (so
-    the server under test stops without waiting on idle keep-alive connections)."""
-    made = browser.new_context(viewport={"width": 1440, "height": 900}, locale="en-US",
-                               timezone_id="UTC")
-    made.set_default_timeout(10_000)
-    yield made
-    made.close()
 
 
 @pytest.fixture
