@@ -17,7 +17,11 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ratekeeper.api.wire import Decision, LimitState
+from ratekeeper.server.hot import AllowedForm, built_reply, reply_to
 from ratekeeper.server.state import STOPPING
 from ratekeeper.settings import Settings
 
@@ -306,3 +310,32 @@ async def test_a_client_that_never_reads_stops_being_read(settings: Settings) ->
         buffered = guard.transport.get_write_buffer_size()
         writer.transport.abort()
     assert buffered < 1024 * 1024
+
+
+_names = st.text(alphabet=st.characters(codec="utf-8"),
+                 min_size=1, max_size=12)
+_figures = st.integers(min_value=0, max_value=2**53)
+
+
+@st.composite
+def _allowed(draw: st.DrawFn) -> Decision:
+    windows = draw(st.lists(st.tuples(_names, st.integers(1, 10**9), st.integers(1, 10**7)),
+                            min_size=0, max_size=4))
+    limits = [LimitState(rule, limit, window, *draw(st.tuples(_figures, _figures, _figures)))
+              for rule, limit, window in windows]
+    token = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEF0123456789-_.",
+                         min_size=1, max_size=80))
+    return Decision(allowed=True, reason=None, action=draw(_names), limits=limits,
+                    refund=token)
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=_allowed(), second=_allowed())
+def test_an_allowed_answer_from_its_form_is_the_usual_bytes(first: Decision,
+                                                            second: Decision) -> None:
+    """An allowed answer made from its action's prepared form has the very bytes the usual
+    encoding gives, whatever the names and figures, also when the action's limits change
+    under the form (a config reload)."""
+    assert AllowedForm.of(first) is not None
+    for decision in (first, second, msgspec.structs.replace(second, action=first.action)):
+        assert reply_to(decision) == built_reply(decision)

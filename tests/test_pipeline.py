@@ -246,7 +246,8 @@ def test_encoding_matches_redis_py() -> None:
     """EVALSHA and EVAL are encoded byte for byte as redis-py's public pack_command would."""
     connection = Connection()
     keys, now, cost, rule_set = counter("p", "s")
-    args = [now, 1, 1, len(rule_set), *rule_set, cost, 1, 1]
+    keys = [*keys, "p:caf\u00e9"]  # (a key is UTF-8, as redis-py sends it)
+    args = [now, 1, 1, len(rule_set), *rule_set, cost, 2, 1, b"raw", "s", 0, -1]
     for name, first in ((b"EVALSHA", "a" * 40), (b"EVAL", "return 1")):
         ours = encode_command(name, first, keys, args)
         theirs = b"".join(connection.pack_command(name.decode(), first, len(keys), *keys,

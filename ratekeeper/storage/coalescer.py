@@ -67,13 +67,31 @@ def _bulk(value: Arg) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
+# The encoding of the arguments that repeat from call to call (counts, costs, each rule's
+# limit, window and algorithm), by value: a key is always new, an argument seldom.
+_ENCODED: dict[str | int, bytes] = {}
+_MAX_ENCODED = 4096
+
+
 def encode_command(name: bytes, first: str | bytes, keys: Sequence[str],
                    args: Sequence[Arg]) -> bytes:
     """One EVALSHA (``first``: the SHA) or EVAL (``first``: the source) in RESP."""
     parts = [b"*%d\r\n$%d\r\n%s\r\n" % (3 + len(keys) + len(args), len(name), name),
              _bulk(first), _bulk(len(keys))]
-    parts += [_bulk(key) for key in keys]
-    parts += [_bulk(arg) for arg in args]
+    for key in keys:
+        data = key.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    encoded = _ENCODED
+    for arg in args:
+        if isinstance(arg, bytes) or arg is True or arg is False:  # (True would find 1's)
+            parts.append(_bulk(arg))
+            continue
+        bulk = encoded.get(arg)
+        if bulk is None:
+            bulk = _bulk(arg)
+            if len(encoded) < _MAX_ENCODED:
+                encoded[arg] = bulk
+        parts.append(bulk)
     return b"".join(parts)
 
 
@@ -217,9 +235,9 @@ class Coalescer:
         pool = self.redis.connection_pool
         # The pool replaces a connection the server closed while it was idle: after a
         # restart a write goes on a live one, so nothing sent is ever sent twice. It can
-        # only see a close the loop has read, so the loop first takes its turn at the
-        # sockets.
-        await asyncio.sleep(0)
+        # only see a close the loop has read, and the loop has had its turn at the sockets
+        # since the checks were queued (``submit`` flushes at the next turn, and the write's
+        # task starts at the one after).
         connection = await pool.get_connection()
         replies: list[Any] = []
         healthy = False
