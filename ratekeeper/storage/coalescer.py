@@ -14,12 +14,18 @@ keep is moved on (``within``): the process's own load never turns into a deadlin
 Large groups are sent as several check.lua calls of at most ``max_checks`` checks in the one
 write, so Redis serves other clients between them, and the calls still run in order.
 
-Batches go over connections taken from the client's pool with redis-py's public
-connection API (``send_packed_command`` / ``read_response``); the pool replaces a
-connection the server closed while it was idle (Redis restarted), so a write is never sent
-twice: one whose connection breaks is failed, since Redis may have run it. Only READONLY
-from a Sentinel's master, before anything ran, sends the write once more on a fresh
-connection, which the pool opens to the new master. A NOSCRIPT reply (a restart, a
+Batches go over connections the coalescer takes from the client's pool and keeps, one per
+write out at most, speaking redis-py's public connection API (``send_packed_command`` /
+``read_response``). Keeping them spares each write the pool's lock and bookkeeping; the
+client closes them with its pool. Before each write the pool's ``ensure_connection``
+reconnects one the server closed while it was idle (Redis restarted), so a write is never
+sent twice: one whose connection breaks is failed, since Redis may have run it. Only
+READONLY from a Sentinel's master, before anything ran, sends the write once more, on the
+connection reconnected to the new master (a Sentinel pool's connection asks the Sentinels
+where the master is as it connects). The client is best made without a socket timeout
+(``Store.checks``): ``within`` is the deadline, and redis-py gives each write under a
+socket timeout a task of its own and each read a timeout scope.
+A NOSCRIPT reply (a restart, a
 failover, SCRIPT FLUSH) is answered by sending those calls again as EVAL, which carries the
 source. Errors reach each caller as redis-py raised them; ``on_batch`` hears of every
 batch's end (its seconds, or what ended it) once, so the breaker counts a failed write
@@ -57,6 +63,7 @@ MAX_INFLIGHT = 2
 PER_CHECK = 0.0002  # seconds of budget each check adds to its batch's deadline
 GRACE = 0.005  # seconds a batch past its budget waits for a reply the loop has not read yet
 LAG = 0.002  # seconds late a timer may fire and still count as the loop keeping time
+SLACK = 1.0  # seconds past its budget a batch fails however late the loop is
 
 # (seconds, None) when Redis answered a batch; (seconds, exception) when it ended otherwise
 BatchObserver = Callable[[float, BaseException | None], None]
@@ -123,6 +130,14 @@ class Coalescer:
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: list[Any] = []  # the connections kept, between writes
+        self._kept: list[Any] = []  # every connection kept (``close``)
+
+    async def close(self) -> None:
+        """Give the connections kept back to the client's pool."""
+        kept, self._kept, self._idle = self._kept, [], []
+        for connection in kept:
+            await self.redis.connection_pool.release(connection)
 
     def submit(self, requests: Sequence[Request]) -> list[asyncio.Future[Any]]:
         """Queue checks that go in one write, in order; one future each, resolving to the
@@ -131,6 +146,7 @@ class Coalescer:
         if loop is not self._loop:  # what was pending belonged to a loop that is gone
             self._loop, self._queue, self._groups = loop, [], []
             self._scheduled, self._inflight, self._tasks = False, 0, set()
+            self._idle, self._kept = [], []  # (so did the connections' transports)
         futures = [loop.create_future() for _ in requests]
         self._queue += zip(requests, futures, strict=True)
         self._groups.append(len(futures))
@@ -231,14 +247,26 @@ class Coalescer:
         except _Demoted:  # the pool asks the Sentinels for the new master as it reconnects
             return await self._send(data, expected, retried=True)
 
-    async def _send(self, data: bytes, expected: int, retried: bool = False) -> list[Any]:
+    async def _connection(self) -> Any:
+        """A kept connection, (re)connected, or a new one from the pool. A close is seen once
+        the loop has read it, and the loop has had its turn at the sockets since the checks
+        were queued (``submit`` flushes at the next turn, and the write's task starts at the
+        one after)."""
         pool = self.redis.connection_pool
-        # The pool replaces a connection the server closed while it was idle: after a
-        # restart a write goes on a live one, so nothing sent is ever sent twice. It can
-        # only see a close the loop has read, and the loop has had its turn at the sockets
-        # since the checks were queued (``submit`` flushes at the next turn, and the write's
-        # task starts at the one after).
-        connection = await pool.get_connection()
+        if not self._idle:
+            connection = await pool.get_connection()  # (ensured by the pool)
+            self._kept.append(connection)
+            return connection
+        connection = self._idle.pop()
+        try:
+            await pool.ensure_connection(connection)
+        except BaseException:
+            self._idle.append(connection)
+            raise
+        return connection
+
+    async def _send(self, data: bytes, expected: int, retried: bool = False) -> list[Any]:
+        connection = await self._connection()
         replies: list[Any] = []
         healthy = False
         try:
@@ -259,7 +287,7 @@ class Coalescer:
         finally:
             if not healthy:  # what is left to read on it is unknown: it reconnects
                 await connection.disconnect(nowait=True)
-            await pool.release(connection)
+            self._idle.append(connection)
         return replies
 
 
@@ -276,12 +304,13 @@ async def within(work: Awaitable[T], budget: float) -> T:
     every timer late. So a deadline that passes while the loop is late by more than ``LAG``
     is moved ``GRACE`` on, and the work fails only at a deadline the loop met on time, after
     one more ``GRACE`` in which it polls its sockets (``_Watch``); then the timeout scope
-    cancels the work. Under load that never lets up, the client's socket timeout (a backstop
-    beyond the deadline, store.py) still ends the wait for a Redis that is gone.
+    cancels the work. Under load that never lets up, the work still fails ``SLACK`` seconds
+    past its budget, for a Redis that is gone.
     """
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(None) as scope:
-        watch = _Watch(loop, scope, loop.time() + budget)
+        now = loop.time()
+        watch = _Watch(loop, scope, now + budget, now + budget + SLACK)
         try:
             return await work
         finally:
@@ -291,20 +320,21 @@ async def within(work: Awaitable[T], budget: float) -> T:
 class _Watch:
     """The deadline of one ``within``: on time, it ends ``scope`` (at once)."""
 
-    __slots__ = ("deadline", "handle", "last_chance", "loop", "scope")
+    __slots__ = ("deadline", "handle", "last_chance", "loop", "scope", "until")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout,
-                 deadline: float) -> None:
+                 deadline: float, until: float) -> None:
         self.loop = loop
         self.scope = scope
         self.deadline = deadline
+        self.until = until  # the deadline however late the loop is
         self.last_chance = False
         self.handle = loop.call_at(deadline, self._due)
 
     def _due(self) -> None:
         now = self.loop.time()
         on_time = now - self.deadline <= LAG
-        if self.last_chance and on_time:
+        if (self.last_chance and on_time) or now >= self.until:
             self.scope.reschedule(now)  # (the scope cancels the work and raises TimeoutError)
             return
         self.last_chance = on_time  # on time: one more poll, then it fails

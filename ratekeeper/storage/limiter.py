@@ -101,7 +101,8 @@ class Limiter:
     def __init__(self, redis: Any, *, timeout: float,
                  clock: Callable[[], int] | None = None, breaker: Breaker | None = None,
                  sharded: bool | None = None, metrics: Metrics | None = None,
-                 node_client: Callable[[str, int], Any] | None = None) -> None:
+                 node_client: Callable[[str, int], Any] | None = None,
+                 checks: Any = None) -> None:
         self.redis = redis
         self.timeout = timeout
         self.scripts = Scripts.register(redis)
@@ -116,8 +117,10 @@ class Limiter:
         self._refreshed_at = float("-inf")
         self.coalescer: Coalescer | None = None
         if not self.sharded:
-            pool = getattr(redis, "connection_pool", None)
-            self.coalescer = Coalescer(redis, self.scripts.check, timeout=timeout,
+            # (``checks``: the same Redis for the coalesced checks, as ``Store.checks``)
+            client = checks or redis
+            pool = getattr(client, "connection_pool", None)
+            self.coalescer = Coalescer(client, self.scripts.check, timeout=timeout,
                                        sentinel=bool(getattr(pool, "is_master", False)))
             self.coalescer.on_batch = self._batch_done
         self._clock = clock
@@ -577,8 +580,12 @@ class Limiter:
                     await client.script_load(script.script)
 
     async def close(self) -> None:
-        """Close the clients of the Cluster's nodes (the store closes its own)."""
+        """Close the coalescers' connections and the clients of the Cluster's nodes (the
+        store closes its own)."""
+        if self.coalescer is not None:
+            await self.coalescer.close()
         for coalescer, _ in self._nodes.values():
+            await coalescer.close()
             await coalescer.redis.aclose()
         self._nodes.clear()
 

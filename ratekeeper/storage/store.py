@@ -3,6 +3,9 @@
 The deadline of a call is the limiter's (``asyncio.timeout``, covering connect and call); the
 socket timeouts here are only a backstop, set later than the deadline so that a client-level
 retry (redis-py retries timeouts) can never replay a script we have stopped waiting for.
+The coalesced checks have a client of their own without one (``Store.checks``): their
+deadline is the coalescer's (``coalescer.within``, which has a backstop of its own), and
+under a socket timeout redis-py gives every write a task and every read a timeout scope.
 A broken connection is retried once, at once: after a Redis restart every pooled connection
 is dead, and the first call on each would otherwise fail.
 """
@@ -24,6 +27,7 @@ log = logging.getLogger("ratekeeper.storage.store")
 
 MAX_CONNECTIONS = 64  # per process, to one Redis (a blocking pool: more calls queue)
 NODE_MAX_CONNECTIONS = 8  # per process, to one Cluster node, for its coalesced checks
+CHECK_CONNECTIONS = 8  # per process, for the coalesced checks (it keeps MAX_INFLIGHT)
 
 
 @dataclass(slots=True)
@@ -34,13 +38,17 @@ class Store:
     kind: str  # "memory", "redis", "cluster" or "sentinel"
     # clients opened besides ``redis``: a Sentinel's, which it asks for the master
     others: tuple[Any, ...] = ()
-    # on a Cluster: a plain client of one node (host, port), with the cluster's credentials
-    # and timeouts, for calls the limiter sends to the node itself
+    # on a Cluster: a plain client of one node (host, port), with the cluster's credentials,
+    # without a socket timeout, for the checks the limiter coalesces per node
     node_client: Callable[[str, int], Any] | None = None
+    # the same Redis, without a socket timeout, for the coalesced checks (None: ``redis``)
+    checks: Any = None
 
     async def close(self) -> None:
         """Close every connection."""
         await self.redis.aclose()
+        if self.checks is not None:
+            await self.checks.aclose()
         for client in self.others:
             await client.aclose()
 
@@ -94,8 +102,7 @@ def open_store(settings: Settings) -> Store:
             pool = BlockingConnectionPool(
                 host=host, port=port, password=parts.password,
                 username=parts.username or None, max_connections=NODE_MAX_CONNECTIONS,
-                timeout=backstop, socket_timeout=backstop, socket_connect_timeout=backstop,
-                retry=_retry())
+                timeout=backstop, socket_connect_timeout=backstop, retry=_retry())
             return Redis.from_pool(pool)
 
         return Store(redis=client, kind="cluster", node_client=node_client)
@@ -115,7 +122,10 @@ def open_store(settings: Settings) -> Store:
             password=parts.password,
         )
         master = sentinel.master_for(service, retry=_retry(), max_connections=POOL_SIZE)
-        return Store(redis=master, kind="sentinel", others=tuple(sentinel.sentinels))
+        checks = sentinel.master_for(service, retry=_retry(), max_connections=CHECK_CONNECTIONS,
+                                     socket_timeout=None)
+        return Store(redis=master, kind="sentinel", others=tuple(sentinel.sentinels),
+                     checks=checks)
     from redis.asyncio import BlockingConnectionPool, Redis
 
     # A bounded pool that queues: a burst waits for a connection (within the call's
@@ -123,7 +133,11 @@ def open_store(settings: Settings) -> Store:
     pool = BlockingConnectionPool.from_url(
         url, max_connections=MAX_CONNECTIONS, timeout=backstop, socket_timeout=backstop,
         socket_connect_timeout=backstop, retry=_retry())
-    return Store(redis=Redis.from_pool(pool), kind="redis")  # the client owns and closes the pool
+    checks = BlockingConnectionPool.from_url(
+        url, max_connections=CHECK_CONNECTIONS, timeout=backstop,
+        socket_connect_timeout=backstop, retry=_retry())
+    # (each client owns and closes its pool)
+    return Store(redis=Redis.from_pool(pool), kind="redis", checks=Redis.from_pool(checks))
 
 
 def _cluster_retry() -> Any:
