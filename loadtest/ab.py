@@ -140,11 +140,21 @@ def serve(tree: Path, redis_url: str, workers: int, salt: str) -> tuple[Server, 
 
 
 def check_script(side: Side) -> dict[str, Any]:
-    """Where the side's tree keeps check.lua, and whether its Redis holds that very script
-    (its SHA1) once the side has answered checks: the server ran its own tree's Lua."""
+    """Where the side's tree keeps check.lua, and whether its Redis holds the very script
+    that tree sends (its SHA1) once the side has answered checks: the server ran its own
+    tree's Lua. A tree whose package has ``read_script`` sends what it returns (check.lua
+    after the sources it shares); an older one, the file as it is."""
     for where in (side.tree / "ratekeeper" / "lua" / "check.lua", side.tree / "lua" / "check.lua"):
         if where.exists():
-            sha = hashlib.sha1(where.read_bytes()).hexdigest()
+            source = where.read_bytes()
+            sent = subprocess.run(
+                [sys.executable, "-c", "import sys; from ratekeeper.storage.scripts import "
+                 "read_script; sys.stdout.write(read_script('check'))"],
+                env={**os.environ, "PYTHONPATH": str(side.tree)}, cwd=side.tree,
+                capture_output=True)
+            if sent.returncode == 0:
+                source = sent.stdout
+            sha = hashlib.sha1(source).hexdigest()
             with redis.Redis(port=side.redis.port) as client:
                 loaded = bool(client.script_exists(sha)[0])
             return {"path": str(where.relative_to(side.tree)), "loaded": loaded}
