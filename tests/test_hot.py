@@ -325,8 +325,11 @@ def _allowed(draw: st.DrawFn) -> Decision:
               for rule, limit, window in windows]
     token = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEF0123456789-_.",
                          min_size=1, max_size=80))
+    # (never on such an answer today; were they, the form must not drop them)
+    unusual: dict[str, Any] = draw(st.sampled_from([{}, {}, {"flag": "f", "message": "m"},
+                                                     {"retry_after": 3}, {"retry_after_ms": 5}]))
     return Decision(allowed=True, reason=None, action=draw(_names), limits=limits,
-                    refund=token)
+                    refund=token, **unusual)
 
 
 @settings(max_examples=300, deadline=None)

@@ -22,12 +22,14 @@ from ratekeeper.decision.checker import Checker
 from ratekeeper.decision.flags import FlagBoard
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.identity.keys import Keyspace
+from ratekeeper.settings import Settings
 from ratekeeper.storage.coalescer import Coalescer, Request, encode_command
 from ratekeeper.storage.limiter import Limiter, parse_outcome
 from ratekeeper.storage.scripts import Scripts
+from ratekeeper.storage.store import open_store
 
 from support.common import ONE_RULE, SALT, config_from
-from support.redis_servers import RedisServer, free_port, running_redis
+from support.redis_servers import RedisServer, free_port, running_redis, start_sentinel
 
 NOW_MS = 1_700_000_000_000
 
@@ -315,3 +317,50 @@ async def test_readonly_through_a_sentinel_master_pool_goes_again_once(
     else:
         assert isinstance(raised.value, ReadOnlyError)
         assert after - before == 2  # one connection, and our INFO
+
+
+async def test_a_failover_sends_the_write_once_more_to_the_new_master(key_prefix: str) -> None:
+    """Through the store's own client of a Sentinel's service: the connection the coalescer
+    keeps was to the old master, which the Sentinel's failover disconnected; the next write
+    goes to the master the Sentinel names now, and is decided there."""
+    servers = start_sentinel()
+    store = open_store(Settings(redis_url=servers.url, ip_salt=SALT))
+    try:
+        assert store.checks is not None
+        coalescer = coalescer_for(store.checks, sentinel=True)
+        assert remaining(await coalescer.submit([counter(key_prefix, "x")])[0]) == 99
+        await asyncio.to_thread(servers.wait_replicated)
+        old = servers.master.port
+        servers.cli("failover")
+        deadline = time.monotonic() + 20
+        while (servers.master_port() == old
+               or "role:slave" not in servers.master.cli("INFO", "replication")):
+            assert time.monotonic() < deadline, "no failover within 20 s"
+            await asyncio.sleep(0.05)
+        reply = await coalescer.submit([counter(key_prefix, "x")])[0]
+        assert remaining(reply) == 98  # the count came over with the replica
+        await coalescer.close()
+    finally:
+        await store.close()
+        servers.stop()
+
+
+async def test_a_demoted_master_behind_a_sentinel_pool_is_asked_once_more(
+        key_prefix: str) -> None:
+    """The master turns replica under the kept connection (no failover: the Sentinel still
+    names it). Its READONLY, which redis-py's Sentinel connection raises as a ConnectionError,
+    means nothing of the write ran: the write goes once more, on a connection opened to the
+    master the Sentinel names, and as that is still a replica, the check fails saying so."""
+    servers = start_sentinel()
+    store = open_store(Settings(redis_url=servers.url, ip_salt=SALT))
+    try:
+        assert store.checks is not None
+        coalescer = coalescer_for(store.checks, sentinel=True)
+        assert remaining(await coalescer.submit([counter(key_prefix, "x")])[0]) == 99
+        servers.master.cli("REPLICAOF", "127.0.0.1", str(servers.replica.port))
+        with pytest.raises(RedisConnectionError, match="the master is now a replica"):
+            await coalescer.submit([counter(key_prefix, "x")])[0]
+        await coalescer.close()
+    finally:
+        await store.close()
+        servers.stop()

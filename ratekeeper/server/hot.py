@@ -166,10 +166,12 @@ def _settle(pending: Pending, reply: Reply) -> None:
 
 
 def reply_to(decision: Decision) -> Reply:
-    """The answer to a check: an allowed one that took hits from its action's form, any
-    other built."""
+    """The answer to a check: an allowed one that took hits from its action's form (the
+    fields the form holds as they always are on such an answer), any other built."""
     if not (decision.allowed and decision.refund is not None and decision.reason is None
-            and not decision.shadow and not decision.degraded):
+            and not decision.shadow and not decision.degraded and not decision.retry_after
+            and not decision.retry_after_ms and decision.flag is None
+            and decision.message is None):
         return built_reply(decision)
     action = decision.action
     form = _FORMS.get(action)

@@ -261,7 +261,8 @@ class Coalescer:
         try:
             await pool.ensure_connection(connection)
         except BaseException:
-            self._idle.append(connection)
+            if connection in self._kept:
+                self._idle.append(connection)
             raise
         return connection
 
@@ -274,25 +275,37 @@ class Coalescer:
             while len(replies) < expected:
                 try:
                     reply = await connection.read_response()
-                except ReadOnlyError as exc:
-                    if self.sentinel and not replies:  # demoted: nothing of it has run
+                except (ReadOnlyError, RedisConnectionError) as exc:
+                    # demoted: nothing of it has run (a Sentinel pool's own connection says
+                    # so as a ConnectionError raised from the READONLY)
+                    if self.sentinel and not replies and _readonly(exc):
                         if retried:
                             raise RedisConnectionError("the master is now a replica") from exc
                         raise _Demoted() from exc
+                    if not isinstance(exc, ReadOnlyError):
+                        raise
                     reply = exc
                 except ResponseError as exc:  # one call's error: the others stand
                     reply = exc
                 replies.append(reply)
             healthy = True
         finally:
-            if not healthy:  # what is left to read on it is unknown: it reconnects
-                await connection.disconnect(nowait=True)
-            self._idle.append(connection)
+            try:
+                if not healthy:  # what is left to read on it is unknown: it reconnects
+                    await connection.disconnect(nowait=True)
+            finally:
+                if connection in self._kept:  # (not when ``close`` gave it back meanwhile)
+                    self._idle.append(connection)
         return replies
 
 
 class _Demoted(Exception):
     """A Sentinel's master answered READONLY before any call of the write ran."""
+
+
+def _readonly(exc: BaseException) -> bool:
+    """Whether ``exc`` is READONLY, or was raised while handling it."""
+    return isinstance(exc, ReadOnlyError) or isinstance(exc.__context__, ReadOnlyError)
 
 
 async def within(work: Awaitable[T], budget: float) -> T:

@@ -554,6 +554,8 @@ class Limiter:
         async def load() -> None:
             if self.sharded:
                 await self._warm_masters()
+            elif self.coalescer is not None and self.coalescer.redis is not self.redis:
+                await self.coalescer.redis.ping()  # (its client's first connection, warm)
             loaded = await self.redis.script_exists(*self.scripts.shas)
             if not all(loaded):
                 for script in self.scripts.all:
