@@ -21,7 +21,7 @@ from ratekeeper.server.origin import ORIGIN_TOKEN_ENV
 from ratekeeper.server.state import RUNTIME
 from ratekeeper.settings import Settings
 
-from support.admin import check, dump
+from support.admin import admin_of, check, dump, wait_until
 from support.common import SALT, FakeClock, config_from
 from support.redis_servers import free_port
 
@@ -178,12 +178,18 @@ async def test_the_answer_carries_milliseconds(make_client: Make, clock: FakeClo
     assert (denied["limits"][0]["reset"], denied["limits"][0]["reset_ms"]) == (60, 59_750)
 
 
+async def _subscribed(client: TestClient[Any, Any]) -> bool:
+    return bool(admin_of(client).sync.subscribed)
+
+
 async def test_state_reads_redis_where_the_cache_remembers(make_client: Make,
                                                            clock: FakeClock) -> None:
     """A denial this process caches keeps the remaining hits Redis gave it, to the
     millisecond of its reset; the origin's state reads Redis past the cache, so it sees a hit
     taken since, and it takes nothing."""
     client = await make_client(CONFIG, clock=clock)
+    # (the first subscription to the change channel empties the cache: before it, then)
+    await wait_until(lambda: _subscribed(client), timeout=10)
     await check(client, action="create", ip="192.0.2.6")
     clock.advance(0.5)
     denied = await check(client, action="create", ip="192.0.2.6", cost=2)  # Redis; remembered

@@ -319,32 +319,6 @@ async def test_readonly_through_a_sentinel_master_pool_goes_again_once(
         assert after - before == 2  # one connection, and our INFO
 
 
-async def test_a_failover_sends_the_write_once_more_to_the_new_master(key_prefix: str) -> None:
-    """Through the store's own client of a Sentinel's service: the connection the coalescer
-    keeps was to the old master, which the Sentinel's failover disconnected; the next write
-    goes to the master the Sentinel names now, and is decided there."""
-    servers = start_sentinel()
-    store = open_store(Settings(redis_url=servers.url, ip_salt=SALT))
-    try:
-        assert store.checks is not None
-        coalescer = coalescer_for(store.checks, sentinel=True)
-        assert remaining(await coalescer.submit([counter(key_prefix, "x")])[0]) == 99
-        await asyncio.to_thread(servers.wait_replicated)
-        old = servers.master.port
-        servers.cli("failover")
-        deadline = time.monotonic() + 20
-        while (servers.master_port() == old
-               or "role:slave" not in servers.master.cli("INFO", "replication")):
-            assert time.monotonic() < deadline, "no failover within 20 s"
-            await asyncio.sleep(0.05)
-        reply = await coalescer.submit([counter(key_prefix, "x")])[0]
-        assert remaining(reply) == 98  # the count came over with the replica
-        await coalescer.close()
-    finally:
-        await store.close()
-        servers.stop()
-
-
 async def test_a_demoted_master_behind_a_sentinel_pool_is_asked_once_more(
         key_prefix: str) -> None:
     """The master turns replica under the kept connection (no failover: the Sentinel still
