@@ -24,12 +24,11 @@ READONLY from a Sentinel's master, before anything ran, sends the write once mor
 connection reconnected to the new master (a Sentinel pool's connection asks the Sentinels
 where the master is as it connects). The client is best made without a socket timeout
 (``Store.checks``): ``within`` is the deadline, and redis-py gives each write under a
-socket timeout a task of its own and each read a timeout scope.
-A NOSCRIPT reply (a restart, a
-failover, SCRIPT FLUSH) is answered by sending those calls again as EVAL, which carries the
-source. Errors reach each caller as redis-py raised them; ``on_batch`` hears of every
-batch's end (its seconds, or what ended it) once, so the breaker counts a failed write
-once, not once per check in it.
+socket timeout a task of its own and each read a timeout scope. A NOSCRIPT reply (a
+restart, a failover, SCRIPT FLUSH) is answered by sending those calls again as EVAL, which
+carries the source. Errors reach each caller as redis-py raised them; ``on_batch`` hears of
+every batch's end (its seconds, or what ended it) once, so the breaker counts a failed
+write once, not once per check in it.
 """
 
 from __future__ import annotations
