@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from ratekeeper.admin.auth import TokenAuth
 from ratekeeper.errors import SettingsError
+from ratekeeper.server.auth import TokenAuth
 from ratekeeper.settings import AdminToken, Settings
 
 from support.admin import (

@@ -21,7 +21,6 @@ import msgspec
 from aiohttp import web
 
 from ratekeeper.admin import subjects as admin_subjects
-from ratekeeper.admin.auth import Principal, TokenAuth
 from ratekeeper.admin.common import (
     ADMIN,
     AdminState,
@@ -56,6 +55,7 @@ from ratekeeper.control.tripwires import Tripwires, window_text
 from ratekeeper.decision.cache import LocalCache
 from ratekeeper.decision.flags import FlagBoard, FlagState
 from ratekeeper.errors import BadRequest, StoreUnavailable
+from ratekeeper.server.auth import Principal, TokenAuth
 from ratekeeper.server.http import Handler, error_response, json_response
 from ratekeeper.server.state import RUNTIME, Runtime
 from ratekeeper.settings import Settings

@@ -9,7 +9,6 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ratekeeper.admin.auth import Principal, TokenAuth
 from ratekeeper.api.admin_wire import SUBJECT_HASH_FIELD, ban_request_type, reset_request_type
 from ratekeeper.api.wire import decode
 from ratekeeper.config.rules import parse_duration
@@ -22,6 +21,7 @@ from ratekeeper.control.tripwires import Tripwires
 from ratekeeper.decision.checker import Checker
 from ratekeeper.errors import BadRequest
 from ratekeeper.identity.keys import contains_ip
+from ratekeeper.server.auth import Principal, TokenAuth
 from ratekeeper.server.state import RUNTIME, Runtime
 
 __all__ = ["ADMIN", "AdminState", "Codecs", "check_text", "decode", "duration_seconds",

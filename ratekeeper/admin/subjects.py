@@ -8,7 +8,6 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ratekeeper.admin.auth import Principal
 from ratekeeper.admin.common import (
     AdminState,
     check_text,
@@ -37,6 +36,7 @@ from ratekeeper.decision.checker import Checker
 from ratekeeper.decision.top import KEEP, LOOKBACK_SECONDS
 from ratekeeper.errors import BadRequest
 from ratekeeper.identity.keys import Keyspace, is_subject_hash
+from ratekeeper.server.auth import Principal
 from ratekeeper.server.http import error_response, json_response
 from ratekeeper.server.state import Runtime
 from ratekeeper.storage.storecall import store_call

@@ -128,23 +128,19 @@ class RateLimiter:
 
     def test(self, *identifiers: object) -> bool:
         """True while every window has room for one more hit; consumes nothing."""
-
-        def work() -> bool:
-            action, subject = self._target(identifiers)
-            decision = self.client.check(action, cost=0, **{SUBJECT_FIELD: subject})
-            return self._decided("test", decision)
-
-        return self._guarded("test", True, work)
+        return self._check("test", 0, identifiers)
 
     def hit(self, *identifiers: object) -> bool:
         """Take one hit in every window; False (and nothing taken) when one refuses."""
+        return self._check("hit", 1, identifiers)
 
+    def _check(self, call: str, cost: int, identifiers: Sequence[object]) -> bool:
         def work() -> bool:
             action, subject = self._target(identifiers)
-            decision = self.client.check(action, cost=1, **{SUBJECT_FIELD: subject})
-            return self._decided("hit", decision)
+            decision = self.client.check(action, cost=cost, **{SUBJECT_FIELD: subject})
+            return self._decided(call, decision)
 
-        return self._guarded("hit", True, work)
+        return self._guarded(call, True, work)
 
     def clear(self, *identifiers: object) -> None:
         """Forget every hit of these identifiers (the action must be clearable)."""

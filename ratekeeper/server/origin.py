@@ -19,46 +19,43 @@ the admin audit trail, which records what people do. With no token set, these en
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from ratekeeper.api.wire import FlagStates, OriginFlag
 from ratekeeper.decision.checker import NotClearable
+from ratekeeper.server.auth import TokenAuth
 from ratekeeper.server.http import error_response, json_response
 from ratekeeper.server.state import RUNTIME
+from ratekeeper.settings import AdminToken
 
-__all__ = ["ORIGIN_TOKENS", "ORIGIN_TOKEN_ENV", "add_routes"]
+__all__ = ["ORIGIN_AUTH", "ORIGIN_TOKEN_ENV", "add_routes"]
 
 ORIGIN_TOKEN_ENV = "RATEKEEPER_ORIGIN_TOKEN"
-ORIGIN_TOKENS = web.AppKey("origin_tokens", tuple[bytes, ...])
+ORIGIN_AUTH = web.AppKey("origin_auth", TokenAuth)
 NO_TOKEN = ("a valid origin token is required (Authorization: Bearer <token>, one of the "
             f"sidecar's {ORIGIN_TOKEN_ENV})")
 
-
-def _authorized(request: web.Request) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return False
-    secret = given.strip().encode("utf-8", "replace")
-    # every token compared, so the time taken says nothing about which one came close
-    found = False
-    for token in request.app[ORIGIN_TOKENS]:
-        found |= hmac.compare_digest(secret, token)
-    return found
+OriginHandler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def _refused() -> web.Response:
-    response = error_response(401, NO_TOKEN)
-    response.headers["WWW-Authenticate"] = 'Bearer realm="ratekeeper-origin"'
-    return response
+def _origin_only(handler: OriginHandler) -> OriginHandler:
+    """``handler`` behind the origin token: a 401 for anyone else, before the body is read."""
+
+    async def guarded(request: web.Request) -> web.Response:
+        if request.app[ORIGIN_AUTH].authenticate(request.headers.get("Authorization")) is None:
+            response = error_response(401, NO_TOKEN)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="ratekeeper-origin"'
+            return response
+        return await handler(request)
+
+    return guarded
 
 
+@_origin_only
 async def flags(request: web.Request) -> web.Response:
     """GET /v1/origin/flags: every declared flag, on or off, with its message."""
-    if not _authorized(request):
-        return _refused()
     runtime = request.app[RUNTIME]
     board = runtime.flags
     now = runtime.checker.wall()
@@ -73,20 +70,18 @@ async def flags(request: web.Request) -> web.Response:
     return json_response(FlagStates(flags=listed))
 
 
+@_origin_only
 async def state(request: web.Request) -> web.Response:
     """POST /v1/origin/state: a look at an action (a check's body; its cost is not read),
     answered by Redis."""
-    if not _authorized(request):
-        return _refused()
     checker = request.app[RUNTIME].checker
     return json_response(await checker.state(checker.decode(await request.read())))
 
 
+@_origin_only
 async def clear(request: web.Request) -> web.Response:
     """POST /v1/origin/clear: delete a clearable action's counters for the subjects given (a
     check's body; its cost is not read)."""
-    if not _authorized(request):
-        return _refused()
     checker = request.app[RUNTIME].checker
     try:
         result = await checker.clear(checker.decode(await request.read()))
@@ -98,7 +93,7 @@ async def clear(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, tokens: tuple[bytes, ...]) -> None:
     """Serve the origin endpoints on ``app``, behind ``tokens`` (``Settings.origin_tokens``;
     none: every request is refused)."""
-    app[ORIGIN_TOKENS] = tokens
+    app[ORIGIN_AUTH] = TokenAuth(AdminToken("origin", token.decode()) for token in tokens)
     app.router.add_get("/v1/origin/flags", flags)
     app.router.add_post("/v1/origin/state", state)
     app.router.add_post("/v1/origin/clear", clear)

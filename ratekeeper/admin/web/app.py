@@ -1,7 +1,7 @@
 """The admin page at ``/admin``: kill switches, bans, top lists, audit, health, and a live
 picture of the traffic with the tripwires, in HTML.
 
-Signed in with the admin API's tokens (``auth.py``'s check), the page makes its changes
+Signed in with the admin API's tokens (``server/auth.py``'s check), the page makes its changes
 through the admin API's own functions (``admin.set_flag``, ``admin_subjects.ban_subject``,
 ``admin_subjects.lift_subject``), so they are validated, audited under the token's name and
 announced to every process exactly like API calls. Every form posts back here with a CSRF

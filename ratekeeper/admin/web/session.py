@@ -26,9 +26,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ratekeeper.admin.auth import Principal
 from ratekeeper.identity.forwarded import TrustedProxies
 from ratekeeper.identity.keys import Keyspace
+from ratekeeper.server.auth import Principal
 from ratekeeper.settings import AdminToken
 from ratekeeper.storage.storecall import store_call
 
@@ -105,7 +105,7 @@ class Sessions:
     def _principal(self, fingerprint: str) -> Principal | None:
         found: Principal | None = None
         for known, principal in self._known:
-            # every one compared, as in auth.py, so timing does not tell which one matched
+            # every one compared, as in server/auth.py, so timing does not tell which one matched
             if hmac.compare_digest(known, fingerprint) and found is None:
                 found = principal
         return found

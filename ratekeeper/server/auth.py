@@ -1,7 +1,8 @@
-"""Admin authentication: bearer tokens from the environment, compared in constant time.
+"""Bearer tokens from the environment, compared in constant time.
 
-``RATEKEEPER_ADMIN_TOKENS`` may read and change; ``RATEKEEPER_VIEWER_TOKENS`` may only read.
-A token is never logged, stored or echoed: only its name reaches the audit trail.
+``RATEKEEPER_ADMIN_TOKENS`` may read and change the admin API; ``RATEKEEPER_VIEWER_TOKENS``
+may only read it; ``RATEKEEPER_ORIGIN_TOKEN`` opens the origin's endpoints (``origin.py``). A
+token is never logged, stored or echoed: only its name reaches the audit trail.
 """
 
 from __future__ import annotations
