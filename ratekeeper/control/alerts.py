@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from ratekeeper.control.sync import stop_tasks
 from ratekeeper.metrics import Metrics
 
 __all__ = ["SIGNATURE_HEADER", "Alerts", "BreakerWatch", "sign"]
@@ -89,9 +90,7 @@ class Alerts:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await asyncio.gather(*(queue.join() for queue in self._queues))
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stop_tasks(self._tasks)
             self._tasks = []
         if self._session is not None:
             await self._session.close()

@@ -20,7 +20,6 @@ flags: an admin's decision stands until an admin changes it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from ratekeeper.decision.flags import FlagBoard, FlagState
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.metrics import Metrics
 from ratekeeper.storage.scripts import LuaScript, read_script
-from ratekeeper.storage.storecall import store_call
+from ratekeeper.storage.storecall import flush_every, store_call
 
 __all__ = ["FLUSH_SECONDS", "Tripwires", "actor_of", "window_text"]
 
@@ -131,15 +130,12 @@ class Tripwires:
         """Every ``interval``: alert on a change of the circuit breaker's state, then flush
         (while Redis is unavailable the counts wait for the next time). Until cancelled."""
         watch = BreakerWatch(self.alerts)
-        while True:
-            await asyncio.sleep(interval)
+
+        async def round_() -> None:
             watch.look(breaker())
-            try:
-                await self.flush()
-            except StoreUnavailable:
-                log.debug("traffic counts not flushed: Redis is unavailable")
-            except Exception:  # never let one bad round end the counting
-                log.exception("the traffic flush failed")
+            await self.flush()
+
+        await flush_every(interval, round_, "traffic counts", log)
 
     async def trip(self, wire: Tripwire, count: int, at: float | None = None) -> None:
         """What a trip does (this process won it in Redis at ``at``, default now): the flag,

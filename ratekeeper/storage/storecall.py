@@ -35,10 +35,13 @@ async def store_call(timeout: float = ADMIN_TIMEOUT) -> AsyncIterator[None]:
 async def flush_every(interval: float, flush: Callable[[], Awaitable[None]], what: str,
                       log: logging.Logger) -> None:
     """Call ``flush`` every ``interval`` seconds until cancelled; while Redis is unavailable,
-    say so at debug level (``what`` names what was not flushed) and try again next time."""
+    say so at debug level (``what`` names what was not flushed) and try again next time. A
+    round that fails otherwise is logged, and the next one comes all the same."""
     while True:
         await asyncio.sleep(interval)
         try:
             await flush()
         except StoreUnavailable:
             log.debug("%s not flushed: Redis is unavailable", what)
+        except Exception:
+            log.exception("%s: the flush failed", what)
