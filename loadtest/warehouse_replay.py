@@ -37,7 +37,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -52,10 +51,7 @@ from ratekeeper.config.rules import parse_config
 from ratekeeper.integrations.warehouse import RateLimiter
 from ratekeeper.settings import Settings
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from support.redis_servers import free_port, start_redis  # noqa: E402
+from procs import free_port, start_redis
 
 # The limits replayed: two short windows where a refused hit often spans both, then
 # Warehouse's own strings.
@@ -184,7 +180,7 @@ def replay(limit: str, ops: int, seed: int, redis_url: str) -> Report:
     whole = AllOrNothing(storage, limit, f"aon-{run}")
     windows_ms = sorted(int(item.get_expiry()) * 1000 for item in parse_many(limit))
     rng = random.Random(seed)
-    seen: list[int] = []
+    seen: set[int] = set()
     report = Report(limit)
     try:
         for index in range(ops):
@@ -193,7 +189,7 @@ def replay(limit: str, ops: int, seed: int, redis_url: str) -> Report:
             while any(at - w in seen for w in windows_ms):  # the boundary left out (above)
                 at += 1
             clock.ms = at
-            seen.append(at)
+            seen.add(at)
             who = rng.choice(WHO)
             op = rng.choices([o for o, _ in OPERATIONS], [w for _, w in OPERATIONS])[0]
             got = getattr(ours, op)(who)

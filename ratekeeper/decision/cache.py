@@ -80,14 +80,12 @@ def _seconds(ms: int) -> int:
     return max(0, math.ceil(ms / 1000))
 
 
-def boxed_decision(action: Action, index: int, retry_after: int,
-                   retry_after_ms: int | None = None) -> Decision:
-    """A denial by the penalty box of the action's rule ``index``: ``banned`` for
-    ``retry_after`` seconds (``retry_after_ms``: the same to the millisecond, when known),
+def boxed_decision(action: Action, index: int, wait_ms: int) -> Decision:
+    """A denial by the penalty box of the action's rule ``index``: ``banned`` for ``wait_ms``,
     naming the rule in ``limits`` (nothing left in any of its windows; a reset no longer than
     the window)."""
     rule = action.rules[index]
-    wait_ms = retry_after * 1000 if retry_after_ms is None else retry_after_ms
+    retry_after = _seconds(wait_ms)
     return Decision(allowed=False, reason="banned", action=action.name, retry_after=retry_after,
                     retry_after_ms=wait_ms,
                     limits=[LimitState(rule=rule.name, limit=window.limit,
@@ -106,7 +104,7 @@ def _banned(entry: Entry, action: str, now: int, index: int, subject: str = "") 
 
 def _boxed(entry: Entry, action: Action, now: int, index: int) -> CacheHit:
     wait_ms = max(0, entry.until_ms - now)
-    return CacheHit(boxed_decision(action, index, _seconds(wait_ms), wait_ms), index)
+    return CacheHit(boxed_decision(action, index, wait_ms), index)
 
 
 def _limited(entry: Entry, rule: str, action: str, now: int, index: int) -> CacheHit:

@@ -419,7 +419,7 @@ class Checker:
         # clock whatever clock the windows use; the local cache counts down from the same ms
         wait = outcome.wait_ms if outcome.wait_ms > 0 else 0
         if status is Status.PENALTY:
-            return boxed_decision(action, outcome.culprit - 1, _seconds(wait), wait)
+            return boxed_decision(action, outcome.culprit - 1, wait)
         if status is Status.BANNED:
             return Decision(allowed=False, reason="banned", action=action.name,
                             retry_after=_seconds(wait), retry_after_ms=wait)

@@ -43,7 +43,7 @@ from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 from ratekeeper.api.wire import Decision
-from ratekeeper.client.base import ClientError, RequestRejected
+from ratekeeper.client.base import ClientError, RequestRejected, SidecarUnavailable
 from ratekeeper.client.sync import SyncClient
 
 __all__ = ["ERROR_METRIC", "SUBJECT_FIELD", "TAKES_NOTHING_WHEN_DENIED", "RateLimit",
@@ -154,17 +154,18 @@ class RateLimiter:
         self._guarded("clear", None, work)
 
     def _state(self, identifiers: Sequence[object]) -> Decision:
+        """Redis's look at the windows; SidecarUnavailable when Redis could not be asked."""
         action, subject = self._target(identifiers)
-        return self.client.state(action, **{SUBJECT_FIELD: subject})
+        decision = self.client.state(action, **{SUBJECT_FIELD: subject})
+        if decision.degraded:
+            raise SidecarUnavailable("Redis could not be asked")
+        return decision
 
     def resets_in(self, *identifiers: object) -> timedelta | None:
         """How long until the soonest exhausted window has room; None when none is."""
 
         def work() -> timedelta | None:
             decision = self._state(identifiers)
-            if decision.degraded:
-                self._failed("resets_in", "Redis could not be asked")
-                return None
             waits = [item.reset_ms for item in decision.limits
                      if item.remaining <= 0 and item.reset_ms > 0]
             return timedelta(milliseconds=min(waits)) if waits else None
@@ -176,9 +177,6 @@ class RateLimiter:
 
         def work() -> list[WindowStats]:
             decision = self._state(identifiers)
-            if decision.degraded:
-                self._failed("get_window_stats", "Redis could not be asked")
-                return []
             stats = []
             for item in decision.limits:
                 # an empty window has nothing to wait for (reset 0): limits says its length
