@@ -14,7 +14,7 @@
 -- then nf pairs: field, count
 -- then     nt         number of tripwires that follow, each:
 --   name        its name (the field in KEYS[2])
---   count       its decisions this call adds (0 only reads)
+--   count       its decisions this call adds (at least 1: a wire with none is not sent)
 --   threshold   decisions within one window that trip it
 --   window_ms   its window
 --   duration_ms how long a trip lasts: the trip key's PX
@@ -61,23 +61,18 @@ for i = 1, nt do
   local counter, trip = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   local bucket = math.floor(now / window)
   local this, before = string.format('%d', bucket), string.format('%d', bucket - 1)
-  local current = 0
-  if count > 0 then
-    current = redis.call('HINCRBY', counter, this, count)
-    -- at most three fields ever: this bucket, the previous one, one that has just aged out
-    for _, field in ipairs(redis.call('HKEYS', counter)) do
-      if tonumber(field) < bucket - 1 then
-        redis.call('HDEL', counter, field)
-      end
+  local current = redis.call('HINCRBY', counter, this, count)
+  -- at most three fields ever: this bucket, the previous one, one that has just aged out
+  for _, field in ipairs(redis.call('HKEYS', counter)) do
+    if tonumber(field) < bucket - 1 then
+      redis.call('HDEL', counter, field)
     end
-    redis.call('PEXPIRE', counter, 2 * window + 1000)
-  else
-    current = tonumber(redis.call('HGET', counter, this) or '0')
   end
+  redis.call('PEXPIRE', counter, 2 * window + 1000)
   local previous = tonumber(redis.call('HGET', counter, before) or '0')
   local left = (window - (now - bucket * window)) / window
   local seen = current + math.floor(previous * left)
-  if count > 0 and seen >= threshold and not blocked
+  if seen >= threshold and not blocked
       and redis.call('HEXISTS', KEYS[2], name) == 0
       and redis.call('SET', trip, string.format('%d:%d', now, seen), 'NX', 'PX', duration) then
     redis.call('DEL', counter)

@@ -7,8 +7,8 @@
 -- ARGV[1]  now_ms     '' = read Redis TIME (production); an integer in ms: a test clock
 -- then per tripwire, in KEYS order: window_ms
 --
--- Returns {now_ms, then per tripwire: count, trip_pttl_ms (-2: not tripped), trip value
--- ('' when not tripped), then the disarmed HASH as a flat list of name, JSON}.
+-- Returns {now_ms, then per tripwire: count, trip_pttl_ms (-2: not tripped), then the
+-- disarmed HASH as a flat list of name, JSON}.
 -- Never: writes anything.
 
 local now = tonumber(ARGV[1])
@@ -28,7 +28,6 @@ for i = 1, #ARGV - 1 do
   local left = (window - (now - bucket * window)) / window
   reply[#reply + 1] = current + math.floor(previous * left)
   reply[#reply + 1] = redis.call('PTTL', trip)
-  reply[#reply + 1] = redis.call('GET', trip) or ''
 end
 for _, item in ipairs(redis.call('HGETALL', KEYS[1])) do
   reply[#reply + 1] = item

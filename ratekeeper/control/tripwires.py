@@ -194,7 +194,7 @@ class Tripwires:
             reply = await self._state(keys=keys, args=args)
         now_ms = int(reply[0])
         disarmed: dict[str, Disarmed] = {}
-        rest = reply[1 + 3 * len(wires):]
+        rest = reply[1 + 2 * len(wires):]
         for name, raw in zip(rest[::2], rest[1::2], strict=True):
             try:
                 disarmed[_text(name)] = _decode(raw)
@@ -202,7 +202,7 @@ class Tripwires:
                 disarmed[_text(name)] = Disarmed(by="?", at=0.0)
         views = []
         for i, wire in enumerate(wires):
-            count, pttl = int(reply[1 + 3 * i]), int(reply[2 + 3 * i])
+            count, pttl = int(reply[1 + 2 * i]), int(reply[2 + 2 * i])
             off = disarmed.get(wire.name)
             views.append(TripwireView(
                 name=wire.name, action=wire.action, count=wire.counted,
