@@ -145,10 +145,7 @@ async def set_flag(runtime: Runtime, admin: AdminState, principal: Principal, na
     state = FlagState(name=name, enabled=update.enabled, message=update.message or "",
                       updated_by=principal.name, updated_at=now,
                       expires_at=now + expires_in if expires_in else None)
-    restore = [s for s in board.recorded() if s.name != name] if board.seen_in_store else []
-    await admin.flagstore.put(state, restore)
-    board.seen_in_store = True
-    board.update(state)
+    await admin.flagstore.set(board, state)
     detail: dict[str, Any] = {"enabled": update.enabled}
     if expires_in is not None:
         detail["expires_in"] = expires_in

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from ratekeeper.decision.flags import FlagState
+from ratekeeper.decision.flags import FlagBoard, FlagState
 from ratekeeper.storage.scripts import LuaScript, read_script
 from ratekeeper.storage.storecall import store_call
 
@@ -85,6 +85,15 @@ class FlagStore:
         async with store_call():
             restored = await self._set(keys=[self.key], args=args)
         return bool(restored)
+
+    async def set(self, board: FlagBoard, state: FlagState) -> None:
+        """Write a flag's new ``state`` and make it this process's at once (``board``); the
+        board's other flags restore the HASH if Redis lost it. Raises StoreUnavailable."""
+        restore = ([s for s in board.recorded() if s.name != state.name]
+                   if board.seen_in_store else [])
+        await self.put(state, restore)
+        board.seen_in_store = True
+        board.update(state)
 
     async def expire(self, state: FlagState, now: float) -> FlagState | None:
         """Turn off ``state`` (on, past its expiry); the new state if this call did it."""

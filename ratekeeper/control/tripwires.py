@@ -163,14 +163,9 @@ class Tripwires:
         until = (now if at is None else at) + wire.duration
         state = FlagState(name=wire.flag, enabled=True, message="", updated_by=actor,
                           updated_at=now, expires_at=until)
-        board = self.board
-        restore = [s for s in board.recorded() if s.name != wire.flag] \
-            if board.seen_in_store else []
-        await self.flagstore.put(state, restore)
+        await self.flagstore.set(self.board, state)
         if self.metrics is not None:
             self.metrics.tripped(wire.name, wire.shadow)
-        board.seen_in_store = True
-        board.update(state)
         detail.update(duration=wire.duration, expires_at=until)
         log.warning("tripwire %s tripped: %s; %s is on for %s", wire.name, seen, wire.flag,
                     window_text(wire.duration))
