@@ -45,13 +45,14 @@ from ratekeeper.api.admin_wire import (
     TripwireList,
     TripwireUpdate,
 )
+from ratekeeper.config.rules import duration_text
 from ratekeeper.control.alerts import Alerts
 from ratekeeper.control.audit import AuditLog
 from ratekeeper.control.bans import BanBook
 from ratekeeper.control.flagstore import FlagStore
 from ratekeeper.control.sync import Event, StateSync, stop_tasks
 from ratekeeper.control.traffic import Traffic
-from ratekeeper.control.tripwires import Tripwires, window_text
+from ratekeeper.control.tripwires import Tripwires
 from ratekeeper.decision.cache import LocalCache
 from ratekeeper.decision.flags import FlagBoard, FlagState
 from ratekeeper.errors import BadRequest, StoreUnavailable
@@ -157,7 +158,7 @@ async def set_flag(runtime: Runtime, admin: AdminState, principal: Principal, na
     log.info("flag %s turned %s by %s", name, "on" if update.enabled else "off", principal.name)
     text = f"{principal.name} turned {name} {'on' if update.enabled else 'off'}"
     if expires_in is not None:
-        text += f" for {window_text(expires_in)}"
+        text += f" for {duration_text(expires_in)}"
     if update.reason:
         text += f": {update.reason}"
     admin.alerts.send("flag", text, flag=name, enabled=update.enabled, by=principal.name,

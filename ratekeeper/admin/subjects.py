@@ -29,9 +29,8 @@ from ratekeeper.api.admin_wire import (
     ResetResult,
     TopResult,
 )
-from ratekeeper.config.rules import Rule
+from ratekeeper.config.rules import Rule, duration_text
 from ratekeeper.control.sync import Event
-from ratekeeper.control.tripwires import window_text
 from ratekeeper.decision.checker import Checker
 from ratekeeper.decision.top import KEEP, LOOKBACK_SECONDS
 from ratekeeper.errors import BadRequest
@@ -97,7 +96,7 @@ async def ban_subject(runtime: Runtime, admin: AdminState, principal: Principal,
     log.info("subject %s:%s banned for %d s by %s", field or "hash", subject, duration,
              principal.name)
     # the alert names the kind of subject, never the subject (not even its hash)
-    admin.alerts.send("ban", f"{principal.name} banned {_a(field)} for {window_text(duration)}"
+    admin.alerts.send("ban", f"{principal.name} banned {_a(field)} for {duration_text(duration)}"
                              + (f": {body.reason}" if body.reason else ""),
                       field=field, duration=duration, by=principal.name, reason=body.reason)
     return ban

@@ -30,6 +30,7 @@ __all__ = [
     "Window",
     "config_from_data",
     "config_warnings",
+    "duration_text",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -168,6 +169,25 @@ def config_from_data(data: Mapping[str, Any], *, source: str = "<config>") -> Co
     if parser.errors:
         raise ConfigError(parser.errors)
     return config
+
+
+_UNITS = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+
+
+def duration_text(seconds: float) -> str:
+    """``2 h 5 min``, ``10 min``: a duration as a person says it, in its two largest units
+    (``parse_duration`` reads it back when it has one)."""
+    left = max(0, round(seconds))
+    if left == 0:
+        return "0 s"
+    parts = []
+    for unit, size in _UNITS:
+        if left >= size:
+            parts.append(f"{left // size} {unit}")
+            left %= size
+        if len(parts) == 2:
+            break
+    return " ".join(parts)
 
 
 def parse_duration(value: object) -> int:

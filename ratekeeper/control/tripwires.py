@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from ratekeeper.api.admin_wire import AuditEvent, TripwireView
-from ratekeeper.config.rules import Config
+from ratekeeper.config.rules import Config, duration_text
 from ratekeeper.config.tripwires import Tripwire
 from ratekeeper.control.alerts import Alerts, BreakerWatch
 from ratekeeper.control.audit import AuditLog
@@ -41,7 +41,7 @@ from ratekeeper.metrics import Metrics
 from ratekeeper.storage.scripts import LuaScript, read_script
 from ratekeeper.storage.storecall import flush_every, store_call
 
-__all__ = ["FLUSH_SECONDS", "Tripwires", "actor_of", "window_text"]
+__all__ = ["FLUSH_SECONDS", "Tripwires", "actor_of"]
 
 log = logging.getLogger("ratekeeper.control.tripwires")
 
@@ -63,14 +63,6 @@ _decode = msgspec.json.Decoder(Disarmed).decode
 def actor_of(wire: Tripwire) -> str:
     """The name the flags list and the audit trail give a tripwire."""
     return f"tripwire:{wire.name}"
-
-
-def window_text(seconds: int) -> str:
-    """``10 min``, ``1 h``, ``90 s``: a window or duration as a person says it."""
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
 
 
 def _text(value: Any) -> str:
@@ -143,7 +135,7 @@ class Tripwires:
         now = self.wall()
         actor = actor_of(wire)
         seen = (f"{count} {wire.action} decisions ({wire.counted}) within "
-                f"{window_text(wire.window)} reached its threshold of {wire.threshold}")
+                f"{duration_text(wire.window)} reached its threshold of {wire.threshold}")
         detail: dict[str, Any] = {"count": count, "threshold": wire.threshold,
                                   "window": wire.window, "action": wire.action,
                                   "counted": wire.counted}
@@ -168,12 +160,12 @@ class Tripwires:
             self.metrics.tripped(wire.name, wire.shadow)
         detail.update(duration=wire.duration, expires_at=until)
         log.warning("tripwire %s tripped: %s; %s is on for %s", wire.name, seen, wire.flag,
-                    window_text(wire.duration))
+                    duration_text(wire.duration))
         await self.audit.record(AuditEvent(at=now, actor=actor, kind="tripwire",
                                            target=wire.flag, detail=detail))
         await self.sync.announce(Event(kind="flags"))
         self.alerts.send("tripwire", f"Tripwire {wire.name} tripped: {seen}. {wire.flag} is on "
-                                     f"for {window_text(wire.duration)}, until {_clock(until)}.",
+                                     f"for {duration_text(wire.duration)}, until {_clock(until)}.",
                          tripwire=wire.name, shadow=False, flag=wire.flag, **_fields(detail))
 
     async def views(self) -> list[TripwireView]:

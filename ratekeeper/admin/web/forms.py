@@ -33,8 +33,8 @@ from ratekeeper.admin.web.common import (
     url_for,
 )
 from ratekeeper.admin.web.session import Session, cross_origin, same_token
-from ratekeeper.admin.web.view import span
 from ratekeeper.api.admin_wire import MAX_BAN_SECONDS, MAX_FLAG_SECONDS, FlagUpdate, LiftRequest
+from ratekeeper.config.rules import duration_text
 from ratekeeper.errors import BadRequest, StoreUnavailable
 from ratekeeper.server.http import Handler
 
@@ -117,7 +117,7 @@ async def change_flag(request: web.Request, session: Session, form: MultiDictPro
                           decode(_flag_update, _encode(body)))
     if not view.enabled:
         return f"{name} is off."
-    until = f" for {span(body['expires_in'])}" if "expires_in" in body else ""
+    until = f" for {duration_text(body['expires_in'])}" if "expires_in" in body else ""
     return f"{name} is on{until}."
 
 
@@ -136,7 +136,7 @@ async def add_ban(request: web.Request, session: Session, form: MultiDictProxy[A
     ban = await ban_subject(runtime, admin, session.principal,
                             decode(admin.codecs_for(runtime.checker).ban, _encode(body)))
     shown = f"{ban.field} " if ban.field else ""
-    return f"Banned {shown}{ban.id} for {span(ban.expires_at - ban.created_at)}."
+    return f"Banned {shown}{ban.id} for {duration_text(ban.expires_at - ban.created_at)}."
 
 
 @change

@@ -16,11 +16,11 @@ from typing import Any
 from ratekeeper.admin.api import flag_views
 from ratekeeper.admin.common import AdminState
 from ratekeeper.api.admin_wire import AuditEvent, BanView, FlagView, TopEntry, TripwireView
-from ratekeeper.config.rules import Rule
+from ratekeeper.config.rules import Rule, duration_text
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.server.state import Runtime
 
-__all__ = ["FILTERS", "RuleTop", "Sections", "gather", "span"]
+__all__ = ["FILTERS", "RuleTop", "Sections", "gather"]
 
 AUDIT_SHOWN = 25
 TOP_SHOWN = 5
@@ -90,24 +90,6 @@ async def gather(runtime: Runtime, admin: AdminState) -> Sections:
 
 # -- text ------------------------------------------------------------------------------------
 
-_UNITS = (("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
-
-
-def span(seconds: float) -> str:
-    """``2 h 5 min``: a duration in its two largest units."""
-    left = max(0, round(seconds))
-    if left == 0:
-        return "0 s"
-    parts = []
-    for unit, size in _UNITS:
-        if left >= size:
-            parts.append(f"{left // size} {unit}")
-            left %= size
-        if len(parts) == 2:
-            break
-    return " ".join(parts)
-
-
 def clock(at: float | None) -> str:
     """``2026-11-21 19:47:25 UTC``."""
     if at is None:
@@ -122,7 +104,7 @@ def relative(at: float | None, now: float) -> str:
     delta = at - now
     if abs(delta) < 1:
         return "now"
-    return f"in {span(delta)}" if delta > 0 else f"{span(-delta)} ago"
+    return f"in {duration_text(delta)}" if delta > 0 else f"{duration_text(-delta)} ago"
 
 
 def detail(values: Mapping[str, Any]) -> str:
@@ -130,7 +112,7 @@ def detail(values: Mapping[str, Any]) -> str:
     shown = []
     for key, value in values.items():
         if key in ("duration", "expires_in") and isinstance(value, int | float):
-            text = span(value)
+            text = duration_text(value)
         elif key.endswith("_at") and isinstance(value, int | float):
             text = clock(value)
         elif isinstance(value, bool):
@@ -151,4 +133,4 @@ def rate(value: float | None) -> str:
 
 
 FILTERS: dict[str, Callable[..., str]] = {
-    "span": span, "clock": clock, "relative": relative, "detail": detail, "rate": rate}
+    "span": duration_text, "clock": clock, "relative": relative, "detail": detail, "rate": rate}
