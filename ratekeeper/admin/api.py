@@ -46,6 +46,7 @@ from ratekeeper.api.admin_wire import (
     TripwireUpdate,
 )
 from ratekeeper.config.rules import duration_text
+from ratekeeper.config.tripwires import Tripwire
 from ratekeeper.control.alerts import Alerts
 from ratekeeper.control.audit import AuditLog
 from ratekeeper.control.bans import BanBook
@@ -61,7 +62,8 @@ from ratekeeper.server.http import Handler, error_response, json_response
 from ratekeeper.server.state import RUNTIME, Runtime
 from ratekeeper.settings import Settings
 
-__all__ = ["ADMIN", "AdminState", "admin_app", "admin_context", "flag_views", "set_flag"]
+__all__ = ["ADMIN", "AdminState", "admin_app", "admin_context", "flag_views", "set_flag",
+           "set_tripwire"]
 
 log = logging.getLogger("ratekeeper.admin.api")
 
@@ -190,10 +192,15 @@ async def put_tripwire(request: web.Request) -> web.Response:
     wire = admin.tripwires.get(request.match_info["name"])
     if wire is None:
         return error_response(404, "unknown tripwire: GET /v1/admin/tripwires lists them")
-    update = decode(_tripwire_update, await request.read())
+    await set_tripwire(admin, principal, wire, decode(_tripwire_update, await request.read()))
+    return json_response(await admin.tripwires.view(wire.name))
+
+
+async def set_tripwire(admin: AdminState, principal: Principal, wire: Tripwire,
+                       update: TripwireUpdate) -> None:
+    """Disarm or re-arm ``wire``, for the API and the admin page alike."""
     check_text(admin, reason=update.reason)
     await admin.tripwires.set_armed(wire, update.armed, principal.name, update.reason or "")
-    return json_response(await admin.tripwires.view(wire.name))
 
 
 async def get_traffic(request: web.Request) -> web.Response:

@@ -19,8 +19,8 @@ import msgspec
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from ratekeeper.admin.api import set_flag
-from ratekeeper.admin.common import check_text, decode, duration_seconds
+from ratekeeper.admin.api import set_flag, set_tripwire
+from ratekeeper.admin.common import decode, duration_seconds
 from ratekeeper.admin.subjects import ban_subject, lift_subject
 from ratekeeper.admin.web.common import (
     UNREADABLE_FORM,
@@ -33,7 +33,13 @@ from ratekeeper.admin.web.common import (
     url_for,
 )
 from ratekeeper.admin.web.session import Session, cross_origin, same_token
-from ratekeeper.api.admin_wire import MAX_BAN_SECONDS, MAX_FLAG_SECONDS, FlagUpdate, LiftRequest
+from ratekeeper.api.admin_wire import (
+    MAX_BAN_SECONDS,
+    MAX_FLAG_SECONDS,
+    FlagUpdate,
+    LiftRequest,
+    TripwireUpdate,
+)
 from ratekeeper.config.rules import duration_text
 from ratekeeper.errors import BadRequest, StoreUnavailable
 from ratekeeper.server.http import Handler
@@ -44,6 +50,7 @@ Change = Callable[[web.Request, Session, MultiDictProxy[Any]], Awaitable[str]]
 OUTCOME_ID = "outcome"  # the id of the page's one-shot message (page.html)
 
 _flag_update = msgspec.json.Decoder(FlagUpdate)
+_tripwire_update = msgspec.json.Decoder(TripwireUpdate)
 _lift_request = msgspec.json.Decoder(LiftRequest)
 _encode = msgspec.json.Encoder().encode
 
@@ -161,9 +168,7 @@ async def arm_tripwire(request: web.Request, session: Session, form: MultiDictPr
     armed = {"on": True, "off": False}.get(field(form, "armed"))
     if armed is None:
         raise BadRequest("say whether to disarm or re-arm the tripwire")
-    reason = field(form, "reason").strip()
-    if len(reason) > 1000:
-        raise BadRequest("the reason is longer than 1000 characters")
-    check_text(admin, reason=reason)
-    await admin.tripwires.set_armed(wire, armed, session.principal.name, reason)
+    update = decode(_tripwire_update, _encode({"armed": armed,
+                                                "reason": field(form, "reason").strip()}))
+    await set_tripwire(admin, session.principal, wire, update)
     return f"{wire.name} is {'armed' if armed else 'disarmed'}."
