@@ -279,7 +279,7 @@ def _validation_error(decoder: msgspec.json.Decoder[Any], message: str) -> str:
     return f"Invalid value{where}"
 
 
-def decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+def decode(decoder: msgspec.json.Decoder[Any], body: bytes | bytearray) -> Any:
     """Decode a request body; bad input becomes BadRequest with a sentence that says what is
     wrong and where, in the schema's terms, never in the client's."""
     try:

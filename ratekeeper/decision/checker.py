@@ -198,11 +198,11 @@ class Checker:
     def shadow_all(self, value: bool) -> None:
         self._shadow_all = value
 
-    def decode(self, body: bytes) -> Any:
+    def decode(self, body: bytes | bytearray) -> Any:
         """Decode one check request; raise BadRequest with msgspec's sentence."""
         return decode(self.decoder, body)
 
-    def decode_batch(self, body: bytes) -> list[Any]:
+    def decode_batch(self, body: bytes | bytearray) -> list[Any]:
         """Decode a batch request; raise BadRequest with msgspec's sentence."""
         return list(decode(self.batch_decoder, body).checks)
 

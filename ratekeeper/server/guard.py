@@ -63,7 +63,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from ratekeeper.server.hot import CONTINUE, HotLane, Pending, Reply, hot_kind
-from ratekeeper.server.http import MAX_BODY
+from ratekeeper.server.http import MAX_BODY, TOO_LARGE_TEXT
 
 __all__ = ["ANSWERS_LOG", "Answered", "ClientGone", "Gate", "Guard", "connection_cap",
            "hush_client_gone"]
@@ -89,8 +89,7 @@ def _answer(status: int, reason: str, message: str) -> bytes:
 
 MALFORMED = _answer(400, "Bad Request", "malformed HTTP request")
 TIMED_OUT = _answer(408, "Request Timeout", "the request did not arrive in time")
-TOO_LARGE = _answer(413, "Request Entity Too Large",
-                    f"the request body is larger than {MAX_BODY // 1024} KiB")
+TOO_LARGE = _answer(413, "Request Entity Too Large", TOO_LARGE_TEXT)
 NO_EXPECTATION = _answer(417, "Expectation Failed", "only Expect: 100-continue is supported")
 
 # headers a guard looks at, as bits; those aiohttp takes only once (its SINGLETON_HEADERS)
@@ -404,11 +403,11 @@ class Guard(asyncio.Protocol):
         self.deadline = INF
         if self.kind:
             assert self.lane is not None
-            body = bytes(self.body)
-            self.body.clear()
             kind, self.kind = self.kind, 0
-            self._owe(self.lane.answer(kind, body, self._settled),
-                      not self.parser.should_keep_alive())
+            # (decoded before answer returns: the buffer is not copied, and then reused)
+            answer = self.lane.answer(kind, self.body, self._settled)
+            self.body.clear()
+            self._owe(answer, not self.parser.should_keep_alive())
         elif self.mode == RELAY and self.chunked:
             self.relay_out += b"0\r\n\r\n"
 

@@ -35,7 +35,7 @@ from ratekeeper.api.headers import rate_limit_headers
 from ratekeeper.api.wire import BatchResponse, Decision, ErrorBody, LimitState
 from ratekeeper.decision.checker import Checker
 from ratekeeper.errors import BadRequest
-from ratekeeper.server.http import MAX_BODY
+from ratekeeper.server.http import MAX_BODY, TOO_LARGE_TEXT
 from ratekeeper.server.state import RUNTIME, STOPPING
 
 __all__ = ["BATCH", "CHECK", "CONTINUE", "AllowedForm", "HotLane", "Pending", "Reply",
@@ -92,12 +92,12 @@ class HotLane:
         self._second = 0
         self._date = b""
 
-    def answer(self, kind: int, body: bytes, done: Callable[[Pending], None]
+    def answer(self, kind: int, body: bytes | bytearray, done: Callable[[Pending], None]
                ) -> Reply | Pending:
         """The answer to one request: at once when its input is bad, else the ``Pending``
         that ``done`` hears of once it is decided."""
         if len(body) > MAX_BODY:
-            return _error(413, f"the request body is larger than {MAX_BODY // 1024} KiB",
+            return _error(413, TOO_LARGE_TEXT,
                           ends=True)
         checker = self.app[RUNTIME].checker
         pending = Pending(done)

@@ -18,10 +18,12 @@ from aiohttp.typedefs import Middleware
 from ratekeeper.api.wire import ErrorBody
 from ratekeeper.errors import BadRequest
 
-__all__ = ["CLIENT_ERRORS", "JSON", "MAX_BODY", "Answer", "Handler", "error_answer",
-           "error_middleware", "error_response", "json_answer", "json_response", "response"]
+__all__ = ["CLIENT_ERRORS", "JSON", "MAX_BODY", "TOO_LARGE_TEXT", "Answer", "Handler",
+           "error_answer", "error_middleware", "error_response", "json_answer", "json_response",
+           "response"]
 
 MAX_BODY = 64 * 1024
+TOO_LARGE_TEXT = f"the request body is larger than {MAX_BODY // 1024} KiB"  # (its 413's)
 JSON = "application/json"
 _encode = msgspec.json.Encoder().encode
 
@@ -50,8 +52,7 @@ def error_answer(exc: BadRequest | web.HTTPException | web.RequestPayloadError) 
     if isinstance(exc, web.RequestPayloadError):  # e.g. a gzip body that is not gzip
         return json_answer(ErrorBody(error="the request body could not be decoded"), status=400)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return json_answer(ErrorBody(error=f"the request body is larger than "
-                                           f"{MAX_BODY // 1024} KiB"), status=413)
+        return json_answer(ErrorBody(error=TOO_LARGE_TEXT), status=413)
     if exc.status < 400:
         raise exc
     answer = json_answer(ErrorBody(error=exc.reason), status=exc.status)
