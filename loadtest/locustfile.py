@@ -49,6 +49,7 @@ import random
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -114,9 +115,11 @@ class CheckUser(FastHttpUser):
     def on_start(self) -> None:
         self.rng = random.Random(next(_serial))
 
-    def check(self, action: str, name: str, *, expect: frozenset[str],
+    def check(self, action: str, name: str, *,
+              expect: frozenset[str] | Callable[[], frozenset[str]],
               **fields: Any) -> dict[str, Any] | None:
-        """POST /v1/check; a reason outside ``expect`` (None = allowed) is a failure."""
+        """POST /v1/check; a reason outside ``expect`` (None = allowed) is a failure. A callable
+        ``expect`` is asked once the answer is in (for answers that depend on a moving switch)."""
         body = {"action": action, **fields}
         with self.client.post("/v1/check", json=body, name=name,
                               catch_response=True) as resp:
@@ -137,7 +140,8 @@ class CheckUser(FastHttpUser):
             OUTCOMES[(action, outcome)] += 1
             if answer.get("degraded"):
                 resp.failure("degraded: the sidecar could not ask Redis")
-            elif reason not in expect and not (reason is None and "allowed" in expect):
+            elif reason not in (wanted := expect() if callable(expect) else expect) and not (
+                    reason is None and "allowed" in wanted):
                 resp.failure(f"unexpected answer for {action}: {outcome}")
             else:
                 resp.success()
@@ -147,6 +151,9 @@ class CheckUser(FastHttpUser):
 ALLOWED = frozenset({"allowed"})
 LIMITED = frozenset({"allowed", "rate_limited"})
 ANY_DENIAL = frozenset({"allowed", "rate_limited", "banned", "disabled"})
+# a registration's answers by the kill switch's state (see switch_state)
+SWITCH_ANSWERS = {"on": frozenset({"disabled"}), "off": ALLOWED,
+                  "moving": frozenset({"allowed", "disabled"})}
 
 
 class Login(CheckUser):
@@ -173,13 +180,10 @@ class Register(CheckUser):
     @task
     def register(self) -> None:
         state = switch_state()
-        if state == "on":
-            expect = frozenset({"disabled"})
-        elif state == "off":
-            expect = ALLOWED
-        else:
-            expect = frozenset({"allowed", "disabled"})
-        answer = self.check("register", f"register (switch {state})", expect=expect,
+        # the admin may flip the switch while this check is out: what it allows is judged by the
+        # switch as it stood when the check was sent and as it stands when the answer is in
+        answer = self.check("register", f"register (switch {state})",
+                            expect=lambda: SWITCH_ANSWERS[state] | SWITCH_ANSWERS[switch_state()],
                             ip=client_ip(self.rng))
         if answer and answer.get("reason") == "disabled" and answer.get("flag") != KILL_SWITCH:
             OUTCOMES[("register", "disabled by another flag")] += 1
@@ -320,6 +324,7 @@ class Admin(FastHttpUser):
         if want_on == SWITCH["on"] or now - self.tried_at < 5:
             return
         self.tried_at = now
+        SWITCH["at"] = time.monotonic()  # moving from the moment the change is sent
         body: dict[str, Any] = {"enabled": want_on, "reason": "locust kill-switch drill",
                                 "message": "Registrations are paused by the load test."}
         if want_on:
