@@ -254,10 +254,11 @@ class Limiter:
             self._admit("check")
         except StoreUnavailable as exc:
             return [exc] * len(calls)
-        futures = coalescer.submit([(keys, now, cost, tuple(rule_args))
-                                    for keys, cost, _, _, rule_args in calls])
+        futures: list[asyncio.Future[Any]] = []
         replies: list[Sequence[int] | StoreUnavailable] = []
         try:
+            futures = await coalescer.run([(keys, now, cost, tuple(rule_args))
+                                           for keys, cost, _, _, rule_args in calls])
             for future in futures:
                 try:
                     replies.append(await future)

@@ -6,6 +6,8 @@ retry (redis-py retries timeouts) can never replay a script we have stopped wait
 The coalesced checks have a client of their own without one (``Store.checks``): their
 deadline is the coalescer's (``coalescer.within``, which has a backstop of its own), and
 under a socket timeout redis-py gives every write a task and every read a timeout scope.
+It is said so (``socket_timeout=None``): since redis-py 8 a client left without one gets
+five seconds.
 A broken connection is retried once, at once: after a Redis restart every pooled connection
 is dead, and the first call on each would otherwise fail.
 """
@@ -102,7 +104,8 @@ def open_store(settings: Settings) -> Store:
             pool = BlockingConnectionPool(
                 host=host, port=port, password=parts.password,
                 username=parts.username or None, max_connections=NODE_MAX_CONNECTIONS,
-                timeout=backstop, socket_connect_timeout=backstop, retry=_retry())
+                timeout=backstop, socket_timeout=None, socket_connect_timeout=backstop,
+                retry=_retry())
             return Redis.from_pool(pool)
 
         return Store(redis=client, kind="cluster", node_client=node_client)
@@ -134,7 +137,7 @@ def open_store(settings: Settings) -> Store:
         url, max_connections=MAX_CONNECTIONS, timeout=backstop, socket_timeout=backstop,
         socket_connect_timeout=backstop, retry=_retry())
     checks = BlockingConnectionPool.from_url(
-        url, max_connections=CHECK_CONNECTIONS, timeout=backstop,
+        url, max_connections=CHECK_CONNECTIONS, timeout=backstop, socket_timeout=None,
         socket_connect_timeout=backstop, retry=_retry())
     # (each client owns and closes its pool)
     return Store(redis=Redis.from_pool(pool), kind="redis", checks=Redis.from_pool(checks))
