@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -33,15 +32,6 @@ from support.common import ONE_RULE, SALT, config_from
 from support.redis_servers import RedisServer, free_port, running_redis, start_sentinel
 
 NOW_MS = 1_700_000_000_000
-
-
-@pytest.fixture
-async def checks(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    """The client the service gives its coalescer (``Store.checks``)."""
-    store = open_store(Settings(redis_url=redis_server.url, ip_salt=SALT))
-    assert store.checks is not None
-    yield store.checks
-    await store.close()
 
 
 def coalescer_for(redis: aioredis.Redis, **options: Any) -> Coalescer:
@@ -96,45 +86,6 @@ async def test_one_tick_is_one_write_and_answers_go_to_their_callers(
     replies = await asyncio.gather(*futures)
     assert [remaining(r) for r in replies] == [100 - (i + 1) for i in range(10)]
     assert (coalescer.batches, coalescer.checks) == (1, 10)
-
-
-async def test_a_check_that_finds_redis_idle_is_written_at_once(checks: aioredis.Redis,
-                                                                 key_prefix: str) -> None:
-    """``run`` on an idle coalescer writes from the caller's task: its replies are in when
-    it returns, in one write."""
-    coalescer = coalescer_for(checks)
-    futures = await coalescer.run([counter(key_prefix, "idle", cost=c) for c in (1, 2, 3)])
-    assert all(future.done() for future in futures)
-    assert [remaining(future.result()) for future in futures] == [99, 97, 94]
-    assert (coalescer.batches, coalescer.checks) == (1, 3)
-
-
-async def test_a_check_that_finds_checks_queued_joins_their_write(checks: aioredis.Redis,
-                                                                  key_prefix: str) -> None:
-    """``run`` while other checks wait queues behind them: one write, in the order asked."""
-    coalescer = coalescer_for(checks)
-    queued = coalescer.submit([counter(key_prefix, "q")])
-    joined = await coalescer.run([counter(key_prefix, "q", cost=2)])
-    assert not joined[0].done()
-    first, second = await asyncio.gather(queued[0], joined[0])
-    assert (remaining(first), remaining(second)) == (99, 97)
-    assert (coalescer.batches, coalescer.checks) == (1, 2)
-
-
-async def test_a_caller_cancelled_during_its_own_write_leaves_no_reply_behind(
-        checks: aioredis.Redis, key_prefix: str) -> None:
-    """A caller cancelled while its write is out fails alone; the check it sent was taken,
-    and the next check reads its own reply, not the one left unread."""
-    coalescer = coalescer_for(checks)
-    await coalescer.run([counter(key_prefix, "c")])  # (a connection is kept)
-    task = asyncio.ensure_future(coalescer.run([counter(key_prefix, "c")]))
-    await asyncio.sleep(0)  # the write is out; the task waits for its reply
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    [after] = await coalescer.run([counter(key_prefix, "c")])
-    assert remaining(after.result()) == 97
-    assert coalescer.batches == 3
 
 
 async def test_a_large_group_goes_as_several_calls_in_order_in_one_write(

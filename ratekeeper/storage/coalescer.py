@@ -1,14 +1,10 @@
-"""Coalescing: the checks that come while Redis is busy go to it as one write.
+"""Coalescing: the checks queued in one event-loop tick go to Redis as one write.
 
-Under load many requests reach their check while writes are out. Sent one by one, each
-would take a pooled connection, a write, a read and a script call of its own; coalesced,
-the checks queued meanwhile are one write of check.lua calls that Redis decides one after
-another (each call reads TIME once), sent at the loop's next turn or as soon as a write out
-returns. A caller that finds nothing queued and a write free (``run``) writes its checks
-at once from its own task, so a check on an idle server waits for no turn of the loop;
-the hot lane already hands over the checks of one tick together. Exactness is unchanged:
-each call is atomic, and the calls of a write run in the order they were queued, which is
-the order the callers asked.
+Under load many requests reach their check in the same tick of the event loop. Sent one by
+one, each would take a pooled connection, a write, a read and a script call of its own;
+coalesced, the tick's checks are one write of check.lua calls that Redis decides one after
+another (each call reads TIME once). Exactness is unchanged: each call is atomic, and the
+calls of a write run in the order they were queued, which is the order the callers asked.
 
 The deadline: a batch's fail modes decide only when Redis fails. The clock of a batch starts
 when it leaves this process's queue (never while it waits there behind other batches), its
@@ -106,8 +102,7 @@ def encode_command(name: bytes, first: str | bytes, keys: Sequence[str],
 
 
 class Coalescer:
-    """Runs check.lua for many callers: the checks queued meanwhile as one write, few out
-    at once."""
+    """Runs check.lua for many callers: one write per event-loop tick, few out at once."""
 
     def __init__(self, redis: Any, script: LuaScript, *, timeout: float,
                  per_check: float = PER_CHECK, max_batch: int = MAX_BATCH,
@@ -145,25 +140,7 @@ class Coalescer:
 
     def submit(self, requests: Sequence[Request]) -> list[asyncio.Future[Any]]:
         """Queue checks that go in one write, in order; one future each, resolving to the
-        check's flat reply (or failing with what Redis raised for it). The queue is written
-        at the loop's next turn, or once a write out returns."""
-        futures = self._queued(requests)
-        self._schedule()
-        return futures
-
-    async def run(self, requests: Sequence[Request]) -> list[asyncio.Future[Any]]:
-        """``submit``, but when no other check waits and a write may go out, the checks are
-        written at once, from the caller's task: the futures are then done. A check that
-        finds Redis idle so costs no task and no turn of the loop of its own; under load
-        the writes out are busy, and its checks join the queue."""
-        futures = self._queued(requests)
-        if len(self._groups) > 1 or self._scheduled or not self._may_send():
-            self._schedule()
-        else:
-            await self._run(self._take())
-        return futures
-
-    def _queued(self, requests: Sequence[Request]) -> list[asyncio.Future[Any]]:
+        check's flat reply (or failing with what Redis raised for it)."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # what was pending belonged to a loop that is gone
             self._loop, self._queue, self._groups = loop, [], []
@@ -172,13 +149,10 @@ class Coalescer:
         futures = [loop.create_future() for _ in requests]
         self._queue += zip(requests, futures, strict=True)
         self._groups.append(len(futures))
-        return futures
-
-    def _schedule(self) -> None:
-        """Flush the queue at the loop's next turn, if a write may go out."""
-        if self._queue and not self._scheduled and self._may_send():
+        if not self._scheduled and self._may_send():
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
+        return futures
 
     def _may_send(self) -> bool:
         return self._inflight < self.max_inflight
@@ -186,24 +160,20 @@ class Coalescer:
     def _flush(self) -> None:
         self._scheduled = False
         while self._queue and self._may_send():
-            batch = self._take()
-            if batch:
-                task = asyncio.ensure_future(self._run(batch))
-                self._tasks.add(task)  # (the loop keeps only weak references to tasks)
-                task.add_done_callback(self._tasks.discard)
-
-    def _take(self) -> list[tuple[Request, asyncio.Future[Any]]]:
-        """The next write's checks, taken from the queue (and counted as out): whole groups,
-        but none whose caller gave up (its request was cancelled), since the hit it asked for
-        must not be taken behind its back."""
-        size = self._cut()
-        batch = [call for call in self._queue[:size] if not call[1].done()]
-        del self._queue[:size]
-        if batch:
+            size = self._cut()
+            batch = self._queue[:size]
+            del self._queue[:size]
+            # a caller that gave up (its request was cancelled) is not sent: the hit it
+            # asked for must not be taken behind its back
+            live = [call for call in batch if not call[1].done()]
+            if not live:
+                continue
             self._inflight += 1
             self.batches += 1
-            self.checks += len(batch)
-        return batch
+            self.checks += len(live)
+            task = asyncio.ensure_future(self._run(live))
+            self._tasks.add(task)  # (the loop keeps only weak references to tasks)
+            task.add_done_callback(self._tasks.discard)
 
     def _cut(self) -> int:
         """How many queued checks the next write takes: whole groups, at most ``max_batch``
@@ -250,7 +220,9 @@ class Coalescer:
                 future.set_exception(result)
             else:
                 future.set_result(result)
-        self._schedule()
+        if self._queue and not self._scheduled and self._may_send():
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _exchange(self, commands: list[Command]) -> list[Any]:
         """Send the calls on a pooled connection and read their replies (EVALSHA, then EVAL
@@ -276,8 +248,9 @@ class Coalescer:
 
     async def _connection(self) -> Any:
         """A kept connection, (re)connected, or a new one from the pool. A close is seen once
-        the loop has read it: when Redis restarts, that is as it goes down, while the
-        connection rests between writes."""
+        the loop has read it, and the loop has had its turn at the sockets since the checks
+        were queued (``submit`` flushes at the next turn, and the write's task starts at the
+        one after)."""
         pool = self.redis.connection_pool
         if not self._idle:
             connection = await pool.get_connection()  # (ensured by the pool)

@@ -200,6 +200,8 @@ class Limiter:
             return
         if error is None:
             metrics.redis_call(op, seconds)
+            if self._reported_state == "closed":
+                return  # (a call that went well leaves every breaker closed)
         else:
             metrics.redis_error(op, error)
         self._report_state()
@@ -254,11 +256,10 @@ class Limiter:
             self._admit("check")
         except StoreUnavailable as exc:
             return [exc] * len(calls)
-        futures: list[asyncio.Future[Any]] = []
+        futures = coalescer.submit([(keys, now, cost, tuple(rule_args))
+                                    for keys, cost, _, _, rule_args in calls])
         replies: list[Sequence[int] | StoreUnavailable] = []
         try:
-            futures = await coalescer.run([(keys, now, cost, tuple(rule_args))
-                                           for keys, cost, _, _, rule_args in calls])
             for future in futures:
                 try:
                     replies.append(await future)
