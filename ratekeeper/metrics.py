@@ -7,10 +7,10 @@ before any worker starts, because prometheus_client picks its storage when first
 and /metrics on any worker reports the sum over all of them.
 
 Decisions and local-cache answers are counted in plain dicts on the request path, and the
-times of Redis calls noted in plain lists, and added to the Prometheus counters and histogram
-by ``flush``: at every scrape of this process, once a second and
-when the server stops (the server runs ``flush_forever``), so another worker's counts reach
-/metrics within about a second. A counter's ``inc`` or a histogram's ``observe`` takes a lock (and in multiprocess
+times of Redis calls noted in plain lists; ``flush`` adds them to the Prometheus counters and
+histogram: at every scrape of this process, once a second and when the server stops (the
+server runs ``flush_forever``), so another worker's counts reach /metrics within about a
+second. A counter's ``inc`` or a histogram's ``observe`` takes a lock (and in multiprocess
 mode writes a memory-mapped file); a dict entry costs a fraction of that, and the path runs
 once per decision. Each flush also adds what it moved to a second tally, per (action, rule,
 outcome), which the traffic recorder takes once a second (``take_traffic``) for the shared
