@@ -6,13 +6,12 @@ the config. With several workers the values live in PROMETHEUS_MULTIPROC_DIR (se
 before any worker starts, because prometheus_client picks its storage when first imported)
 and /metrics on any worker reports the sum over all of them.
 
-Decisions and local-cache answers are counted in plain dicts on the request path, and the
-times of Redis calls noted in plain lists; ``flush`` adds them to the Prometheus counters and
-histogram: at every scrape of this process, once a second and when the server stops (the
-server runs ``flush_forever``), so another worker's counts reach /metrics within about a
-second. A counter's ``inc`` or a histogram's ``observe`` takes a lock (and in multiprocess
-mode writes a memory-mapped file); a dict entry costs a fraction of that, and the path runs
-once per decision. Each flush also adds what it moved to a second tally, per (action, rule,
+Decisions and local-cache answers are counted in plain dicts on the request path and added
+to the Prometheus counters by ``flush``: at every scrape of this process, once a second and
+when the server stops (the server runs ``flush_forever``), so another worker's counts reach
+/metrics within about a second. A counter's ``inc`` takes a lock (and in multiprocess mode
+writes a memory-mapped file); a dict entry costs a fraction of that, and the path runs once
+per decision. Each flush also adds what it moved to a second tally, per (action, rule,
 outcome), which the traffic recorder takes once a second (``take_traffic``) for the shared
 counts in Redis behind the tripwires and the admin page's chart: the request path pays
 nothing more for them.
@@ -77,7 +76,6 @@ class Metrics:
         # counted on the request path, not yet in the counters above (``flush``)
         self._decided: dict[tuple[str, str, str], int] = {}
         self._hits: dict[str, int] = {}
-        self._times: dict[str, list[float]] = {}  # Redis calls' seconds, by op
         # flushed, not yet taken by the traffic recorder (``take_traffic``)
         self._traffic: dict[tuple[str, str, str], int] = {}
         self.tapped = False  # whether anything takes the traffic (else it is not kept)
@@ -96,11 +94,8 @@ class Metrics:
         decided[key] = decided.get(key, 0) + count
 
     def redis_call(self, op: str, seconds: float) -> None:
-        """Note one Redis call's time (``flush`` observes it)."""
-        times = self._times.get(op)
-        if times is None:
-            times = self._times[op] = []
-        times.append(seconds)
+        """Observe one Redis call's time."""
+        self._child(self.redis_seconds, op).observe(seconds)
 
     def redis_error(self, op: str, error: str) -> None:
         """Count a failed Redis call by the exception's class name."""
@@ -121,7 +116,7 @@ class Metrics:
 
     def flush(self) -> None:
         """Add what was counted since the last flush to the Prometheus counters."""
-        decided, hits, times = self._decided, self._hits, self._times
+        decided, hits = self._decided, self._hits
         if decided:
             self._decided = {}
             traffic = self._traffic if self.tapped else None
@@ -133,12 +128,6 @@ class Metrics:
             self._hits = {}
             for kind, count in hits.items():
                 self._child(self.cache_hits, kind).inc(count)
-        if times:
-            self._times = {}
-            for op, seconds in times.items():
-                histogram = self._child(self.redis_seconds, op)
-                for each in seconds:
-                    histogram.observe(each)
 
     def take_traffic(self) -> dict[tuple[str, str, str], int]:
         """Decisions per (action, rule, outcome) since the last take."""
