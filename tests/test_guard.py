@@ -57,6 +57,13 @@ BAD_REQUESTS = {
     "oversized header": (f"GET / HTTP/1.1\r\nHost: x\r\nX-A: {MARK}" + "a" * FIELD_MAX
                          + "\r\n\r\n").encode(),
     "oversized target": f"GET /{MARK}{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    "oversized trailer": ("POST /v1/refund HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                          f"\r\n\r\n2\r\n{{}}\r\n0\r\nX-A: {MARK}" + "a" * FIELD_MAX
+                          + "\r\n\r\n").encode(),
+    "too many trailers": ("POST /v1/refund HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                          "\r\n\r\n2\r\n{}\r\n0\r\n"
+                          + "".join(f"X-{MARK}-{i}: 1\r\n" for i in range(200))
+                          + "\r\n").encode(),
     "too many headers": ("GET / HTTP/1.1\r\nHost: x\r\n"
                          + "".join(f"X-{MARK}-{i}: 1\r\n" for i in range(200)) + "\r\n").encode(),
     "oversized head": ("GET / HTTP/1.1\r\nHost: x\r\n"

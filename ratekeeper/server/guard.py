@@ -317,13 +317,13 @@ class Guard(asyncio.Protocol):
             raise _Refusal
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            return  # a chunked body's trailer: aiohttp reads past it, and so does the lane
         size = len(name) + len(value)
         self.fields += 1
-        self.head_size += size
-        if size > FIELD_MAX:
+        if size > FIELD_MAX or self.fields > FIELDS_MAX:
             raise _Refusal
+        if not self.in_head:
+            return  # a chunked body's trailer: aiohttp reads past it, and so does the lane
+        self.head_size += size
         if self.mode != PASS:  # kept in case the request is to be relayed to aiohttp
             self.lines.append(b"%s: %s\r\n" % (name, value))
         if len(name) in _WATCHED_SIZES:

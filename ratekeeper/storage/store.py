@@ -6,8 +6,8 @@ retry (redis-py retries timeouts) can never replay a script we have stopped wait
 The coalesced checks have a client of their own without one (``Store.checks``): their
 deadline is the coalescer's (``coalescer.within``, which has a backstop of its own), and
 under a socket timeout redis-py gives every write a task and every read a timeout scope.
-It is said so (``socket_timeout=None``): since redis-py 8 a client left without one gets
-five seconds.
+It is passed explicitly (``socket_timeout=None``): redis-py 8 gives a client made without
+one five seconds.
 A broken connection is retried once, at once: after a Redis restart every pooled connection
 is dead, and the first call on each would otherwise fail.
 """
