@@ -339,6 +339,7 @@ def test_an_allowed_answer_from_its_form_is_the_usual_bytes(first: Decision,
     """An allowed answer made from its action's prepared form has the very bytes the usual
     encoding gives, whatever the names and figures, also when the action's limits change
     under the form (a config reload)."""
-    assert AllowedForm.of(first) is not None
+    form = AllowedForm.of(first)
+    assert form is not None and form.reply(first) == built_reply(first)  # (the form itself)
     for decision in (first, second, msgspec.structs.replace(second, action=first.action)):
         assert reply_to(decision) == built_reply(decision)

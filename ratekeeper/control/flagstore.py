@@ -51,7 +51,7 @@ class FlagStore:
     def __init__(self, redis: Any, key: str) -> None:
         self.redis = redis
         self.key = key
-        self._set = LuaScript(redis, "flag_set", read_script("flag_set"))
+        self._set_script = LuaScript(redis, "flag_set", read_script("flag_set"))
         self._expire = LuaScript(redis, "flag_expire", read_script("flag_expire"))
 
     async def load(self) -> list[FlagState] | None:
@@ -83,7 +83,7 @@ class FlagStore:
         for known in restore:
             args += [known.name, encode_state(known)]
         async with store_call():
-            restored = await self._set(keys=[self.key], args=args)
+            restored = await self._set_script(keys=[self.key], args=args)
         return bool(restored)
 
     async def set(self, board: FlagBoard, state: FlagState) -> None:

@@ -291,8 +291,7 @@ class Guard(asyncio.Protocol):
         self.writes_paused = False
         if self.inner is not None:
             self.inner.resume_writing()
-        else:
-            self._resume_reading()
+        self._resume_reading()  # (reading the guard paused, aiohttp's protocol opened since)
 
     def _resume_reading(self) -> None:
         if (self.stopped_reading and not self.writes_paused and len(self.owed) <= MAX_OWED // 2

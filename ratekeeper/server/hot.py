@@ -97,8 +97,7 @@ class HotLane:
         """The answer to one request: at once when its input is bad, else the ``Pending``
         that ``done`` hears of once it is decided."""
         if len(body) > MAX_BODY:
-            return _error(413, TOO_LARGE_TEXT,
-                          ends=True)
+            return _error(413, TOO_LARGE_TEXT, ends=True)
         checker = self.app[RUNTIME].checker
         pending = Pending(done)
         try:
@@ -199,8 +198,9 @@ class AllowedForm:
     window's remaining hits and reset and the refund token vary from one check to the next.
     The form is the usual bytes (``rate_limit_headers`` and msgspec's encoding) of a Decision
     whose figures are markers, cut out as ``%d`` and ``%s``: filled, it gives those same bytes
-    (a test compares the two over many answers). Any other answer (denied, shadow, degraded,
-    a look) is built the usual way.
+    (a test compares the two over many answers). The token goes in as it is: refund tokens
+    are base64url text and dots, which JSON carries unescaped. Any other answer (denied,
+    shadow, degraded, a look) is built the usual way.
     """
 
     __slots__ = ("body", "headers", "shape")

@@ -225,9 +225,9 @@ class Coalescer:
             asyncio.get_running_loop().call_soon(self._flush)
 
     async def _exchange(self, commands: list[Command]) -> list[Any]:
-        """Send the calls on a pooled connection and read their replies (EVALSHA, then EVAL
-        for any the script cache lacked); retried once on a fresh connection when the first
-        one was dead before any reply."""
+        """Send the calls on a kept connection and read their replies (EVALSHA, then EVAL
+        for any the script cache lacked); sent once more, on the same connection reconnected,
+        when a Sentinel's master answered READONLY before any of them ran."""
         sha = self.script.sha
         data = b"".join([encode_command(b"EVALSHA", sha, keys, args) for keys, args in commands])
         replies = await self._send_retried(data, len(commands))
@@ -243,7 +243,7 @@ class Coalescer:
     async def _send_retried(self, data: bytes, expected: int) -> list[Any]:
         try:
             return await self._send(data, expected)
-        except _Demoted:  # the pool asks the Sentinels for the new master as it reconnects
+        except _Demoted:  # reconnecting, the connection asks the Sentinels for the new master
             return await self._send(data, expected, retried=True)
 
     async def _connection(self) -> Any:

@@ -118,7 +118,7 @@ class Limiter:
         self.coalescer: Coalescer | None = None
         if not self.sharded:
             # (``checks``: the same Redis for the coalesced checks, as ``Store.checks``)
-            client = checks or redis
+            client = redis if checks is None else checks
             pool = getattr(client, "connection_pool", None)
             self.coalescer = Coalescer(client, self.scripts.check, timeout=timeout,
                                        sentinel=bool(getattr(pool, "is_master", False)))
@@ -143,14 +143,12 @@ class Limiter:
             self._failed("check", error, (breaker,))
 
     async def _call(self, make: Callable[[], Awaitable[T]], *, op: str,
-                    timeout: float | None = None, breakers: Sequence[Breaker] = (),
-                    healthy: Callable[[T], bool] | None = None) -> T:
+                    timeout: float | None = None, breakers: Sequence[Breaker] = ()) -> T:
         """Run ``make()`` under the breakers (default: the limiter's) and the deadline; Redis
         failures become ours.
 
         The deadline starts once the call may go (``MAX_IN_FLIGHT``): waiting for its turn
-        in this process is not Redis failing. ``healthy`` tells the breakers whether a result
-        that came back is a success; ``op`` names the call in metrics.
+        in this process is not Redis failing. ``op`` names the call in metrics.
         """
         breakers = breakers or (self.breaker,)
         self._admit(op, breakers)
@@ -166,12 +164,8 @@ class Limiter:
             for breaker in breakers:
                 breaker.abandon()
             raise
-        ok = healthy is None or healthy(result)
         for breaker in breakers:
-            if ok:
-                breaker.success()
-            else:
-                breaker.failure()
+            breaker.success()
         self._report(op, None, time.perf_counter() - started)
         return result
 

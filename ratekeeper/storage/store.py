@@ -1,6 +1,6 @@
 """Where counts live: a Redis client built from RATEKEEPER_REDIS_URL.
 
-The deadline of a call is the limiter's (``asyncio.timeout``, covering connect and call); the
+The deadline of a call is the limiter's (``coalescer.within``, covering connect and call); the
 socket timeouts here are only a backstop, set later than the deadline so that a client-level
 retry (redis-py retries timeouts) can never replay a script we have stopped waiting for.
 The coalesced checks have a client of their own without one (``Store.checks``): their
