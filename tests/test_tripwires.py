@@ -5,7 +5,7 @@ the keys' TTLs, and the config checks."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,20 +102,12 @@ def process(config: Config, redis: Any, keyspace: Keyspace, clock: FakeClock, *,
 
 
 @pytest.fixture
-async def processes(redis: aioredis.Redis, key_prefix: str, clock: FakeClock
-                    ) -> AsyncIterator[Callable[..., Process]]:
-    """Make processes sharing this test's Redis keys, on the test clock."""
-    made: list[Alerts] = []
+def processes(redis: aioredis.Redis, key_prefix: str, clock: FakeClock
+              ) -> Callable[..., Process]:
+    """Make processes sharing this test's Redis keys, on the test clock (their alerts have
+    no webhook, so there is nothing to stop)."""
     keyspace = Keyspace(SALT, prefix=key_prefix)
-
-    def make(config: Config) -> Process:
-        one = process(config, redis, keyspace, clock)
-        made.append(one.tripwires.alerts)
-        return one
-
-    yield make
-    for alerts in made:
-        await alerts.stop()
+    return lambda config: process(config, redis, keyspace, clock)
 
 
 async def test_reaching_the_threshold_trips_once_and_turns_the_flag_on(
