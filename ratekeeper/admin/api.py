@@ -58,7 +58,7 @@ from ratekeeper.decision.cache import LocalCache
 from ratekeeper.decision.flags import FlagBoard, FlagState
 from ratekeeper.errors import BadRequest, StoreUnavailable
 from ratekeeper.server.auth import Principal, TokenAuth
-from ratekeeper.server.http import Handler, error_response, json_response
+from ratekeeper.server.http import Handler, error_response, json_response, unauthorized
 from ratekeeper.server.state import RUNTIME, Runtime
 from ratekeeper.settings import Settings
 
@@ -80,10 +80,8 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
     admin = request.config_dict[ADMIN]
     principal = admin.auth.authenticate(request.headers.get("Authorization"))
     if principal is None:
-        response = error_response(401, "a valid admin token is required "
-                                       "(Authorization: Bearer <token>)")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="ratekeeper"'
-        return response
+        return unauthorized("a valid admin token is required (Authorization: Bearer <token>)",
+                            "ratekeeper")
     if request.method not in READ_METHODS and not principal.can_write:
         return error_response(403, f"token '{principal.name}' may only read")
     try:

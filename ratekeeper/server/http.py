@@ -20,7 +20,7 @@ from ratekeeper.errors import BadRequest
 
 __all__ = ["CLIENT_ERRORS", "JSON", "MAX_BODY", "TOO_LARGE_TEXT", "Answer", "Handler",
            "error_answer", "error_middleware", "error_response", "json_answer", "json_response",
-           "response"]
+           "response", "unauthorized"]
 
 MAX_BODY = 64 * 1024
 TOO_LARGE_TEXT = f"the request body is larger than {MAX_BODY // 1024} KiB"  # (its 413's)
@@ -75,6 +75,13 @@ def json_response(body: Any, *, status: int = 200) -> web.Response:
 def error_response(status: int, message: str) -> web.Response:
     """A 4xx with ``{"error": message}``."""
     return json_response(ErrorBody(error=message), status=status)
+
+
+def unauthorized(message: str, realm: str) -> web.Response:
+    """The 401 for a request without a valid bearer token of ``realm``."""
+    answer = error_response(401, message)
+    answer.headers["WWW-Authenticate"] = f'Bearer realm="{realm}"'
+    return answer
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -19,14 +19,12 @@ the admin audit trail, which records what people do. With no token set, these en
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
 
 from ratekeeper.api.wire import FlagStates, OriginFlag
 from ratekeeper.decision.checker import NotClearable
 from ratekeeper.server.auth import TokenAuth
-from ratekeeper.server.http import error_response, json_response
+from ratekeeper.server.http import Handler, error_response, json_response, unauthorized
 from ratekeeper.server.state import RUNTIME
 from ratekeeper.settings import AdminToken
 
@@ -37,17 +35,12 @@ ORIGIN_AUTH = web.AppKey("origin_auth", TokenAuth)
 NO_TOKEN = ("a valid origin token is required (Authorization: Bearer <token>, one of the "
             f"sidecar's {ORIGIN_TOKEN_ENV})")
 
-OriginHandler = Callable[[web.Request], Awaitable[web.Response]]
-
-
-def _origin_only(handler: OriginHandler) -> OriginHandler:
+def _origin_only(handler: Handler) -> Handler:
     """``handler`` behind the origin token: a 401 for anyone else, before the body is read."""
 
-    async def guarded(request: web.Request) -> web.Response:
+    async def guarded(request: web.Request) -> web.StreamResponse:
         if request.app[ORIGIN_AUTH].authenticate(request.headers.get("Authorization")) is None:
-            response = error_response(401, NO_TOKEN)
-            response.headers["WWW-Authenticate"] = 'Bearer realm="ratekeeper-origin"'
-            return response
+            return unauthorized(NO_TOKEN, "ratekeeper-origin")
         return await handler(request)
 
     return guarded
