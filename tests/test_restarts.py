@@ -120,7 +120,9 @@ async def test_rolling_restart_under_load_fails_no_request(
     connector = aiohttp.TCPConnector(limit=64)
     async with aiohttp.ClientSession(connector=connector) as session:
         clients = [asyncio.ensure_future(client(session, n)) for n in range(16)]
-        await asyncio.sleep(0.3)
+        answered_by = time.monotonic() + 10  # (a busy machine is slow to answer the first)
+        while len(statuses) < 16 and not failures and time.monotonic() < answered_by:
+            await asyncio.sleep(0.01)
         before = len(statuses)
         server.process.send_signal(signal.SIGUSR2)
         await asyncio.get_running_loop().run_in_executor(
