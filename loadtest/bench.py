@@ -4,9 +4,11 @@ Starts its own redis-server (free loopback port, no persistence), `ratekeeper se
 workers, the bare aiohttp ceiling with N workers, wrk, the paced open-loop client and the
 `limits` baseline; measures; stops everything. Figures, never assertions: a missed target
 is reported, not failed on. Everything runs on this machine's loopback, so the ratios (not
-the absolute rates) are what carry over to other machines. The ceiling and /v1/check run
-in alternating rounds, so that a drift in the machine's speed weighs on both alike; an info
-row repeats the comparison with one worker each. What each figure means: loadtest/README.md.
+the absolute rates) are what carry over to other machines. The ceiling, /v1/check and the
+`limits` baseline (on a redis-server of its own) run in alternating rounds, so that a drift
+in the machine's speed weighs on all of them alike, and `limits` counts as the median of its
+rounds; an info row repeats the ceiling's comparison with one worker each. What each figure
+means: loadtest/README.md.
 
     .venv/bin/python loadtest/bench.py [--workers 2] [--seconds 8] [--subjects 1000000]
 """
@@ -19,6 +21,7 @@ import json
 import os
 import platform
 import secrets
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +48,7 @@ POOL = 100_000  # random client IPs of the main scenarios
 FLOOD_SUBJECTS = 300  # IPs sending 95% of the flood: half banned, half over their limit
 FLOOD_PCT = 95
 BATCH = 100  # checks per /v1/check/batch request
-ROUNDS = 4  # the ceiling and /v1/check alternate, each round --seconds / 2 long
+ROUNDS = 4  # the ceiling, /v1/check and limits alternate, each round --seconds / 2 long
 ONE_WORKER_ROUNDS = 2  # the same with one worker each (an info row)
 MAX_PER_CALL = 64  # decisions per check.lua call in the Redis CPU figure, at most
 HOUR_LIMIT = 1000  # bench-ip's hour window; one request with this cost fills it
@@ -209,31 +212,49 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             return run_wrk(server.url + path, seconds=secs, connections=connections,
                            threads=args.threads, script_args=script)
 
-        def alternate(bare: Server, ours: Server, rounds: int, warm_up: float, label: str
+        def alternate(bare: Server, ours: Server, rounds: int, warm_up: float, label: str,
+                      baseline: Callable[[], dict[str, Any]] | None = None
                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
-                                 redis_cost.CommandStats]:
+                                 redis_cost.CommandStats, list[dict[str, Any]]]:
             """After ``warm_up`` seconds of each, wrk's runs of the ceiling (``bare``) and of
-            /v1/check (``ours``), ``rounds`` of --seconds / 2 each, in turn; and what Redis
-            did meanwhile (the ceiling sends it nothing: it is /v1/check's). On a shared
-            machine (a VM, its neighbours) the cores' speed drifts over seconds, and
-            back-to-back runs of one then the other put that drift into their ratio;
-            alternating spreads it over both."""
+            /v1/check (``ours``), and the ``baseline``'s when given, ``rounds`` of --seconds
+            / 2 each, in turn; and what Redis did meanwhile (the ceiling sends it nothing,
+            the baseline has a Redis of its own: it is /v1/check's). On a shared machine (a
+            VM, its neighbours) the cores' speed drifts over seconds, and back-to-back runs
+            of one then the other put that drift into their ratio; alternating spreads it
+            over all of them."""
             single = ["single", str(POOL)]
             wrk(bare, "/v1/check", single, warm_up)
             wrk(ours, "/v1/check", single, warm_up)
             before = redis_cost.snapshot(client)
             runs_bare: list[dict[str, Any]] = []
             runs_ours: list[dict[str, Any]] = []
+            runs_baseline: list[dict[str, Any]] = []
             for number in range(1, rounds + 1):
-                log(f"{label}: the ceiling, then /v1/check, round {number} of {rounds}")
+                log(f"{label}: the ceiling, then /v1/check"
+                    + (", then limits" if baseline else "") + f", round {number} of {rounds}")
                 runs_bare.append(wrk(bare, "/v1/check", single, seconds / 2))
                 runs_ours.append(wrk(ours, "/v1/check", single, seconds / 2))
-            return runs_bare, runs_ours, redis_cost.snapshot(client).minus(before)
+                if baseline is not None:
+                    runs_baseline.append(baseline())
+            return (runs_bare, runs_ours, redis_cost.snapshot(client).minus(before),
+                    runs_baseline)
 
-        rounds_ceiling, rounds_check, spent = alternate(ceiling, rk, ROUNDS, 2,
-                                                        f"{workers} workers")
+        limits_redis = start_redis()
+        stops.append(limits_redis.stop)
+        limit_text = "; ".join(f"{w.limit} per {w.seconds} seconds"
+                               for w in config.rules["bench-ip"].windows)
+
+        def limits_round() -> dict[str, Any]:
+            return run_limits(limits_redis.port, limit=limit_text, processes=workers,
+                              concurrency=conns, seconds=seconds / 2, pool=POOL)
+
+        rounds_ceiling, rounds_check, spent, rounds_limits = alternate(
+            ceiling, rk, ROUNDS, 2, f"{workers} workers", limits_round)
         raw["ceiling"] = merged_runs(rounds_ceiling)
         raw["check"] = merged_runs(rounds_check)
+        raw["limits"] = {"decisions_per_s": statistics.median(
+            r["decisions_per_s"] for r in rounds_limits), "rounds": rounds_limits}
         raw["check_rounds"] = [round(c["decided_per_s"] / e["rps"], 4)
                                for c, e in zip(rounds_check, rounds_ceiling, strict=True)]
         evalsha_calls = spent.calls.get("evalsha", 0)
@@ -259,13 +280,9 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         raw["paced_ceiling"] = uvloop.run(paced.run(ceiling.url, rate=args.rate,
                                                     seconds=args.paced_seconds / 2, pool=POOL))
 
-        log(f"limits MovingWindowRateLimiter ({workers} processes)")
-        limit_text = "; ".join(f"{w.limit} per {w.seconds} seconds"
-                               for w in config.rules["bench-ip"].windows)
-        raw["limits"] = run_limits(main_redis.port, limit=limit_text, processes=workers,
-                                   concurrency=conns, seconds=seconds, pool=POOL)
+        log(f"limits MovingWindowRateLimiter, one window ({workers} processes)")
         raw["limits_one_window"] = run_limits(
-            main_redis.port, limit=limit_text.split(";")[0], processes=workers,
+            limits_redis.port, limit=limit_text.split(";")[0], processes=workers,
             concurrency=conns, seconds=seconds / 2, pool=POOL)
 
         log("flood")
@@ -292,7 +309,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         stops.append(rk_one.stop)
         ceiling_one = start_ceiling(1, body_size)
         stops.append(ceiling_one.stop)
-        one_ceiling, one_check, _ = alternate(ceiling_one, rk_one, ONE_WORKER_ROUNDS, 1,
+        one_ceiling, one_check, _, _ = alternate(ceiling_one, rk_one, ONE_WORKER_ROUNDS, 1,
                                               "one worker each")
         raw["one_worker"] = {"ceiling": merged_runs(one_ceiling),
                              "check": merged_runs(one_check)}
@@ -402,8 +419,8 @@ def rows_of(raw: dict[str, Any]) -> list[Row]:
     return [
         Row("ceiling: bare aiohttp, same JSON, same-sized body", ceiling, "req/s"),
         Row("ratekeeper POST /v1/check (decided answers)", check, "req/s", check / ceiling),
-        Row("limits MovingWindowRateLimiter, async redis-py, same 2-window rule",
-            limits, "decisions/s"),
+        Row("limits MovingWindowRateLimiter, async redis-py, same 2-window rule (median of "
+            f"{len(raw['limits']['rounds'])} rounds)", limits, "decisions/s"),
         Row("ratekeeper /v1/check vs limits", check, "decisions/s", check / limits),
         Row(f"ratekeeper /v1/check/batch ({BATCH} per request)", batch, "decisions/s",
             batch / limits),
