@@ -310,7 +310,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         ceiling_one = start_ceiling(1, body_size)
         stops.append(ceiling_one.stop)
         one_ceiling, one_check, _, _ = alternate(ceiling_one, rk_one, ONE_WORKER_ROUNDS, 1,
-                                              "one worker each")
+                                                 "one worker each")
         raw["one_worker"] = {"ceiling": merged_runs(one_ceiling),
                              "check": merged_runs(one_check)}
         client.close()

@@ -74,7 +74,6 @@ async def first_answers(enough: Callable[[], bool], timeout: float = 10.0) -> No
         await asyncio.sleep(0.01)
 
 
-
 async def test_sigterm_drains_a_request_in_flight(serve_process: Callable[..., ServerProcess],
                                                   lone_redis: RedisServer,
                                                   key_prefix: str) -> None:
