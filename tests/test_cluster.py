@@ -171,7 +171,6 @@ async def test_refund_token_gives_back_every_slot(cluster_client: RedisCluster,
     assert [lim.remaining for lim in peek.limits] == [4, 4]
 
 
-
 @pytest.fixture
 async def own_cluster() -> AsyncIterator[tuple[ClusterServers, RedisCluster]]:
     """A 3-master cluster of this test alone (it pauses and kills nodes), and a client; the

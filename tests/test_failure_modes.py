@@ -93,7 +93,6 @@ def test_breaker_cancelled_probe_lets_the_next_call_probe() -> None:
     assert breaker.allow()
 
 
-
 @pytest.fixture
 def lone_settings(lone_redis: RedisServer, key_prefix: str) -> Settings:
     """Settings for the test's own redis-server with the default 50 ms deadline."""

@@ -151,7 +151,6 @@ def test_subject_hashes_never_change_between_releases() -> None:
         "ym2BTqi6cACF6rwBaRILNg")
 
 
-
 @pytest.mark.parametrize("length", [1, 31, 64, 65, 200])
 def test_subject_hashes_are_hmac_sha256_for_any_salt_length(length: int) -> None:
     """Keyspace computes HMAC from its own inner and outer hashes: it agrees with the hmac
@@ -167,6 +166,7 @@ def test_subject_hashes_are_hmac_sha256_for_any_salt_length(length: int) -> None
         message = b"".join(b"%s\x00%d\x00%s" % (f.encode(), len(v), v) for f, v in parts)
         mac = hmac.new(salt, message, hashlib.sha256).digest()[:16]
         assert keyspace.subject(parts) == base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
 
 STAGED = """
 [rules.boxed]

@@ -40,8 +40,6 @@ def _json(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields).encode()
 
 
-
-
 @pytest.mark.parametrize("algorithm", ["sliding-log", "sliding-counter"])
 async def test_walk_then_deny_then_recover(store: Any, key_prefix: str,
                                            clock: FakeClock, algorithm: str) -> None:

@@ -35,7 +35,6 @@ def env(redis_server: RedisServer, prefix: str, **extra: str) -> dict[str, str]:
             "RATEKEEPER_REDIS_TIMEOUT_MS": "2000", **extra}
 
 
-
 async def test_metrics_sum_over_two_workers_and_carry_no_subject(
         serve_process: Any, redis_server: RedisServer, key_prefix: str) -> None:
     """Decisions counted by action, rule and outcome across both workers; no IP or hash."""

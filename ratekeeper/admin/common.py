@@ -27,6 +27,7 @@ from ratekeeper.server.state import RUNTIME, Runtime
 __all__ = ["ADMIN", "AdminState", "Codecs", "check_text", "decode", "duration_seconds",
            "limit_param", "parts", "query", "route_of"]
 
+
 @dataclass(slots=True)
 class Codecs:
     """Decoders of the bodies whose fields depend on the config."""
@@ -65,8 +66,6 @@ class AdminState:
 
 
 ADMIN = web.AppKey("admin", AdminState)
-
-
 
 
 def route_of(request: web.Request) -> str:

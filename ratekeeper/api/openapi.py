@@ -27,6 +27,7 @@ RATE_LIMIT_HEADERS = {
     "RateLimit": "IETF RateLimit: remaining quota and seconds until it goes up",
 }
 
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """One documented response: its description, body type and headers."""

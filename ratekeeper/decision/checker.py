@@ -107,7 +107,6 @@ def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
     )
 
 
-
 # What decided a ban or penalty-box denial: (the subject's fields, its hash), for the log
 Culprit = tuple[str, str] | None
 Answer = tuple[Decision, Culprit]

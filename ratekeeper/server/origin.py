@@ -35,6 +35,7 @@ ORIGIN_AUTH = web.AppKey("origin_auth", TokenAuth)
 NO_TOKEN = ("a valid origin token is required (Authorization: Bearer <token>, one of the "
             f"sidecar's {ORIGIN_TOKEN_ENV})")
 
+
 def _origin_only(handler: Handler) -> Handler:
     """``handler`` behind the origin token: a 401 for anyone else, before the body is read."""
 

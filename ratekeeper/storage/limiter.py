@@ -563,7 +563,6 @@ class Limiter:
             return False
         return True
 
-
     async def _warm_masters(self) -> None:
         """Connect to every master and load the scripts there (``ready``)."""
         for node in self.redis.get_primaries():

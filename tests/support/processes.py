@@ -13,6 +13,7 @@ from support.redis_servers import free_port, stop_process
 
 __all__ = ["ServerProcess"]
 
+
 class ServerProcess:
     """A `ratekeeper serve` subprocess on a free port."""
 
