@@ -42,7 +42,7 @@ def create_app(settings: Settings, config: Config, *, store: Store | None = None
         live = open_store(settings) if store is None else store
         metrics = Metrics()
         limiter = Limiter(live.redis, timeout=settings.redis_timeout_ms / 1000, clock=clock,
-                          metrics=metrics, node_client=live.node_client, checks=live.checks)
+                          metrics=metrics, checks=live.checks)
         flags = FlagBoard(config.flags)
         cache = LocalCache(settings.local_cache_size, now_ms=clock)
         keyspace = Keyspace(settings.ip_salt, prefix=settings.key_prefix, grouping=config.ip)

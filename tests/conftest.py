@@ -21,7 +21,7 @@ from ratekeeper.storage.store import CLUSTER_MAX_CONNECTIONS, open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support.common import SALT, TEST_DEADLINE_MS, FakeClock, config_from
+from support.common import SALT, TEST_DEADLINE_MS, FakeClock, close_opened, config_from
 from support.processes import ServerProcess
 from support.redis_servers import (
     ClusterServers,
@@ -80,6 +80,13 @@ STORES = {"redis": "redis", "cluster": "cluster_client"}
 def store(request: pytest.FixtureRequest) -> Any:
     """A client of each topology in turn: the session's redis-server, then the cluster."""
     return request.getfixturevalue(STORES[request.param])
+
+
+@pytest.fixture
+async def closes_opened() -> AsyncIterator[None]:
+    """Closes what the test ``opened`` (``support.common``) when it ends."""
+    yield
+    await close_opened()
 
 
 @pytest.fixture

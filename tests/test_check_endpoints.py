@@ -27,8 +27,11 @@ from ratekeeper.storage.breaker import Breaker
 from ratekeeper.storage.limiter import CheckCall, Limiter, parse_outcome
 
 from support.admin import CONFIG, admin_settings, call
-from support.common import FakeClock, config_from, sample
+from support.common import FakeClock, config_from, opened, sample
 from support.redis_servers import RedisServer
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 CHECK = "/v1/check"
 BATCH = "/v1/check/batch"
@@ -507,7 +510,7 @@ async def test_a_caller_that_gives_up_while_its_batch_is_out_spoils_nothing(
     still read and its hit taken once, the breaker stays closed, and the next callers get
     their own answers."""
     client = redis_client_of(lone_redis)
-    limiter = Limiter(client, timeout=5.0)
+    limiter = opened(Limiter(client, timeout=5.0))
     coalescer = limiter.coalescer
     assert coalescer is not None
     ended: list[BaseException | None] = []

@@ -12,7 +12,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import fakeredis
 import msgspec
 import pytest
 import redis.asyncio as aioredis
@@ -27,13 +26,19 @@ from ratekeeper.decision.flags import FlagBoard
 from ratekeeper.errors import StoreUnavailable
 from ratekeeper.identity.keys import Keyspace
 from ratekeeper.metrics import Metrics
+from ratekeeper.settings import Settings
 from ratekeeper.storage.coalescer import Coalescer
 from ratekeeper.storage.coalescer import Request as Check
 from ratekeeper.storage.limiter import CheckCall, Limiter, parse_outcome
+from ratekeeper.storage.pipe import locate_for
 from ratekeeper.storage.scripts import LuaScript, Scripts, check_args, check_replies, read_script
+from ratekeeper.storage.store import Store, open_store
 
-from support.common import SALT, FakeClock, config_from, sample
+from support.common import SALT, FakeClock, config_from, opened, sample
 from support.redis_servers import RedisServer, running_redis
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 # Rules as check.lua's ARGV: algorithm, shadow, penalty_ms, nw, then (limit, window_ms) pairs.
 RULES: dict[str, list[str | int]] = {
@@ -242,8 +247,10 @@ async def test_the_coalescer_answers_every_caller_as_one_call_each(
     ResponseError."""
     client: Any
     server: RedisServer | None = None
-    if transport == "fakeredis":
-        client = fakeredis.FakeAsyncRedis()
+    store: Store | None = None
+    if transport == "fakeredis":  # (the embedded store, as memory:// opens it)
+        store = open_store(Settings(redis_url="memory://", ip_salt=SALT))
+        client = store.redis
     else:
         server = request.getfixturevalue("lone_redis")
         client = aioredis.Redis(port=server.port)
@@ -256,7 +263,8 @@ async def test_the_coalescer_answers_every_caller_as_one_call_each(
             await client.set(f"{prefix}:{{{prefix}}}:s2:log", b"not a list")
         expected = await one_by_one(client, one, [(START_MS, requests)])
 
-        coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0)
+        locate = locate_for(client) if store is None or store.checks is None else store.checks
+        coalescer = Coalescer(locate, Scripts.register(client).check, timeout=2.0)
         before = evalsha_calls(server) if server is not None else 0
         futures = [future for r in requests
                    for future in coalescer.submit([as_check(r, many)])]
@@ -272,8 +280,12 @@ async def test_the_coalescer_answers_every_caller_as_one_call_each(
             else:
                 assert same([have], [want]), f"caller {i}"
         assert await state(client, many) == await state(client, one)
+        await coalescer.close()
     finally:
-        await client.aclose()
+        if store is not None:
+            await store.close()
+        else:
+            await client.aclose()
 
 
 async def test_calls_with_another_clock_go_as_another_call_in_order(
@@ -282,7 +294,8 @@ async def test_calls_with_another_clock_go_as_another_call_in_order(
     check.lua calls (counted by Redis), run in the order they were submitted."""
     client = aioredis.Redis(port=lone_redis.port)
     try:
-        coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0)
+        coalescer = opened(Coalescer(locate_for(client), Scripts.register(client).check,
+                                      timeout=2.0))
         await client.script_load(coalescer.script.script)
         before = evalsha_calls(lone_redis)
         request = Request("a", "s0", None, 1)
@@ -318,7 +331,7 @@ async def test_one_bad_request_in_a_batch_does_not_open_the_circuit(
     the failed one is its own StoreUnavailable, the others are Redis's answers, and Redis
     having answered every write, the breaker stays closed."""
     await redis.set(f"{key_prefix}:bad:s", "not a list")
-    limiter = Limiter(redis, timeout=2.0)
+    limiter = opened(Limiter(redis, timeout=2.0))
     assert limiter.coalescer is not None
     for round_ in range(8):
         answers = await limiter.decide([log_call(key_prefix, "bad")] + [
@@ -334,7 +347,7 @@ def test_a_coalescer_used_from_a_new_event_loop_answers_there(
     before the write); on the next loop the coalescer starts afresh: a check there is
     answered, and the one left behind took nothing."""
     client = aioredis.Redis(port=redis_server.port)
-    coalescer = Coalescer(client, Scripts.register(client).check, timeout=0.3)
+    coalescer = Coalescer(locate_for(client), Scripts.register(client).check, timeout=0.3)
     check = as_check(Request("a", "s0", None, 1), key_prefix)
     first = asyncio.new_event_loop()
     first.call_soon(coalescer.submit, [check])
@@ -346,6 +359,7 @@ def test_a_coalescer_used_from_a_new_event_loop_answers_there(
         try:
             return await asyncio.wait_for(coalescer.submit([check])[0], 2)
         finally:
+            await coalescer.close()
             await client.aclose()
 
     reply = asyncio.run(on_the_next_loop())
@@ -376,7 +390,7 @@ async def test_readonly_is_the_calls_error_so_clients_find_the_new_master(
             with pytest.raises(ReadOnlyError):
                 await raw_check(client)(keys=keys, args=check_args("", 1, 2, rule))
             metrics = Metrics()
-            limiter = Limiter(client, timeout=2.0, metrics=metrics)
+            limiter = opened(Limiter(client, timeout=2.0, metrics=metrics))
             calls: list[CheckCall] = [(keys, 1, 1, 1, rule)] * 3
             answers = await limiter.decide(calls)
             assert all(isinstance(answer, StoreUnavailable) for answer in answers)
@@ -416,7 +430,7 @@ rules = ["ip-log"]
 
 def checker_on(client: Any, prefix: str, clock: FakeClock) -> Checker:
     config = config_from(CHECKER_CONFIG)
-    limiter = Limiter(client, timeout=2.0, clock=clock)
+    limiter = opened(Limiter(client, timeout=2.0, clock=clock))
     return Checker(config, Keyspace(SALT, prefix=prefix, grouping=config.ip), limiter,
                    FlagBoard(config.flags))
 

@@ -22,8 +22,11 @@ from ratekeeper.settings import Settings
 from ratekeeper.storage.limiter import Limiter
 from ratekeeper.storage.store import open_store
 
-from support.common import SALT, FakeClock, config_from
+from support.common import SALT, FakeClock, config_from, opened
 from support.redis_servers import ClusterServers, start_cluster
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 TWO_SUBJECTS = """
 [rules.ip]
@@ -48,8 +51,8 @@ IP, USER = "203.0.113.9", "alice"
 def make_checker(client: Any, prefix: str, clock: FakeClock | None = None, *,
                  ip_limit: int = 10, user_limit: int = 2) -> Checker:
     config = config_from(TWO_SUBJECTS.format(ip_limit=ip_limit, user_limit=user_limit))
-    return Checker(config, Keyspace(SALT, prefix=prefix), Limiter(client, timeout=2.0,
-                   clock=clock), FlagBoard(config.flags))
+    return Checker(config, Keyspace(SALT, prefix=prefix),
+                   opened(Limiter(client, timeout=2.0, clock=clock)), FlagBoard(config.flags))
 
 
 async def ask(checker: Checker, **fields: Any) -> Any:
@@ -74,11 +77,11 @@ async def test_store_url_builds_a_cluster_client_that_splits(redis_cluster: Clus
     store = open_store(Settings(redis_url=redis_cluster.url, ip_salt=SALT))
     try:
         assert store.kind == "cluster" and isinstance(store.redis, RedisCluster)
-        limiter = Limiter(store.redis, timeout=2.0)
+        limiter = opened(Limiter(store.redis, timeout=2.0))
         assert limiter.sharded and await limiter.ready()
     finally:
         await store.close()
-    assert not Limiter(redis, timeout=2.0).sharded
+    assert not opened(Limiter(redis, timeout=2.0)).sharded
 
 
 async def test_ip_and_user_rules_live_in_different_slots(cluster_client: RedisCluster,
@@ -222,7 +225,7 @@ async def test_a_dead_master_degrades_only_the_checks_of_its_slots() -> None:
     timeout too; only the checks of the dead master's slots are degraded."""
     cluster = start_cluster(extra=("--cluster-require-full-coverage", "no"))
     store = open_store(Settings(redis_url=cluster.url, ip_salt=SALT))
-    limiter = Limiter(store.redis, timeout=0.05, node_client=store.node_client)
+    limiter = opened(Limiter(store.redis, timeout=0.05))
     try:
         assert await limiter.ready()
         victim = cluster.nodes[0]

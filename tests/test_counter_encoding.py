@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from ratekeeper.decision.checker import Checker
@@ -14,7 +15,10 @@ from ratekeeper.identity.keys import Keyspace
 from ratekeeper.storage.limiter import Limiter
 from ratekeeper.storage.scripts import LuaScript, read_script
 
-from support.common import SALT, FakeClock, config_from
+from support.common import SALT, FakeClock, config_from, opened
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 RULE = """
 [rules.r]
@@ -29,7 +33,7 @@ rules = ["r"]
 def checker(limit: str, redis: aioredis.Redis, prefix: str, clock: FakeClock) -> Checker:
     config = config_from(RULE.format(limit=limit))
     return Checker(config, Keyspace(SALT, prefix=prefix, grouping=config.ip),
-                   Limiter(redis, timeout=2.0, clock=clock), FlagBoard(config.flags))
+                   opened(Limiter(redis, timeout=2.0, clock=clock)), FlagBoard(config.flags))
 
 
 async def ask(checker: Checker, **fields: Any) -> Any:

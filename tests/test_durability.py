@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 from ratekeeper.decision.checker import Checker
 from ratekeeper.decision.flags import FlagBoard
 from ratekeeper.identity.keys import Keyspace
@@ -13,8 +15,11 @@ from ratekeeper.settings import Settings
 from ratekeeper.storage.limiter import Limiter
 from ratekeeper.storage.store import open_store
 
-from support.common import SALT, FakeClock, config_from
+from support.common import SALT, FakeClock, config_from, opened
 from support.redis_servers import start_redis
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 RULES = """
 [rules.log]
@@ -40,7 +45,7 @@ async def test_counters_survive_a_crash_with_aof(key_prefix: str, clock: FakeClo
     try:
         config = config_from(RULES)
         checker = Checker(config, Keyspace(SALT, prefix=key_prefix),
-                          Limiter(store.redis, timeout=2.0, clock=clock),
+                          opened(Limiter(store.redis, timeout=2.0, clock=clock)),
                           FlagBoard(config.flags))
         for expected in (4, 3, 2):
             decision = await ask(checker, action="a", ip="192.0.2.1", user="alice")

@@ -29,8 +29,11 @@ from support.admin import (
     runtime_of,
     wait_until,
 )
-from support.common import FakeClock, config_from
+from support.common import FakeClock, config_from, opened
 from support.redis_servers import RedisServer
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 IP = "198.51.100.200"
 
@@ -123,7 +126,7 @@ async def test_the_cache_never_changes_a_decision(redis: aioredis.Redis, key_pre
     checkers = []
     for name, cache in (("plain", None), ("cached", LocalCache(1000, now_ms=clock))):
         keyspace = Keyspace(SALT, prefix=f"{key_prefix}-{name}", grouping=config.ip)
-        checkers.append(Checker(config, keyspace, Limiter(redis, timeout=2.0, clock=clock),
+        checkers.append(Checker(config, keyspace, opened(Limiter(redis, timeout=2.0, clock=clock)),
                                 FlagBoard(config.flags), cache=cache))
     plain, cached = checkers
     for _ in range(600):
@@ -281,7 +284,7 @@ async def test_a_cached_denial_says_its_waits_to_the_millisecond(redis: aioredis
     checkers = []
     for name, cache in (("plain", None), ("cached", LocalCache(100, now_ms=clock))):
         keyspace = Keyspace(SALT, prefix=f"{key_prefix}-{name}", grouping=config.ip)
-        checkers.append(Checker(config, keyspace, Limiter(redis, timeout=2.0, clock=clock),
+        checkers.append(Checker(config, keyspace, opened(Limiter(redis, timeout=2.0, clock=clock)),
                                 FlagBoard(config.flags), cache=cache))
     plain, cached = checkers
     body = json.dumps({"action": "a", "ip": IP}).encode()
@@ -344,7 +347,7 @@ async def test_a_box_says_its_wait_to_the_millisecond_from_redis_and_the_cache(
     config = config_from(BOX_CONFIG)
     clock = FakeClock()
     keyspace = Keyspace(SALT, prefix=key_prefix, grouping=config.ip)
-    plain, cached = (Checker(config, keyspace, Limiter(redis, timeout=2.0, clock=clock),
+    plain, cached = (Checker(config, keyspace, opened(Limiter(redis, timeout=2.0, clock=clock)),
                              FlagBoard(config.flags), cache=cache)
                      for cache in (None, LocalCache(100, now_ms=clock)))
     body = json.dumps({"action": "a", "ip": IP}).encode()

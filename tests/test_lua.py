@@ -17,7 +17,10 @@ from ratekeeper.decision.flags import FlagBoard
 from ratekeeper.identity.keys import Keyspace
 from ratekeeper.storage.limiter import Limiter
 
-from support.common import ONE_RULE, SALT, FakeClock, config_from
+from support.common import ONE_RULE, SALT, FakeClock, config_from, opened
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 SLACK_MS = 1000
 
@@ -25,7 +28,7 @@ SLACK_MS = 1000
 def checker_for(text: str, redis: Any, prefix: str,
                 clock: FakeClock | None = None) -> Checker:
     config = config_from(text)
-    limiter = Limiter(redis, timeout=2.0, clock=clock)
+    limiter = opened(Limiter(redis, timeout=2.0, clock=clock))
     return Checker(config, Keyspace(SALT, prefix=prefix, grouping=config.ip), limiter,
                    FlagBoard(config.flags))
 

@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -25,18 +27,22 @@ from ratekeeper.identity.keys import Keyspace
 from ratekeeper.settings import Settings
 from ratekeeper.storage.coalescer import Coalescer, Request, encode_command
 from ratekeeper.storage.limiter import Limiter, parse_outcome
+from ratekeeper.storage.pipe import Endpoint, locate_for
 from ratekeeper.storage.scripts import Scripts
 from ratekeeper.storage.store import open_store
 
-from support.common import ONE_RULE, SALT, config_from
+from support.common import ONE_RULE, SALT, config_from, opened
 from support.redis_servers import RedisServer, free_port, running_redis, start_sentinel
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 NOW_MS = 1_700_000_000_000
 
 
 def coalescer_for(redis: aioredis.Redis, **options: Any) -> Coalescer:
     options.setdefault("timeout", 2.0)
-    return Coalescer(redis, Scripts.register(redis).check, **options)
+    return opened(Coalescer(locate_for(redis), Scripts.register(redis).check, **options))
 
 
 def counter(prefix: str, subject: str, *, cost: int = 1, limit: int = 100,
@@ -59,7 +65,7 @@ FIVE = ONE_RULE.format(limit="5 per minute", algorithm="sliding-counter")
 def checker_on(redis: Any, prefix: str, text: str = FIVE, timeout: float = 2.0
                ) -> Checker:
     config = config_from(text)
-    limiter = Limiter(redis, timeout=timeout)
+    limiter = opened(Limiter(redis, timeout=timeout))
     return Checker(config, Keyspace(SALT, prefix=prefix, grouping=config.ip), limiter,
                    FlagBoard(config.flags))
 
@@ -143,7 +149,7 @@ async def test_an_unreachable_redis_is_each_checks_store_unavailable() -> None:
     dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.5,
                           retry=Retry(NoBackoff(), 0))
     try:
-        limiter = Limiter(dead, timeout=1.0)
+        limiter = opened(Limiter(dead, timeout=1.0))
         calls = [([f"p:{{s{i}}}:r"], 1, 0, 1, ("c", "0", 0, 1, 5, 60_000)) for i in range(20)]
         replies = await limiter.decide(calls)
         assert all(isinstance(r, StoreUnavailable) for r in replies)
@@ -167,6 +173,7 @@ async def test_checks_wait_while_the_writes_allowed_out_are_out(redis: aioredis.
                                                                 key_prefix: str) -> None:
     """With one write allowed out, checks submitted meanwhile go together in the next."""
     coalescer = coalescer_for(redis, max_inflight=1)
+    await coalescer.connect()  # (as readiness does: else they all wait for the connection)
     first = coalescer.submit([counter(key_prefix, "a")])
     await asyncio.sleep(0)  # the first write leaves
     rest = [f for i in range(10) for f in coalescer.submit([counter(key_prefix, f"b{i}")])]
@@ -197,12 +204,14 @@ def test_a_reply_that_came_while_the_loop_was_busy_is_read_before_the_deadline_f
         client = aioredis.Redis(port=redis_server.port)
         try:
             coalescer = coalescer_for(client, timeout=0.02)
-            await coalescer.submit([counter(key_prefix, "warm")])[0]  # a pooled connection
+            await coalescer.submit([counter(key_prefix, "warm")])[0]  # connected
             futures = coalescer.submit([counter(key_prefix, "busy")] * 3)
             for _ in range(5):  # the write leaves
                 await asyncio.sleep(0)
             time.sleep(0.2)  # Redis answers meanwhile; the loop is busy
-            return list(await asyncio.gather(*futures, return_exceptions=True))
+            replies = list(await asyncio.gather(*futures, return_exceptions=True))
+            await coalescer.close()
+            return replies
         finally:
             await client.aclose()
 
@@ -259,25 +268,35 @@ def test_encoding_matches_redis_py() -> None:
 
 async def test_readiness_loads_the_scripts(redis: aioredis.Redis) -> None:
     """ready() loads the scripts a SCRIPT FLUSH took."""
-    limiter = Limiter(redis, timeout=1.0)
+    limiter = opened(Limiter(redis, timeout=1.0))
     await redis.script_flush()
     assert await limiter.ready()
     assert all(await redis.script_exists(*limiter.scripts.shas))
 
 
-async def test_a_dead_pooled_connection_is_replaced_once(key_prefix: str) -> None:
-    """After a Redis restart the pooled connection is dead: the write goes again on a new
-    one, once, and its hits are counted once (no persistence: counting starts over)."""
-    with running_redis() as server:
-        client = aioredis.Redis(port=server.port, retry=Retry(NoBackoff(), 0))
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop],
+                         ids=["asyncio", "uvloop"])
+def test_a_connection_redis_closed_is_replaced_before_the_next_write(
+        key_prefix: str, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """After a Redis restart, on either event loop (uvloop reads the end of the connection
+    before the next tick's write, asyncio's own loop after it, where the pipe finds it in
+    the socket): the write goes on a new connection, and its hits are counted once (no
+    persistence: counting starts over)."""
+
+    async def scenario(server: RedisServer) -> list[Any]:
+        client = aioredis.Redis(port=server.port)
+        coalescer = coalescer_for(client)
         try:
-            coalescer = coalescer_for(client)
             assert remaining(await coalescer.submit([counter(key_prefix, "x")])[0]) == 99
             server.restart()
-            again = await asyncio.gather(*coalescer.submit([counter(key_prefix, "x")] * 3))
-            assert [remaining(r) for r in again] == [99, 98, 97]
+            return list(await asyncio.gather(*coalescer.submit([counter(key_prefix, "x")] * 3)))
         finally:
+            await coalescer.close()
             await client.aclose()
+
+    with running_redis() as server, asyncio.Runner(loop_factory=loop_factory) as runner:
+        again = runner.run(scenario(server))
+    assert [remaining(r) for r in again] == [99, 98, 97]
 
 
 class MasterPool(BlockingConnectionPool):
@@ -303,8 +322,7 @@ async def test_readonly_through_a_sentinel_master_pool_goes_again_once(
                                    retry=Retry(NoBackoff(), 0))
         client = aioredis.Redis.from_pool(pool)
         try:
-            coalescer = Coalescer(client, Scripts.register(client).check, timeout=2.0,
-                                  sentinel=pool_class is MasterPool)
+            coalescer = coalescer_for(client, sentinel=pool_class is MasterPool)
             before = connections_received(replica)
             with pytest.raises(RedisError) as raised:
                 await coalescer.submit([counter(key_prefix, "x")])[0]
@@ -319,26 +337,63 @@ async def test_readonly_through_a_sentinel_master_pool_goes_again_once(
         assert after - before == 2  # one connection, and our INFO
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0",
-                                 "redis+sentinel://127.0.0.1:1/primary",
-                                 "redis+cluster://127.0.0.1:1"])
-async def test_the_coalesced_checks_have_no_socket_timeout(url: str) -> None:
-    """The checks' connections (a Cluster node's too) read without a socket timeout of their
-    own, whatever redis-py's default: the coalescer's deadline is theirs."""
+@pytest.mark.parametrize(("url", "endpoint"), [
+    ("redis://127.0.0.1:1/0", Endpoint("127.0.0.1", 1)),
+    ("redis://reader:secret@127.0.0.1:2/3", Endpoint("127.0.0.1", 2, username="reader",
+                                                     password="secret", db=3)),
+    ("redis://:secret@localhost:3", Endpoint("localhost", 3, password="secret")),
+    ("unix:///run/redis.sock?db=4", Endpoint(path="/run/redis.sock", db=4)),
+])
+async def test_the_checks_connect_where_the_stores_client_does(url: str, endpoint: Endpoint
+                                                               ) -> None:
+    """The coalesced checks' connection goes where the store's client connects, with its
+    credentials and database."""
     store = open_store(Settings(redis_url=url, ip_salt=SALT))
     try:
-        if store.node_client is not None:
-            client = store.node_client("127.0.0.1", 1)
-        else:
-            assert store.checks is not None
-            client = store.checks
-        connection = client.connection_pool.make_connection()
-        assert connection.socket_timeout is None
-        assert connection.socket_connect_timeout is not None  # (connecting keeps its own)
-        if client is not store.checks:
-            await client.aclose()
+        assert await locate_for(store.redis)() == endpoint
     finally:
         await store.close()
+
+
+async def test_the_checks_over_tls_use_the_clients_tls_settings() -> None:
+    """rediss://: the checks' connection is wrapped in the TLS context redis-py builds from
+    the URL (certificates not required here, as the URL says)."""
+    store = open_store(Settings(redis_url="rediss://127.0.0.1:1/0?ssl_cert_reqs=none",
+                                ip_salt=SALT))
+    try:
+        endpoint = await locate_for(store.redis)()
+        assert endpoint.tls is not None
+        assert endpoint.tls.verify_mode == ssl.CERT_NONE
+        assert (await locate_for(aioredis.Redis(port=1))()).tls is None
+    finally:
+        await store.close()
+
+
+async def test_the_checks_authenticate_and_select_the_database(key_prefix: str) -> None:
+    """Behind a password, on database 2: the checks log in and count there; a wrong
+    password makes every check unavailable rather than wrong."""
+    with running_redis() as server:
+        server.cli("CONFIG", "SET", "requirepass", "s3cret")
+        url = f"redis://:s3cret@127.0.0.1:{server.port}/2"
+        store = open_store(Settings(redis_url=url, ip_salt=SALT))
+        try:
+            checker = checker_on(store.redis, key_prefix)
+            decisions = [await ask(checker, action="a", ip="192.0.2.1") for _ in range(6)]
+            assert [d.allowed for d in decisions] == [True] * 5 + [False]
+            assert not any(d.degraded for d in decisions)
+            assert int(server.cli("-a", "s3cret", "-n", "2", "DBSIZE")) > 0
+            assert int(server.cli("-a", "s3cret", "-n", "0", "DBSIZE")) == 0
+        finally:
+            await store.close()
+        wrong = open_store(Settings(redis_url=f"redis://:nope@127.0.0.1:{server.port}/2",
+                                    ip_salt=SALT))
+        try:
+            limiter = opened(Limiter(wrong.redis, timeout=1.0))
+            assert limiter.coalescer is not None
+            with pytest.raises(RedisError):
+                await limiter.coalescer.submit([counter(key_prefix, "x")])[0]
+        finally:
+            await wrong.close()
 
 
 async def test_a_demoted_master_behind_a_sentinel_pool_is_asked_once_more(
@@ -350,8 +405,7 @@ async def test_a_demoted_master_behind_a_sentinel_pool_is_asked_once_more(
     servers = start_sentinel()
     store = open_store(Settings(redis_url=servers.url, ip_salt=SALT))
     try:
-        assert store.checks is not None
-        coalescer = coalescer_for(store.checks, sentinel=True)
+        coalescer = coalescer_for(store.redis, sentinel=True)
         assert remaining(await coalescer.submit([counter(key_prefix, "x")])[0]) == 99
         servers.master.cli("REPLICAOF", "127.0.0.1", str(servers.replica.port))
         with pytest.raises(RedisConnectionError, match="the master is now a replica"):

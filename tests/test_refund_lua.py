@@ -11,7 +11,10 @@ from ratekeeper.errors import StoreUnavailable
 from ratekeeper.identity.keys import Keyspace
 from ratekeeper.storage.limiter import Limiter, Outcome, Status, parse_outcome
 
-from support.common import SALT, FakeClock, config_from
+from support.common import SALT, FakeClock, config_from, opened
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 RULES = """
 [rules.r]
@@ -41,7 +44,7 @@ async def test_refund_gives_back_only_what_was_taken(store: Any, key_prefix: str
     plan = _plan(config.actions["a"], keyspace)
     rule = config.rules["r"]
     key = keyspace.counter_key(keyspace.subject([("ip", keyspace.ip_value("192.0.2.1"))]), rule)
-    limiter = Limiter(store, timeout=2.0, clock=clock)
+    limiter = opened(Limiter(store, timeout=2.0, clock=clock))
 
     taken = await _check(limiter, [key], 2, plan.rule_args)
     assert taken.status is Status.ALLOWED and taken.windows[0].remaining == 1

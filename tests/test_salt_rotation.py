@@ -17,7 +17,10 @@ from ratekeeper.identity.keys import Keyspace
 from ratekeeper.settings import Settings
 from ratekeeper.storage.limiter import Limiter
 
-from support.common import FakeClock, config_from
+from support.common import FakeClock, config_from, opened
+
+# every limiter and coalescer a test opens is closed when it ends
+pytestmark = pytest.mark.usefixtures("closes_opened")
 
 OLD, NEW = b"the-salt-before-the-rotation", b"the-salt-after-the-rotation!"
 
@@ -40,7 +43,7 @@ def checker_for(client: Any, prefix: str, salt: bytes, previous: bytes | None = 
                 clock: FakeClock | None = None, text: str = RULES) -> Checker:
     config = config_from(text)
     keyspace = Keyspace(salt, prefix=prefix, grouping=config.ip, previous_salt=previous)
-    return Checker(config, keyspace, Limiter(client, timeout=2.0, clock=clock),
+    return Checker(config, keyspace, opened(Limiter(client, timeout=2.0, clock=clock)),
                    FlagBoard(config.flags))
 
 

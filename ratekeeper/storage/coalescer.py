@@ -14,21 +14,19 @@ keep is moved on (``within``): the process's own load never turns into a deadlin
 Large groups are sent as several check.lua calls of at most ``max_checks`` checks in the one
 write, so Redis serves other clients between them, and the calls still run in order.
 
-Batches go over connections the coalescer takes from the client's pool and keeps, one per
-write out at most, speaking redis-py's public connection API (``send_packed_command`` /
-``read_response``). Keeping them spares each write the pool's lock and bookkeeping; the
-client closes them with its pool. Before each write the pool's ``ensure_connection``
-reconnects one the server closed while it was idle (Redis restarted), so a write is never
-sent twice: one whose connection breaks is failed, since Redis may have run it. Only
-READONLY from a Sentinel's master, before anything ran, sends the write once more, on the
-connection reconnected to the new master (a Sentinel pool's connection asks the Sentinels
-where the master is as it connects). The client is best made without a socket timeout
-(``Store.checks``): ``within`` is the deadline, and redis-py gives each write under a
-socket timeout a task of its own and each read a timeout scope. A NOSCRIPT reply (a
-restart, a failover, SCRIPT FLUSH) is answered by sending those calls again as EVAL, which
-carries the source. Errors reach each caller as redis-py raised them; ``on_batch`` hears of
-every batch's end (its seconds, or what ended it) once, so the breaker counts a failed
-write once, not once per check in it.
+Batches go over one connection to Redis that answers by callback (``pipe.Pipe``): a write
+is sent from the tick's flush, with no task of its own, and its replies settle the callers
+as they are read. Up to ``max_inflight`` writes are out on it, pipelined; Redis runs them in
+the order they were sent. The connection opens on first use and again after Redis closed it
+(a restart): a pipe knows it is closed as soon as the event loop reads the end, so a write is
+never sent on it, and a write whose connection breaks while it is out is failed, since Redis
+may have run it. A write that misses its deadline ends its connection too, as replies still
+to come would belong to it. Only READONLY from a Sentinel's master, answered before anything
+ran, sends the write once more, on a new connection to the master the Sentinels name then. A
+NOSCRIPT reply (a restart, a failover, SCRIPT FLUSH) is answered by sending those calls again
+as EVAL, which carries the source. Errors reach each caller as redis-py would raise them;
+``on_batch`` hears of every batch's end (its seconds, or what ended it) once, so the breaker
+counts a failed write once, not once per check in it.
 """
 
 from __future__ import annotations
@@ -41,6 +39,7 @@ from typing import Any, TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
+from ratekeeper.storage.pipe import Locate, Pipe, Replies, open_pipe
 from ratekeeper.storage.scripts import LuaScript, check_replies
 
 __all__ = ["Arg", "Coalescer", "Request", "within"]
@@ -104,19 +103,19 @@ def encode_command(name: bytes, first: str | bytes, keys: Sequence[str],
 class Coalescer:
     """Runs check.lua for many callers: one write per event-loop tick, few out at once."""
 
-    def __init__(self, redis: Any, script: LuaScript, *, timeout: float,
+    def __init__(self, locate: Locate, script: LuaScript, *, timeout: float,
                  per_check: float = PER_CHECK, max_batch: int = MAX_BATCH,
                  max_checks: int = MAX_CHECKS, max_inflight: int = MAX_INFLIGHT,
                  sentinel: bool = False,
                  slot_of: Callable[[str], int] | None = None) -> None:
-        self.redis = redis
+        self.locate = locate  # where the connection goes, asked at each connect
         self.script = script
         self.timeout = timeout
         self.per_check = per_check
         self.max_batch = max_batch
         self.max_checks = max_checks
         self.max_inflight = max_inflight
-        # a Sentinel's master: READONLY there means it was demoted (``_exchange``)
+        # a Sentinel's master: READONLY there means it was demoted (``_Write.answered``)
         self.sentinel = sentinel
         # a Cluster node's: a script call's keys must share one slot (``_merged``)
         self.slot_of = slot_of
@@ -127,25 +126,35 @@ class Coalescer:
         self._groups: list[int] = []  # checks per submit(), in order: never split
         self._scheduled = False
         self._inflight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._idle: list[Any] = []  # the connections kept, between writes
-        self._kept: list[Any] = []  # every connection kept (``close``)
+        self._pipe: Pipe | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._again: list[_Write] = []  # writes to send once more, on the next connection
+
+    async def connect(self) -> None:
+        """Open the connection now, if none is open (readiness: the first check finds it)."""
+        self._adopt(asyncio.get_running_loop())
+        if self._pipe is None or self._pipe.closed:
+            self._open()
+        if self._opening is not None:
+            await asyncio.shield(self._opening)
+        if self._pipe is None or self._pipe.closed:
+            raise RedisConnectionError("the checks' connection to Redis could not be opened")
 
     async def close(self) -> None:
-        """Give the connections kept back to the client's pool."""
-        kept, self._kept, self._idle = self._kept, [], []
-        for connection in kept:
-            await self.redis.connection_pool.release(connection)
+        """Close the connection (what is still out on it fails)."""
+        pipe, self._pipe = self._pipe, None
+        if self._opening is not None:
+            self._opening.cancel()
+            self._opening = None
+        if pipe is not None:
+            pipe.abort(RedisConnectionError("the coalescer was closed"))
 
     def submit(self, requests: Sequence[Request]) -> list[asyncio.Future[Any]]:
         """Queue checks that go in one write, in order; one future each, resolving to the
         check's flat reply (or failing with what Redis raised for it)."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # what was pending belonged to a loop that is gone
-            self._loop, self._queue, self._groups = loop, [], []
-            self._scheduled, self._inflight, self._tasks = False, 0, set()
-            self._idle, self._kept = [], []  # (so did the connections' transports)
+        self._adopt(loop)
         futures = [loop.create_future() for _ in requests]
         self._queue += zip(requests, futures, strict=True)
         self._groups.append(len(futures))
@@ -154,11 +163,22 @@ class Coalescer:
             loop.call_soon(self._flush)
         return futures
 
+    def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:  # what was pending belonged to a loop that is gone
+            self._loop, self._queue, self._groups = loop, [], []
+            self._scheduled, self._inflight, self._again = False, 0, []
+            self._pipe, self._opening = None, None  # (so did the connection's transport)
+
     def _may_send(self) -> bool:
         return self._inflight < self.max_inflight
 
     def _flush(self) -> None:
         self._scheduled = False
+        pipe = self._pipe
+        if pipe is None or not pipe.usable():
+            if self._queue:
+                self._open()
+            return
         while self._queue and self._may_send():
             size = self._cut()
             batch = self._queue[:size]
@@ -171,9 +191,7 @@ class Coalescer:
             self._inflight += 1
             self.batches += 1
             self.checks += len(live)
-            task = asyncio.ensure_future(self._run(live))
-            self._tasks.add(task)  # (the loop keeps only weak references to tasks)
-            task.add_done_callback(self._tasks.discard)
+            _Write(self, live).send(pipe)
 
     def _cut(self) -> int:
         """How many queued checks the next write takes: whole groups, at most ``max_batch``
@@ -187,36 +205,56 @@ class Coalescer:
         del self._groups[:taken]
         return size
 
-    async def _run(self, batch: list[tuple[Request, asyncio.Future[Any]]]) -> None:
-        started = time.perf_counter()
-        outcome: list[Any] | BaseException
-        try:
-            commands, callers = _merged([request for request, _ in batch], self.max_checks,
-                                        self.slot_of)
-            replies = await within(self._exchange(commands),
-                                   self.timeout + self.per_check * len(batch))
-            outcome = _results(len(batch), callers, replies)
-        except Exception as exc:  # (Redis's failure, our deadline, or a reply we can't read)
-            outcome = exc
-        except asyncio.CancelledError as exc:  # the loop is shutting down
-            outcome = exc
-        if self.on_batch is not None:
-            self.on_batch(time.perf_counter() - started,
-                          outcome if isinstance(outcome, BaseException) else None)
-        self._settle(batch, outcome)
-        if isinstance(outcome, asyncio.CancelledError):
-            raise outcome
+    def _open(self) -> None:
+        """Open a connection in the background, unless one is opening."""
+        if self._opening is None:
+            self._opening = asyncio.get_running_loop().create_task(self._connect())
 
-    def _settle(self, batch: list[tuple[Request, asyncio.Future[Any]]],
-                outcome: list[Any] | BaseException) -> None:
+    async def _connect(self) -> None:
+        """Connect within the deadline; then send what waited for it. What waited fails
+        with the error when connecting does."""
+        started = time.perf_counter()
+        try:
+            pipe = await within(self._locate_and_open(), self.timeout)
+        except Exception as exc:
+            self._opening = None
+            self._give_up(exc, time.perf_counter() - started)
+            return
+        self._pipe, self._opening = pipe, None
+        again, self._again = self._again, []
+        for write in again:
+            write.send(pipe)
+        self._flush()
+
+    async def _locate_and_open(self) -> Pipe:
+        return await open_pipe(await self.locate())
+
+    def _give_up(self, exc: Exception, seconds: float) -> None:
+        """Fail what waited for a connection that could not be opened."""
+        queued, self._queue, self._groups = self._queue, [], []
+        again, self._again = self._again, []
+        for write in again:
+            write.end(exc)
+        if queued and self.on_batch is not None:
+            self.on_batch(seconds, exc)
+        for _, future in queued:
+            if not future.done():
+                future.set_exception(exc)
+
+    def send_again(self, write: _Write) -> None:
+        """Send ``write`` once more, on the next connection."""
+        self._again.append(write)
+        self._open()
+
+    def settle(self, batch: list[tuple[Request, asyncio.Future[Any]]],
+               outcome: list[Any] | BaseException) -> None:
+        """A write ended: its callers get their replies (or what ended it)."""
         self._inflight -= 1
         for i, (_, future) in enumerate(batch):
             if future.done():  # the caller gave up while its batch was out
                 continue
             result = outcome if isinstance(outcome, BaseException) else outcome[i]
-            if isinstance(result, asyncio.CancelledError):
-                future.cancel()
-            elif isinstance(result, BaseException):
+            if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
                 future.set_result(result)
@@ -224,87 +262,120 @@ class Coalescer:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _exchange(self, commands: list[Command]) -> list[Any]:
-        """Send the calls on a kept connection and read their replies (EVALSHA, then EVAL
-        for any the script cache lacked); sent once more, on the same connection reconnected,
-        when a Sentinel's master answered READONLY before any of them ran."""
-        sha = self.script.sha
-        data = b"".join([encode_command(b"EVALSHA", sha, keys, args) for keys, args in commands])
-        replies = await self._send_retried(data, len(commands))
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:
-            again = b"".join([encode_command(b"EVAL", self.script.script, *commands[i])
-                              for i in missing])
-            for i, reply in zip(missing, await self._send_retried(again, len(missing)),
-                                strict=True):
-                replies[i] = reply
-        return replies
 
-    async def _send_retried(self, data: bytes, expected: int) -> list[Any]:
+class _Write:
+    """One write out: its checks, the script calls they went as, its deadline."""
+
+    __slots__ = ("batch", "callers", "coalescer", "commands", "ended", "missing", "pipe",
+                 "replies", "retried", "started", "watch")
+
+    def __init__(self, coalescer: Coalescer, batch: list[tuple[Request, asyncio.Future[Any]]]
+                 ) -> None:
+        self.coalescer = coalescer
+        self.batch = batch
+        self.started = time.perf_counter()
+        self.commands, self.callers = _merged([request for request, _ in batch],
+                                              coalescer.max_checks, coalescer.slot_of)
+        self.ended = False
+        self.retried = False  # sent once more (a demoted master)
+        self.pipe: Pipe | None = None
+        self.replies: list[Any] = []
+        self.missing: list[int] = []  # the calls the script cache lacked, sent as EVAL
+        loop = asyncio.get_running_loop()
+        budget = coalescer.timeout + coalescer.per_check * len(batch)
+        now = loop.time()
+        self.watch = _Watch(loop, self.expire, now + budget, now + budget + SLACK)
+
+    def send(self, pipe: Pipe) -> None:
+        """Send the calls (EVALSHA) on ``pipe``."""
+        if self.ended:
+            return
+        self.pipe = pipe
+        sha = self.coalescer.script.sha
+        data = b"".join([encode_command(b"EVALSHA", sha, keys, args)
+                         for keys, args in self.commands])
         try:
-            return await self._send(data, expected)
-        except _Demoted:  # reconnecting, the connection asks the Sentinels for the new master
-            return await self._send(data, expected, retried=True)
+            pipe.send(data, len(self.commands), self.answered)
+        except Exception as exc:
+            self.end(exc)
 
-    async def _connection(self) -> Any:
-        """A kept connection, (re)connected, or a new one from the pool. A close is seen once
-        the loop has read it, and the loop has had its turn at the sockets since the checks
-        were queued (``submit`` flushes at the next turn, and the write's task starts at the
-        one after)."""
-        pool = self.redis.connection_pool
-        if not self._idle:
-            connection = await pool.get_connection()  # (ensured by the pool)
-            self._kept.append(connection)
-            return connection
-        connection = self._idle.pop()
+    def answered(self, replies: Replies) -> None:
+        if self.ended:
+            return
+        if isinstance(replies, BaseException):
+            self.end(replies)
+            return
+        if self.coalescer.sentinel and isinstance(replies[0], ReadOnlyError):
+            self.demoted()
+            return
+        self.missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if not self.missing:
+            self.finish(replies)
+            return
+        self.replies = replies
+        script = self.coalescer.script.script
+        again = b"".join([encode_command(b"EVAL", script, *self.commands[i])
+                          for i in self.missing])
         try:
-            await pool.ensure_connection(connection)
-        except BaseException:
-            if connection in self._kept:
-                self._idle.append(connection)
-            raise
-        return connection
+            assert self.pipe is not None
+            self.pipe.send(again, len(self.missing), self.answered_again)
+        except Exception as exc:
+            self.end(exc)
 
-    async def _send(self, data: bytes, expected: int, retried: bool = False) -> list[Any]:
-        connection = await self._connection()
-        replies: list[Any] = []
-        healthy = False
+    def answered_again(self, replies: Replies) -> None:
+        """The replies of the calls sent again as EVAL."""
+        if self.ended:
+            return
+        if isinstance(replies, BaseException):
+            self.end(replies)
+            return
+        if self.coalescer.sentinel and isinstance(replies[0], ReadOnlyError):
+            self.demoted()  # (all the calls were sent again: one script, NOSCRIPT for all)
+            return
+        for i, reply in zip(self.missing, replies, strict=True):
+            self.replies[i] = reply
+        self.finish(self.replies)
+
+    def demoted(self) -> None:
+        """READONLY from a Sentinel's master for the first call: it was demoted under the
+        connection, and nothing of the write has run (each call's first write would have
+        met READONLY). Once more on a new connection, to the master the Sentinels name
+        then; a second time, the checks fail."""
+        if self.pipe is not None:
+            self.pipe.abort(RedisConnectionError("the master is now a replica"))
+        if self.retried:
+            self.end(RedisConnectionError("the master is now a replica"))
+            return
+        self.retried = True
+        self.coalescer.send_again(self)
+
+    def finish(self, replies: list[Any]) -> None:
         try:
-            await connection.send_packed_command(data, check_health=False)
-            while len(replies) < expected:
-                try:
-                    reply = await connection.read_response()
-                except (ReadOnlyError, RedisConnectionError) as exc:
-                    # demoted: nothing of it has run (a Sentinel pool's own connection says
-                    # so as a ConnectionError raised from the READONLY)
-                    if self.sentinel and not replies and _readonly(exc):
-                        if retried:
-                            raise RedisConnectionError("the master is now a replica") from exc
-                        raise _Demoted() from exc
-                    if not isinstance(exc, ReadOnlyError):
-                        raise
-                    reply = exc
-                except ResponseError as exc:  # one call's error: the others stand
-                    reply = exc
-                replies.append(reply)
-            healthy = True
-        finally:
-            try:
-                if not healthy:  # what is left to read on it is unknown: it reconnects
-                    await connection.disconnect(nowait=True)
-            finally:
-                if connection in self._kept:  # (not when ``close`` gave it back meanwhile)
-                    self._idle.append(connection)
-        return replies
+            outcome: list[Any] | BaseException = _results(len(self.batch), self.callers,
+                                                          replies)
+        except Exception as exc:  # (a reply we can't read)
+            outcome = exc
+        self.end(outcome)
 
+    def expire(self) -> None:
+        """The deadline passed: the write fails, and so does its connection, on which its
+        replies may still come."""
+        if self.ended:
+            return
+        self.end(TimeoutError(f"Redis did not answer {len(self.batch)} checks in time"))
+        if self.pipe is not None:
+            self.pipe.abort(RedisConnectionError("a write on it missed its deadline"))
 
-class _Demoted(Exception):
-    """A Sentinel's master answered READONLY before any call of the write ran."""
-
-
-def _readonly(exc: BaseException) -> bool:
-    """Whether ``exc`` is READONLY, or was raised while handling it."""
-    return isinstance(exc, ReadOnlyError) or isinstance(exc.__context__, ReadOnlyError)
+    def end(self, outcome: list[Any] | BaseException) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.watch.handle.cancel()
+        coalescer = self.coalescer
+        if coalescer.on_batch is not None:
+            coalescer.on_batch(time.perf_counter() - self.started,
+                               outcome if isinstance(outcome, BaseException) else None)
+        coalescer.settle(self.batch, outcome)
 
 
 async def within(work: Awaitable[T], budget: float) -> T:
@@ -322,7 +393,9 @@ async def within(work: Awaitable[T], budget: float) -> T:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(None) as scope:
         now = loop.time()
-        watch = _Watch(loop, scope, now + budget, now + budget + SLACK)
+        # (rescheduled to now, the scope cancels the work and raises TimeoutError)
+        watch = _Watch(loop, lambda: scope.reschedule(loop.time()), now + budget,
+                       now + budget + SLACK)
         try:
             return await work
         finally:
@@ -330,28 +403,29 @@ async def within(work: Awaitable[T], budget: float) -> T:
 
 
 class _Watch:
-    """The deadline of one ``within``: on time, it ends ``scope`` (at once)."""
+    """A deadline that this process's own load cannot make its work miss (``within``, and
+    each write): once it has passed with the loop on time, ``due`` is called."""
 
-    __slots__ = ("deadline", "handle", "last_chance", "loop", "scope", "until")
+    __slots__ = ("deadline", "due", "handle", "last_chance", "loop", "until")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, scope: asyncio.Timeout,
+    def __init__(self, loop: asyncio.AbstractEventLoop, due: Callable[[], None],
                  deadline: float, until: float) -> None:
         self.loop = loop
-        self.scope = scope
+        self.due = due
         self.deadline = deadline
         self.until = until  # the deadline however late the loop is
         self.last_chance = False
-        self.handle = loop.call_at(deadline, self._due)
+        self.handle = loop.call_at(deadline, self._fire)
 
-    def _due(self) -> None:
+    def _fire(self) -> None:
         now = self.loop.time()
         on_time = now - self.deadline <= LAG
         if (self.last_chance and on_time) or now >= self.until:
-            self.scope.reschedule(now)  # (the scope cancels the work and raises TimeoutError)
+            self.due()
             return
         self.last_chance = on_time  # on time: one more poll, then it fails
         self.deadline = now + GRACE
-        self.handle = self.loop.call_at(self.deadline, self._due)
+        self.handle = self.loop.call_at(self.deadline, self._fire)
 
 
 def _results(size: int, callers: list[list[int]], replies: list[Any]) -> list[Any]:

@@ -33,6 +33,7 @@ from ratekeeper.metrics import Metrics
 from ratekeeper.storage import slots
 from ratekeeper.storage.breaker import Breaker, BreakerState
 from ratekeeper.storage.coalescer import Arg, Coalescer, Request, within
+from ratekeeper.storage.pipe import Locate, locate_for, node_locate
 from ratekeeper.storage.scripts import Scripts, check_args, check_replies
 
 __all__ = ["CheckCall", "Limiter", "Outcome", "Status", "WindowState", "parse_outcome"]
@@ -101,8 +102,7 @@ class Limiter:
     def __init__(self, redis: Any, *, timeout: float,
                  clock: Callable[[], int] | None = None, breaker: Breaker | None = None,
                  sharded: bool | None = None, metrics: Metrics | None = None,
-                 node_client: Callable[[str, int], Any] | None = None,
-                 checks: Any = None) -> None:
+                 checks: Locate | None = None) -> None:
         self.redis = redis
         self.timeout = timeout
         self.scripts = Scripts.register(redis)
@@ -110,17 +110,14 @@ class Limiter:
         # on a cluster, keys of different hash tags may live in different slots and nodes:
         # each node has its breaker, so a failing node degrades only the checks it holds
         self.sharded = _is_cluster(redis) if sharded is None else sharded
-        # on a cluster: a client of each master (``node_client(host, port)``), whose checks
-        # are coalesced as one Redis's are
-        self.node_client = node_client
         self._nodes: dict[str, tuple[Coalescer, Breaker]] = {}
         self._refreshed_at = float("-inf")
         self.coalescer: Coalescer | None = None
         if not self.sharded:
-            # (``checks``: the same Redis for the coalesced checks, as ``Store.checks``)
-            client = redis if checks is None else checks
-            pool = getattr(client, "connection_pool", None)
-            self.coalescer = Coalescer(client, self.scripts.check, timeout=timeout,
+            # (``checks``: where the coalesced checks connect, when ``redis`` cannot say)
+            pool = getattr(redis, "connection_pool", None)
+            self.coalescer = Coalescer(locate_for(redis) if checks is None else checks,
+                                       self.scripts.check, timeout=timeout,
                                        sentinel=bool(getattr(pool, "is_master", False)))
             self.coalescer.on_batch = self._batch_done
         self._clock = clock
@@ -370,22 +367,18 @@ class Limiter:
     def _node_of(self, key: str) -> tuple[Coalescer, Breaker] | None:
         """The coalescer and breaker of the Cluster node that holds ``key``, as the client's
         slot map says; None when it cannot say."""
-        if self.node_client is None:
-            return None
         try:
             node = self.redis.get_node_from_key(key)
         except Exception:  # (a slot no node serves, in a topology change)
             return None
         return None if node is None else self._node(node)
 
-    def _node(self, node: Any) -> tuple[Coalescer, Breaker] | None:
+    def _node(self, node: Any) -> tuple[Coalescer, Breaker]:
         """The coalescer and breaker of a Cluster node (a ``ClusterNode``)."""
-        if self.node_client is None:
-            return None
         known = self._nodes.get(node.name)
         if known is None:
-            client = self.node_client(node.host, node.port)
-            coalescer = Coalescer(client, self.scripts.check, timeout=self.timeout,
+            coalescer = Coalescer(node_locate(self.redis, node.host, node.port),
+                                  self.scripts.check, timeout=self.timeout,
                                   slot_of=self.redis.keyslot)
             breaker = Breaker()
             coalescer.on_batch = lambda seconds, error: self._batch_done(seconds, error, breaker)
@@ -550,8 +543,8 @@ class Limiter:
         async def load() -> None:
             if self.sharded:
                 await self._warm_masters()
-            elif self.coalescer is not None and self.coalescer.redis is not self.redis:
-                await self.coalescer.redis.ping()  # (its client's first connection, warm)
+            elif self.coalescer is not None:
+                await self.coalescer.connect()  # (the checks' connection, warm)
             loaded = await self.redis.script_exists(*self.scripts.shas)
             if not all(loaded):
                 for script in self.scripts.all:
@@ -566,24 +559,20 @@ class Limiter:
     async def _warm_masters(self) -> None:
         """Connect to every master and load the scripts there (``ready``)."""
         for node in self.redis.get_primaries():
-            known = self._node(node)
-            if known is None:
-                await self.redis.ping(target_nodes=node)
-                continue
-            client = known[0].redis
-            loaded = await client.script_exists(*self.scripts.shas)
+            await self._node(node)[0].connect()
+            loaded = await self.redis.execute_command("SCRIPT EXISTS", *self.scripts.shas,
+                                                      target_nodes=node)
             if not all(loaded):
                 for script in self.scripts.all:
-                    await client.script_load(script.script)
+                    await self.redis.execute_command("SCRIPT LOAD", script.script,
+                                                     target_nodes=node)
 
     async def close(self) -> None:
-        """Close the coalescers' connections and the clients of the Cluster's nodes (the
-        store closes its own)."""
+        """Close the coalescers' connections (the store closes its client)."""
         if self.coalescer is not None:
             await self.coalescer.close()
         for coalescer, _ in self._nodes.values():
             await coalescer.close()
-            await coalescer.redis.aclose()
         self._nodes.clear()
 
 

@@ -3,18 +3,20 @@
 The deadline of a call is the limiter's (``coalescer.within``, covering connect and call); the
 socket timeouts here are only a backstop, set later than the deadline so that a client-level
 retry (redis-py retries timeouts) can never replay a script we have stopped waiting for.
-The coalesced checks have a client of their own without one (``Store.checks``): their
-deadline is the coalescer's (``coalescer.within``, which has a backstop of its own), and
-under a socket timeout redis-py gives every write a task and every read a timeout scope.
-It is passed explicitly (``socket_timeout=None``): redis-py 8 gives a client made without
-one five seconds.
 A broken connection is retried once, at once: after a Redis restart every pooled connection
 is dead, and the first call on each would otherwise fail.
+
+The coalesced checks do not go through this client: they have a connection of their own
+(``pipe.Pipe``) to where it connects (``pipe.locate_for``; a Cluster node's, ``node_locate``).
+The embedded store (``memory://``) is fakeredis in this process, and fakeredis's own server
+serves it on a loopback port for those checks, so that they speak to it as to a Redis.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +24,13 @@ from urllib.parse import urlsplit
 
 from ratekeeper.errors import SettingsError
 from ratekeeper.settings import Settings
+from ratekeeper.storage.pipe import Endpoint, Locate
 
 __all__ = ["Store", "open_store"]
 
 log = logging.getLogger("ratekeeper.storage.store")
 
 MAX_CONNECTIONS = 64  # per process, to one Redis (a blocking pool: more calls queue)
-NODE_MAX_CONNECTIONS = 8  # per process, to one Cluster node, for its coalesced checks
-CHECK_CONNECTIONS = 8  # per process, for the coalesced checks (it keeps MAX_INFLIGHT)
 
 
 @dataclass(slots=True)
@@ -40,19 +41,18 @@ class Store:
     kind: str  # "memory", "redis", "cluster" or "sentinel"
     # clients opened besides ``redis``: a Sentinel's, which it asks for the master
     others: tuple[Any, ...] = ()
-    # on a Cluster: a plain client of one node (host, port), with the cluster's credentials,
-    # without a socket timeout, for the checks the limiter coalesces per node
-    node_client: Callable[[str, int], Any] | None = None
-    # the same Redis, without a socket timeout, for the coalesced checks (None: ``redis``)
-    checks: Any = None
+    # where the coalesced checks connect (None: where ``redis`` does, ``pipe.locate_for``)
+    checks: Locate | None = None
+    # called once all is closed (the embedded store's server stops)
+    stop: Callable[[], None] | None = None
 
     async def close(self) -> None:
         """Close every connection."""
         await self.redis.aclose()
-        if self.checks is not None:
-            await self.checks.aclose()
         for client in self.others:
             await client.aclose()
+        if self.stop is not None:
+            self.stop()
 
     async def ping(self) -> bool:
         """True when the store answers."""
@@ -81,9 +81,7 @@ def open_store(settings: Settings) -> Store:
     url = settings.redis_url
     backstop = settings.redis_timeout_ms / 1000 + BACKSTOP_SLACK
     if url.startswith("memory://"):
-        import fakeredis
-
-        return Store(redis=fakeredis.FakeAsyncRedis(), kind="memory")
+        return _embedded()
     if url.startswith("redis+cluster://"):
         from redis.asyncio.cluster import ClusterNode, RedisCluster
 
@@ -98,17 +96,7 @@ def open_store(settings: Settings) -> Store:
             retry=_cluster_retry(),
             max_connections=CLUSTER_MAX_CONNECTIONS,
         )
-        def node_client(host: str, port: int) -> Any:
-            from redis.asyncio import BlockingConnectionPool, Redis
-
-            pool = BlockingConnectionPool(
-                host=host, port=port, password=parts.password,
-                username=parts.username or None, max_connections=NODE_MAX_CONNECTIONS,
-                timeout=backstop, socket_timeout=None, socket_connect_timeout=backstop,
-                retry=_retry())
-            return Redis.from_pool(pool)
-
-        return Store(redis=client, kind="cluster", node_client=node_client)
+        return Store(redis=client, kind="cluster")
     if url.startswith("redis+sentinel://"):
         from redis.asyncio.sentinel import Sentinel
 
@@ -125,10 +113,7 @@ def open_store(settings: Settings) -> Store:
             password=parts.password,
         )
         master = sentinel.master_for(service, retry=_retry(), max_connections=POOL_SIZE)
-        checks = sentinel.master_for(service, retry=_retry(), max_connections=CHECK_CONNECTIONS,
-                                     socket_timeout=None)
-        return Store(redis=master, kind="sentinel", others=tuple(sentinel.sentinels),
-                     checks=checks)
+        return Store(redis=master, kind="sentinel", others=tuple(sentinel.sentinels))
     from redis.asyncio import BlockingConnectionPool, Redis
 
     # A bounded pool that queues: a burst waits for a connection (within the call's
@@ -136,11 +121,35 @@ def open_store(settings: Settings) -> Store:
     pool = BlockingConnectionPool.from_url(
         url, max_connections=MAX_CONNECTIONS, timeout=backstop, socket_timeout=backstop,
         socket_connect_timeout=backstop, retry=_retry())
-    checks = BlockingConnectionPool.from_url(
-        url, max_connections=CHECK_CONNECTIONS, timeout=backstop, socket_timeout=None,
-        socket_connect_timeout=backstop, retry=_retry())
-    # (each client owns and closes its pool)
-    return Store(redis=Redis.from_pool(pool), kind="redis", checks=Redis.from_pool(checks))
+    # (the client owns and closes its pool)
+    return Store(redis=Redis.from_pool(pool), kind="redis")
+
+
+def _embedded() -> Store:
+    """fakeredis in this process, also served on a loopback port for the coalesced checks."""
+    import fakeredis
+
+    class Server(fakeredis.TcpFakeServer):
+        def get_request(self) -> Any:
+            connection, address = super().get_request()
+            # each reply is written alone: unbuffered, or it waits for the last one's ACK
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return connection, address
+
+    server = Server(("127.0.0.1", 0))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                     name="ratekeeper-memory-store", daemon=True).start()
+    endpoint = Endpoint(host="127.0.0.1", port=server.server_address[1])
+
+    async def locate() -> Endpoint:
+        return endpoint
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    return Store(redis=fakeredis.FakeAsyncRedis(server=server.fake_server), kind="memory",
+                 checks=locate, stop=stop)
 
 
 def _cluster_retry() -> Any:

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ratekeeper.config.rules import Config, parse_config
 
-__all__ = ["EXAMPLE", "ONE_RULE", "ROOT", "SALT", "TEST_DEADLINE_MS", "FakeClock", "config_from",
-           "sample"]
+__all__ = [
+    "EXAMPLE",
+    "ONE_RULE",
+    "ROOT",
+    "SALT",
+    "TEST_DEADLINE_MS",
+    "FakeClock",
+    "close_opened",
+    "config_from",
+    "opened",
+    "sample",
+]
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "examples" / "pypi.toml"
@@ -57,3 +68,20 @@ def config_from(text: str) -> Config:
     """A Config from TOML text."""
     return parse_config(text, source="test.toml")
 
+
+
+Opened = TypeVar("Opened")
+_OPENED: list[Any] = []
+
+
+def opened(thing: Opened) -> Opened:
+    """``thing`` (a limiter or a coalescer), whose connections to Redis are closed when the
+    test ends: by the ``closes_opened`` fixture, which the test's module uses."""
+    _OPENED.append(thing)
+    return thing
+
+
+async def close_opened() -> None:
+    """Close what was ``opened`` (in the event loop it was used in)."""
+    while _OPENED:
+        await _OPENED.pop().close()
