@@ -191,7 +191,12 @@ class Coalescer:
             self._inflight += 1
             self.batches += 1
             self.checks += len(live)
-            _Write(self, live).send(pipe)
+            try:
+                write = _Write(self, live)
+            except Exception as exc:  # (checks that cannot be put as script calls)
+                self.settle(live, exc)
+                continue
+            write.send(pipe)
 
     def _cut(self) -> int:
         """How many queued checks the next write takes: whole groups, at most ``max_batch``
