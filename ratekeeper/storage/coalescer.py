@@ -375,7 +375,7 @@ class _Write:
         if self.ended:
             return
         self.ended = True
-        self.watch.handle.cancel()
+        self.watch.stop()
         coalescer = self.coalescer
         if coalescer.on_batch is not None:
             coalescer.on_batch(time.perf_counter() - self.started,
@@ -404,7 +404,7 @@ async def within(work: Awaitable[T], budget: float) -> T:
         try:
             return await work
         finally:
-            watch.handle.cancel()
+            watch.stop()
 
 
 class _Watch:
@@ -431,6 +431,16 @@ class _Watch:
         self.last_chance = on_time  # on time: one more poll, then it fails
         self.deadline = now + GRACE
         self.handle = self.loop.call_at(self.deadline, self._fire)
+
+    def stop(self) -> None:
+        """Watch no more, and let go of ``due`` (a write's, which holds this watch: freed
+        by reference counting, with no cycle for the garbage collector to find)."""
+        self.handle.cancel()
+        self.due = _nothing
+
+
+def _nothing() -> None:
+    pass
 
 
 def _results(size: int, callers: list[list[int]], replies: list[Any]) -> list[Any]:
