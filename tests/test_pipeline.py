@@ -9,10 +9,12 @@ import signal
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import trustme
 import uvloop
 from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.asyncio.retry import Retry
@@ -364,7 +366,9 @@ async def test_the_checks_over_tls_use_the_clients_tls_settings() -> None:
         endpoint = await locate_for(store.redis)()
         assert endpoint.tls is not None
         assert endpoint.tls.verify_mode == ssl.CERT_NONE
-        assert (await locate_for(aioredis.Redis(port=1))()).tls is None
+        plain = aioredis.Redis(port=1)
+        assert (await locate_for(plain)()).tls is None
+        await plain.aclose()
     finally:
         await store.close()
 
@@ -389,19 +393,19 @@ async def test_the_checks_authenticate_and_select_the_database(key_prefix: str) 
                                     ip_salt=SALT))
         try:
             limiter = opened(Limiter(wrong.redis, timeout=1.0))
-            assert limiter.coalescer is not None
-            with pytest.raises(RedisError):
-                await limiter.coalescer.submit([counter(key_prefix, "x")])[0]
+            [reply] = await limiter.decide([([f"{key_prefix}:{{x}}:r"], 1, 0, 1,
+                                             ("c", "0", 0, 1, 5, 60_000))])
+            assert isinstance(reply, StoreUnavailable)
         finally:
             await wrong.close()
 
 
 async def test_a_demoted_master_behind_a_sentinel_pool_is_asked_once_more(
         key_prefix: str) -> None:
-    """The master turns replica under the kept connection (no failover: the Sentinel still
-    names it). Its READONLY, which redis-py's Sentinel connection raises as a ConnectionError,
-    means nothing of the write ran: the write goes once more, on a connection opened to the
-    master the Sentinel names, and as that is still a replica, the check fails saying so."""
+    """The master turns replica under the checks' connection (no failover: the Sentinel still
+    names it). Its READONLY for the write's first call means nothing of the write ran: the
+    write goes once more, on a connection opened to the master the Sentinel names then, and
+    as that is still a replica, the check fails saying so."""
     servers = start_sentinel()
     store = open_store(Settings(redis_url=servers.url, ip_salt=SALT))
     try:
@@ -414,3 +418,146 @@ async def test_a_demoted_master_behind_a_sentinel_pool_is_asked_once_more(
     finally:
         await store.close()
         servers.stop()
+
+
+async def test_closing_fails_what_waits_and_sends_nothing_more(key_prefix: str) -> None:
+    """Checks queued when the coalescer closes fail with a ConnectionError at once, and no
+    connection is opened for them or for checks submitted later."""
+    with running_redis() as server:
+        client = aioredis.Redis(port=server.port)
+        try:
+            coalescer = coalescer_for(client)
+            await coalescer.connect()
+            before = connections_received(server)
+            queued = coalescer.submit([counter(key_prefix, "x")])
+            await coalescer.close()
+            with pytest.raises(RedisConnectionError):
+                await queued[0]
+            later = coalescer.submit([counter(key_prefix, "x")])
+            with pytest.raises(RedisConnectionError):
+                await asyncio.wait_for(later[0], 2)
+            await asyncio.sleep(0.05)
+            assert connections_received(server) - before == 1  # (our INFO alone)
+            assert server.cli("EXISTS", f"{key_prefix}:{{x}}:r") == "0"
+        finally:
+            await client.aclose()
+
+
+async def test_a_check_that_cannot_be_encoded_fails_alone(redis: aioredis.Redis,
+                                                          key_prefix: str) -> None:
+    """A check whose key is not text fails by itself; the connection and the checks after it
+    are unharmed."""
+    coalescer = coalescer_for(redis)
+    await coalescer.connect()
+    _, now, cost, rule_set = counter(key_prefix, "x")
+    odd: Any = ([b"not text"], now, cost, rule_set)
+    with pytest.raises(AttributeError):
+        await coalescer.submit([odd])[0]
+    assert remaining(await coalescer.submit([counter(key_prefix, "x")])[0]) == 99
+
+
+async def test_a_server_that_answers_garbage_fails_the_write_not_the_process(
+        key_prefix: str) -> None:
+    """Bytes that are not RESP end the connection: the write fails with a ConnectionError
+    (the fail modes decide), and the next write opens a new connection."""
+    accepted = 0
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read(1024)  # (the PING of the handshake)
+        writer.write(b"+PONG\r\n")
+        await reader.read(65536)
+        writer.write(b"!this is not RESP\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        coalescer = opened(Coalescer(locate_for(aioredis.Redis(port=port)),
+                                     Scripts.register(aioredis.Redis(port=port)).check,
+                                     timeout=2.0))
+        for _ in range(2):
+            with pytest.raises(RedisConnectionError, match="not RESP"):
+                await coalescer.submit([counter(key_prefix, "x")])[0]
+        assert accepted == 2
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_writes_pipelined_behind_a_demoted_masters_first_each_go_again(
+        key_prefix: str) -> None:
+    """Two writes out on the connection when the master's READONLY comes back: each is sent
+    once more on one new connection (neither is failed for the other), and, the server
+    still being a replica, each fails saying so."""
+    with running_redis() as master, running_redis(
+            extra=("--replicaof", "127.0.0.1", str(master.port))) as replica:
+        client = aioredis.Redis.from_pool(MasterPool.from_url(replica.url, max_connections=4))
+        try:
+            coalescer = coalescer_for(client, sentinel=True)
+            await client.script_load(coalescer.script.script)
+            await coalescer.connect()
+            before = connections_received(replica)
+            first = coalescer.submit([counter(key_prefix, "a")])
+            await asyncio.sleep(0)  # (the first write leaves alone)
+            second = coalescer.submit([counter(key_prefix, "b")])
+            results = await asyncio.gather(*first, *second, return_exceptions=True)
+            after = connections_received(replica)
+        finally:
+            await client.aclose()
+    assert coalescer.batches == 2
+    assert all(isinstance(r, RedisConnectionError) and "now a replica" in str(r)
+               for r in results), results
+    assert after - before == 2  # one new connection for both, and our INFO
+
+
+async def test_the_embedded_store_lets_no_one_else_in(key_prefix: str) -> None:
+    """memory:// serves its store to its own checks on a Unix socket in a directory only its
+    user may enter (fakeredis checks no password), and the checks are decided there; the
+    socket is gone once the store is closed."""
+    store = open_store(Settings(redis_url="memory://", ip_salt=SALT))
+    try:
+        assert store.checks is not None
+        endpoint = await store.checks()
+        directory = Path(endpoint.path).parent
+        assert directory.stat().st_mode & 0o777 == 0o700
+        limiter = opened(Limiter(store.redis, timeout=2.0, checks=store.checks))
+        [reply] = await limiter.decide([([f"{key_prefix}:{{x}}:r"], 1, 0, 1,
+                                         ("c", "0", 0, 1, 5, 60_000))])
+        assert not isinstance(reply, StoreUnavailable) and remaining(reply) == 4
+        await limiter.close()
+    finally:
+        await store.close()
+    assert not directory.exists()
+
+
+async def test_the_checks_go_over_tls_where_the_url_says(tmp_path: Path,
+                                                        key_prefix: str) -> None:
+    """rediss:// with the URL's CA: the checks' connection is TLS, verified (Redis sees it on
+    its TLS port), and the checks are decided by Redis."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    ca_file, cert_file, key_file = (tmp_path / name for name in ("ca.pem", "cert.pem",
+                                                                  "key.pem"))
+    ca.cert_pem.write_to_path(str(ca_file))
+    issued.cert_chain_pems[0].write_to_path(str(cert_file))
+    issued.private_key_pem.write_to_path(str(key_file))
+    tls_port = free_port()
+    with running_redis(extra=("--tls-port", str(tls_port), "--tls-cert-file", str(cert_file),
+                              "--tls-key-file", str(key_file), "--tls-ca-cert-file",
+                              str(ca_file), "--tls-auth-clients", "no")) as server:
+        url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={ca_file}"
+        store = open_store(Settings(redis_url=url, ip_salt=SALT))
+        try:
+            checker = checker_on(store.redis, key_prefix)
+            decisions = [await ask(checker, action="a", ip="192.0.2.1") for _ in range(6)]
+            assert [d.allowed for d in decisions] == [True] * 5 + [False]
+            assert not any(d.degraded for d in decisions)
+            clients = server.cli("CLIENT", "LIST").splitlines()
+            assert any(f"laddr=127.0.0.1:{tls_port}" in line and "cmd=evalsha" in line
+                       for line in clients), clients
+        finally:
+            await store.close()

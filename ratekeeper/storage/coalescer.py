@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
-from ratekeeper.storage.pipe import Locate, Pipe, Replies, open_pipe
+from ratekeeper.storage.pipe import Locate, Pipe, Replies, bulk, open_pipe
 from ratekeeper.storage.scripts import LuaScript, check_replies
 
 __all__ = ["Arg", "Coalescer", "Request", "within"]
@@ -68,8 +68,7 @@ BatchObserver = Callable[[float, BaseException | None], None]
 
 
 def _bulk(value: Arg) -> bytes:
-    data = value if isinstance(value, bytes) else str(value).encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
+    return bulk(value if isinstance(value, bytes) else str(value).encode())
 
 
 # The encoding of the arguments that repeat from call to call (counts, costs, each rule's
@@ -81,22 +80,20 @@ _MAX_ENCODED = 4096
 def encode_command(name: bytes, first: str | bytes, keys: Sequence[str],
                    args: Sequence[Arg]) -> bytes:
     """One EVALSHA (``first``: the SHA) or EVAL (``first``: the source) in RESP."""
-    parts = [b"*%d\r\n$%d\r\n%s\r\n" % (3 + len(keys) + len(args), len(name), name),
-             _bulk(first), _bulk(len(keys))]
-    for key in keys:
-        data = key.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    parts = [b"*%d\r\n" % (3 + len(keys) + len(args)), bulk(name), _bulk(first),
+             _bulk(len(keys))]
+    parts += [bulk(key.encode()) for key in keys]
     encoded = _ENCODED
     for arg in args:
         if isinstance(arg, bytes) or arg is True or arg is False:  # (True would find 1's)
             parts.append(_bulk(arg))
             continue
-        bulk = encoded.get(arg)
-        if bulk is None:
-            bulk = _bulk(arg)
+        known = encoded.get(arg)
+        if known is None:
+            known = _bulk(arg)
             if len(encoded) < _MAX_ENCODED:
-                encoded[arg] = bulk
-        parts.append(bulk)
+                encoded[arg] = known
+        parts.append(known)
     return b"".join(parts)
 
 
@@ -130,6 +127,7 @@ class Coalescer:
         self._pipe: Pipe | None = None
         self._opening: asyncio.Task[None] | None = None
         self._again: list[_Write] = []  # writes to send once more, on the next connection
+        self._closed = False
 
     async def connect(self) -> None:
         """Open the connection now, if none is open (readiness: the first check finds it)."""
@@ -142,13 +140,19 @@ class Coalescer:
             raise RedisConnectionError("the checks' connection to Redis could not be opened")
 
     async def close(self) -> None:
-        """Close the connection (what is still out on it fails)."""
+        """Close the connection; what is still out or waiting fails, and nothing is sent
+        from now on."""
+        self._closed = True
         pipe, self._pipe = self._pipe, None
-        if self._opening is not None:
-            self._opening.cancel()
-            self._opening = None
+        opening, self._opening = self._opening, None
+        if self._loop is None or self._loop.is_closed():  # (what it had went with its loop)
+            return
+        if opening is not None:
+            opening.cancel()
+        closed = RedisConnectionError("the coalescer was closed")
         if pipe is not None:
-            pipe.abort(RedisConnectionError("the coalescer was closed"))
+            pipe.abort(closed)
+        self._give_up(closed)
 
     def submit(self, requests: Sequence[Request]) -> list[asyncio.Future[Any]]:
         """Queue checks that go in one write, in order; one future each, resolving to the
@@ -172,8 +176,13 @@ class Coalescer:
     def _may_send(self) -> bool:
         return self._inflight < self.max_inflight
 
-    def _flush(self) -> None:
+    def _flush(self, spent: float = 0.0) -> None:
+        """Send what is queued, as far as the writes allowed out go (``spent``: the seconds
+        these checks already waited for the connection, which their deadline counts)."""
         self._scheduled = False
+        if self._closed:
+            self._give_up(RedisConnectionError("the coalescer was closed"))
+            return
         pipe = self._pipe
         if pipe is None or not pipe.usable():
             if self._queue:
@@ -192,7 +201,7 @@ class Coalescer:
             self.batches += 1
             self.checks += len(live)
             try:
-                write = _Write(self, live)
+                write = _Write(self, live, spent)
             except Exception as exc:  # (checks that cannot be put as script calls)
                 self.settle(live, exc)
                 continue
@@ -212,12 +221,12 @@ class Coalescer:
 
     def _open(self) -> None:
         """Open a connection in the background, unless one is opening."""
-        if self._opening is None:
+        if self._opening is None and not self._closed:
             self._opening = asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
-        """Connect within the deadline; then send what waited for it. What waited fails
-        with the error when connecting does."""
+        """Connect within the deadline; then send what waited for it, its deadline counting
+        the wait. What waited fails with the error when connecting does."""
         started = time.perf_counter()
         try:
             pipe = await within(self._locate_and_open(), self.timeout)
@@ -229,25 +238,30 @@ class Coalescer:
         again, self._again = self._again, []
         for write in again:
             write.send(pipe)
-        self._flush()
+        self._flush(spent=time.perf_counter() - started)
 
     async def _locate_and_open(self) -> Pipe:
         return await open_pipe(await self.locate())
 
-    def _give_up(self, exc: Exception, seconds: float) -> None:
-        """Fail what waited for a connection that could not be opened."""
+    def _give_up(self, exc: Exception, seconds: float | None = None) -> None:
+        """Fail what waits to be sent: a connection could not be opened in ``seconds`` (which
+        ``on_batch`` hears of), or the coalescer was closed."""
         queued, self._queue, self._groups = self._queue, [], []
         again, self._again = self._again, []
         for write in again:
             write.end(exc)
-        if queued and self.on_batch is not None:
+        if queued and seconds is not None and self.on_batch is not None:
             self.on_batch(seconds, exc)
         for _, future in queued:
             if not future.done():
                 future.set_exception(exc)
 
     def send_again(self, write: _Write) -> None:
-        """Send ``write`` once more, on the next connection."""
+        """Send ``write`` once more, on a connection opened since it was sent (or the next)."""
+        pipe = self._pipe
+        if pipe is not None and pipe.usable():
+            write.send(pipe)
+            return
         self._again.append(write)
         self._open()
 
@@ -274,8 +288,8 @@ class _Write:
     __slots__ = ("batch", "callers", "coalescer", "commands", "ended", "missing", "pipe",
                  "replies", "retried", "started", "watch")
 
-    def __init__(self, coalescer: Coalescer, batch: list[tuple[Request, asyncio.Future[Any]]]
-                 ) -> None:
+    def __init__(self, coalescer: Coalescer, batch: list[tuple[Request, asyncio.Future[Any]]],
+                 spent: float = 0.0) -> None:
         self.coalescer = coalescer
         self.batch = batch
         self.started = time.perf_counter()
@@ -287,7 +301,7 @@ class _Write:
         self.replies: list[Any] = []
         self.missing: list[int] = []  # the calls the script cache lacked, sent as EVAL
         loop = asyncio.get_running_loop()
-        budget = coalescer.timeout + coalescer.per_check * len(batch)
+        budget = max(0.0, coalescer.timeout - spent) + coalescer.per_check * len(batch)
         now = loop.time()
         self.watch = _Watch(loop, self.expire, now + budget, now + budget + SLACK)
 
@@ -295,14 +309,15 @@ class _Write:
         """Send the calls (EVALSHA) on ``pipe``."""
         if self.ended:
             return
-        self.pipe = pipe
         sha = self.coalescer.script.sha
-        data = b"".join([encode_command(b"EVALSHA", sha, keys, args)
-                         for keys, args in self.commands])
         try:
+            data = b"".join([encode_command(b"EVALSHA", sha, keys, args)
+                             for keys, args in self.commands])
             pipe.send(data, len(self.commands), self.answered)
-        except Exception as exc:
+        except Exception as exc:  # (a check that cannot be encoded, a closed connection)
             self.end(exc)
+            return
+        self.pipe = pipe
 
     def answered(self, replies: Replies) -> None:
         if self.ended:
@@ -334,8 +349,9 @@ class _Write:
         if isinstance(replies, BaseException):
             self.end(replies)
             return
-        if self.coalescer.sentinel and isinstance(replies[0], ReadOnlyError):
-            self.demoted()  # (all the calls were sent again: one script, NOSCRIPT for all)
+        if (self.coalescer.sentinel and isinstance(replies[0], ReadOnlyError)
+                and len(self.missing) == len(self.commands)):
+            self.demoted()  # (every call was sent again, so none of them has run)
             return
         for i, reply in zip(self.missing, replies, strict=True):
             self.replies[i] = reply
@@ -346,8 +362,8 @@ class _Write:
         connection, and nothing of the write has run (each call's first write would have
         met READONLY). Once more on a new connection, to the master the Sentinels name
         then; a second time, the checks fail."""
-        if self.pipe is not None:
-            self.pipe.abort(RedisConnectionError("the master is now a replica"))
+        if self.pipe is not None:  # (the writes out behind it are answered on it, and decide
+            self.pipe.retire()   # each for itself)
         if self.retried:
             self.end(RedisConnectionError("the master is now a replica"))
             return

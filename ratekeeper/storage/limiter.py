@@ -7,7 +7,7 @@ circuit breaker, so a dead or stopped Redis costs at most one deadline per call 
 circuit opens, then nothing. On Redis Cluster each node has its own breaker, so a failing
 node degrades only the checks whose keys it holds, and a check whose keys span several slots
 is split per slot (see ``slots``); on one Redis the checks of a tick are one write
-(``pipeline``).
+(``coalescer``).
 """
 
 from __future__ import annotations

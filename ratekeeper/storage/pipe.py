@@ -45,7 +45,8 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["Endpoint", "Locate", "Pipe", "Replies", "locate_for", "node_locate", "open_pipe"]
+__all__ = ["Endpoint", "Locate", "Pipe", "Replies", "bulk", "encode", "locate_for",
+           "node_locate", "open_pipe"]
 
 # a write's replies, each a value or the ResponseError Redis answered; or what ended the write
 Replies = list[Any] | BaseException
@@ -89,12 +90,18 @@ class Endpoint:
 Locate = Callable[[], Awaitable[Endpoint]]
 
 
+def bulk(data: bytes) -> bytes:
+    """One argument of a command, in RESP."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 def encode(*parts: bytes) -> bytes:
     """One command in RESP."""
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    return b"*%d\r\n" % len(parts) + b"".join([bulk(part) for part in parts])
 
 
-# An error reply's code, and the exception redis-py raises for it (its message is the rest).
+# An error reply's code, and the exception redis-py raises for it (its message is the rest):
+# redis-py's own table is not public, and the limiter and the Cluster code tell them apart.
 ERRORS: dict[str, type[Exception]] = {
     "ERR": ResponseError, "NOSCRIPT": NoScriptError, "READONLY": ReadOnlyError,
     "MOVED": MovedError, "ASK": AskError, "TRYAGAIN": TryAgainError,
@@ -124,10 +131,9 @@ class Pipe(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader(replyError=reply_error)
         self.transport: asyncio.Transport | None = None
-        self.closed = False  # no write may be sent: Redis closed it, or it was aborted
+        self.closed = False  # no write may be sent: Redis closed it, or it was retired
         self._waiting: collections.deque[tuple[int, list[Any], Done]] = collections.deque()
-        self._answered = False  # a write was answered: whatever the connection began with
-        self._poll = select.poll()  # is read by now (a TLS session ticket)
+        self._poll = select.poll()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport subclasses, but behave as one)
@@ -140,10 +146,11 @@ class Pipe(asyncio.Protocol):
         """Whether a write may be sent now. With nothing out, anything the socket holds is
         the end of a connection Redis closed (a restart) that the event loop has not read
         yet: uvloop reads sockets before it runs what the last turn scheduled, asyncio's own
-        loop after, so the pipe asks the socket itself, and closes."""
+        loop after, so the pipe asks the socket itself, and closes. (What a connection
+        begins with, a TLS session ticket, was read with the handshake's PING.)"""
         if self.closed:
             return False
-        if self._waiting or not self._answered or not self._poll.poll(0):
+        if self._waiting or not self._poll.poll(0):
             return True
         self.abort(RedisConnectionError("Redis closed the connection"))
         return False
@@ -156,19 +163,14 @@ class Pipe(asyncio.Protocol):
         self._waiting.append((expected, [], done))
         self.transport.write(data)
 
-    @property
-    def waiting(self) -> int:
-        """Writes sent and not yet answered."""
-        return len(self._waiting)
-
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         waiting = self._waiting
         while waiting:
             try:
                 reply = self.reader.gets()
-            except hiredis.ProtocolError as exc:
-                self.abort(RedisConnectionError(f"Redis sent what is not RESP: {exc}"))
+            except hiredis.ProtocolError:
+                self.abort(RedisConnectionError("Redis sent what is not RESP"))
                 return
             if reply is False:
                 return
@@ -176,8 +178,11 @@ class Pipe(asyncio.Protocol):
             replies.append(reply)
             if len(replies) == expected:
                 waiting.popleft()
-                self._answered = True
                 done(replies)
+                if waiting is not self._waiting:  # (``done`` ended the connection)
+                    return
+        if self.closed:  # retired, and the last write out is answered
+            self.close()
 
     def eof_received(self) -> bool:
         # (before connection_lost, as the loop reads the end: no write is sent after it)
@@ -189,6 +194,12 @@ class Pipe(asyncio.Protocol):
         self._fail(RedisConnectionError("Redis closed the connection") if exc is None
                    else RedisConnectionError(f"the connection to Redis broke: {exc}"))
 
+    def retire(self) -> None:
+        """Send nothing more, and close once the writes out are answered."""
+        self.closed = True
+        if not self._waiting:
+            self.close()
+
     def abort(self, exc: BaseException) -> None:
         """End the connection at once; the writes out fail with ``exc``."""
         self.closed = True
@@ -199,7 +210,7 @@ class Pipe(asyncio.Protocol):
     def close(self) -> None:
         """End the connection once what was written is sent."""
         self.closed = True
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def _fail(self, exc: BaseException) -> None:
@@ -209,19 +220,21 @@ class Pipe(asyncio.Protocol):
 
 
 async def open_pipe(endpoint: Endpoint) -> Pipe:
-    """A pipe to ``endpoint``, authenticated and on its database (the caller bounds the
-    time it takes)."""
+    """A pipe to ``endpoint``, authenticated, on its database, and answering (a PING); the
+    caller bounds the time it takes. Failing to connect raises redis-py's ConnectionError,
+    as its own clients do; a refused handshake, the error Redis answered."""
     loop = asyncio.get_running_loop()
     pipe: Pipe
-    if endpoint.path:
-        _, pipe = await loop.create_unix_connection(Pipe, endpoint.path, ssl=endpoint.tls)
-    else:
-        _, pipe = await loop.create_connection(
-            Pipe, endpoint.host, endpoint.port, ssl=endpoint.tls,
-            server_hostname=endpoint.host if endpoint.tls is not None else None)
-    commands = endpoint.handshake()
-    if not commands:
-        return pipe
+    try:
+        if endpoint.path:
+            _, pipe = await loop.create_unix_connection(Pipe, endpoint.path, ssl=endpoint.tls)
+        else:
+            _, pipe = await loop.create_connection(
+                Pipe, endpoint.host, endpoint.port, ssl=endpoint.tls,
+                server_hostname=endpoint.host if endpoint.tls is not None else None)
+    except OSError as exc:  # (refused, unreachable, a name that does not resolve, TLS)
+        raise RedisConnectionError(f"could not connect to Redis: {exc}") from exc
+    commands = [*endpoint.handshake(), (b"PING",)]
     answered: asyncio.Future[Replies] = loop.create_future()
 
     def done(replies: Replies) -> None:
@@ -238,8 +251,8 @@ async def open_pipe(endpoint: Endpoint) -> Pipe:
         raise replies
     for reply in replies:
         if isinstance(reply, Exception):
-            pipe.abort(RedisConnectionError("the handshake was refused"))
-            raise AuthenticationError(str(reply))
+            pipe.abort(RedisConnectionError("Redis refused the connection's handshake"))
+            raise reply
     return pipe
 
 

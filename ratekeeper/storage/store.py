@@ -9,13 +9,18 @@ is dead, and the first call on each would otherwise fail.
 The coalesced checks do not go through this client: they have a connection of their own
 (``pipe.Pipe``) to where it connects (``pipe.locate_for``; a Cluster node's, ``node_locate``).
 The embedded store (``memory://``) is fakeredis in this process, and fakeredis's own server
-serves it on a loopback port for those checks, so that they speak to it as to a Redis.
+serves it on a Unix socket for those checks, so that they speak to it as to a Redis.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+import os
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +48,7 @@ class Store:
     others: tuple[Any, ...] = ()
     # where the coalesced checks connect (None: where ``redis`` does, ``pipe.locate_for``)
     checks: Locate | None = None
-    # called once all is closed (the embedded store's server stops)
+    # called once all is closed (the embedded store's server stops: it blocks a moment)
     stop: Callable[[], None] | None = None
 
     async def close(self) -> None:
@@ -52,7 +57,7 @@ class Store:
         for client in self.others:
             await client.aclose()
         if self.stop is not None:
-            self.stop()
+            await asyncio.to_thread(self.stop)
 
     async def ping(self) -> bool:
         """True when the store answers."""
@@ -126,20 +131,27 @@ def open_store(settings: Settings) -> Store:
 
 
 def _embedded() -> Store:
-    """fakeredis in this process, also served on a loopback port for the coalesced checks."""
+    """fakeredis in this process, also served to the coalesced checks on a Unix socket in a
+    directory only this user may enter (the store holds admin sessions; fakeredis checks no
+    password)."""
     import fakeredis
 
     class Server(fakeredis.TcpFakeServer):
-        def get_request(self) -> Any:
-            connection, address = super().get_request()
-            # each reply is written alone: unbuffered, or it waits for the last one's ACK
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return connection, address
+        address_family = socket.AF_UNIX
+        peers = itertools.count(1)
 
-    server = Server(("127.0.0.1", 0))
+        def get_request(self) -> Any:
+            connection, _ = super().get_request()
+            # a Unix socket's peers have no address: each gets a name of its own
+            return connection, ("memory", next(self.peers))
+
+    directory = tempfile.mkdtemp(prefix="ratekeeper-memory-")  # (mode 0700)
+    path = os.path.join(directory, "store.sock")
+    server = Server(path)  # type: ignore[arg-type]  # (typed for TCP: an address is a pair)
+    server.daemon_threads = True  # (a connection left open never holds up the exit)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                      name="ratekeeper-memory-store", daemon=True).start()
-    endpoint = Endpoint(host="127.0.0.1", port=server.server_address[1])
+    endpoint = Endpoint(path=path)
 
     async def locate() -> Endpoint:
         return endpoint
@@ -147,6 +159,7 @@ def _embedded() -> Store:
     def stop() -> None:
         server.shutdown()
         server.server_close()
+        shutil.rmtree(directory, ignore_errors=True)
 
     return Store(redis=fakeredis.FakeAsyncRedis(server=server.fake_server), kind="memory",
                  checks=locate, stop=stop)
