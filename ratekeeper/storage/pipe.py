@@ -134,6 +134,9 @@ class Pipe(asyncio.Protocol):
         self.closed = False  # no write may be sent: Redis closed it, or it was retired
         self._waiting: collections.deque[tuple[int, list[Any], Done]] = collections.deque()
         self._poll = select.poll()
+        # whatever the connection began with has been read (over TLS, a session ticket may
+        # follow the handshake: not before a reply has come)
+        self._settled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport subclasses, but behave as one)
@@ -141,16 +144,16 @@ class Pipe(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._poll.register(sock.fileno(), select.POLLIN)
+        self._settled = transport.get_extra_info("sslcontext") is None
 
     def usable(self) -> bool:
         """Whether a write may be sent now. With nothing out, anything the socket holds is
         the end of a connection Redis closed (a restart) that the event loop has not read
         yet: uvloop reads sockets before it runs what the last turn scheduled, asyncio's own
-        loop after, so the pipe asks the socket itself, and closes. (What a connection
-        begins with, a TLS session ticket, was read with the handshake's PING.)"""
+        loop after, so the pipe asks the socket itself, and closes."""
         if self.closed:
             return False
-        if self._waiting or not self._poll.poll(0):
+        if self._waiting or not self._settled or not self._poll.poll(0):
             return True
         self.abort(RedisConnectionError("Redis closed the connection"))
         return False
@@ -178,6 +181,7 @@ class Pipe(asyncio.Protocol):
             replies.append(reply)
             if len(replies) == expected:
                 waiting.popleft()
+                self._settled = True
                 done(replies)
                 if waiting is not self._waiting:  # (``done`` ended the connection)
                     return
@@ -220,9 +224,9 @@ class Pipe(asyncio.Protocol):
 
 
 async def open_pipe(endpoint: Endpoint) -> Pipe:
-    """A pipe to ``endpoint``, authenticated, on its database, and answering (a PING); the
-    caller bounds the time it takes. Failing to connect raises redis-py's ConnectionError,
-    as its own clients do; a refused handshake, the error Redis answered."""
+    """A pipe to ``endpoint``, authenticated and on its database; the caller bounds the time
+    it takes. Failing to connect raises redis-py's ConnectionError, as its own clients do; a
+    refused handshake, the error Redis answered."""
     loop = asyncio.get_running_loop()
     pipe: Pipe
     try:
@@ -234,7 +238,9 @@ async def open_pipe(endpoint: Endpoint) -> Pipe:
                 server_hostname=endpoint.host if endpoint.tls is not None else None)
     except OSError as exc:  # (refused, unreachable, a name that does not resolve, TLS)
         raise RedisConnectionError(f"could not connect to Redis: {exc}") from exc
-    commands = [*endpoint.handshake(), (b"PING",)]
+    commands = endpoint.handshake()
+    if not commands:
+        return pipe
     answered: asyncio.Future[Replies] = loop.create_future()
 
     def done(replies: Replies) -> None:
