@@ -3,10 +3,10 @@
 On the bench's machine Redis answers in tens of microseconds; in production it is across a
 network. This puts a proxy that delays each direction by ``--delay-us`` between one
 ratekeeper worker and its Redis, and runs the paced client (``paced.py``) at ``--rate``
-against three ways of letting writes out (``pipeline.Coalescer``'s ``max_inflight`` and
-``overlap_below``): one at most, the default (a second one beside writes out that carry
-fewer than ``OVERLAP_BELOW`` checks), and two always. The proxy's threads add their own
-delay: compare the rows, not the absolute figures.
+against two ways of letting writes out (``coalescer.Coalescer``'s ``max_inflight``): one at
+most, and two (the default: while one is out, the next is on its way, pipelined on the same
+connection). The proxy's threads add their own delay: compare the rows, not the absolute
+figures.
 
     .venv/bin/python loadtest/far_redis.py [--delay-us 250] [--rate 1000] [--seconds 8]
 """
@@ -27,11 +27,10 @@ import uvloop
 
 from procs import HERE, free_port, start_redis
 
-# each way's (max_inflight, overlap_below); None: the coalescer's defaults
-WAYS: dict[str, tuple[int, int] | None] = {
-    "one write out at most": (1, 0),
-    "default": None,
-    "two writes out always": (2, 1 << 30),
+# each way's max_inflight; None: the coalescer's default
+WAYS: dict[str, int | None] = {
+    "one write out at most": 1,
+    "two (the default)": None,
 }
 
 
@@ -76,7 +75,7 @@ def proxy(listen: int, target: int, delay_us: float) -> None:
             threading.Thread(target=_pump, args=(*pair, delay_us / 1e6), daemon=True).start()
 
 
-async def serve(port: int, redis_url: str, knobs: tuple[int, int] | None) -> None:
+async def serve(port: int, redis_url: str, inflight: int | None) -> None:
     """One ratekeeper worker whose coalescer lets writes out this way."""
     from aiohttp import web
 
@@ -93,8 +92,8 @@ async def serve(port: int, redis_url: str, knobs: tuple[int, int] | None) -> Non
     await runner.setup()  # (the runtime, and its limiter, exist from here on)
     coalescer = app[RUNTIME].limiter.coalescer
     assert coalescer is not None, "one Redis: the checks are coalesced"
-    if knobs is not None:
-        coalescer.max_inflight, coalescer.overlap_below = knobs
+    if inflight is not None:
+        coalescer.max_inflight = inflight
     await web.TCPSite(runner, "127.0.0.1", port).start()
     print("ready", flush=True)
     await asyncio.Event().wait()
@@ -112,12 +111,12 @@ def measure(args: argparse.Namespace) -> None:
         print(f"Redis behind a proxy delaying each direction by {args.delay_us:g} us; "
               f"{args.rate:g} checks/s for {args.seconds:g} s per row, {args.rounds} rounds")
         for round_ in range(args.rounds):
-            for name, knobs in WAYS.items():
+            for name, inflight in WAYS.items():
                 port = free_port()
                 server = subprocess.Popen(
                     [sys.executable, __file__, "--serve", str(port),
                      f"redis://127.0.0.1:{near}",
-                     "" if knobs is None else ",".join(map(str, knobs))],
+                     "" if inflight is None else str(inflight)],
                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 try:
                     assert server.stdout is not None
@@ -149,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.proxy:
         proxy(int(args.proxy[0]), int(args.proxy[1]), float(args.proxy[2]))
     elif args.serve:
-        port, url, knobs = args.serve
-        inflight, _, overlap = knobs.partition(",")
-        uvloop.run(serve(int(port), url, (int(inflight), int(overlap)) if knobs else None))
+        port, url, inflight = args.serve
+        uvloop.run(serve(int(port), url, int(inflight) if inflight else None))
     else:
         measure(args)
     return 0
