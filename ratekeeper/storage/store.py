@@ -147,7 +147,11 @@ def _embedded() -> Store:
 
     directory = tempfile.mkdtemp(prefix="ratekeeper-memory-")  # (mode 0700)
     path = os.path.join(directory, "store.sock")
-    server = Server(path)  # type: ignore[arg-type]  # (typed for TCP: an address is a pair)
+    try:
+        server = Server(path)  # type: ignore[arg-type]  # (typed for TCP: an address is a pair)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     server.daemon_threads = True  # (a connection left open never holds up the exit)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                      name="ratekeeper-memory-store", daemon=True).start()
