@@ -309,6 +309,7 @@ class _Write:
         """Send the calls (EVALSHA) on ``pipe``."""
         if self.ended:
             return
+        self.missing = []  # (sent again, a write goes whole)
         sha = self.coalescer.script.sha
         try:
             data = b"".join([encode_command(b"EVALSHA", sha, keys, args)
@@ -320,42 +321,37 @@ class _Write:
         self.pipe = pipe
 
     def answered(self, replies: Replies) -> None:
+        """The replies of the calls as sent (EVALSHA), or, once ``missing`` is set, of the
+        calls the script cache lacked, sent again as EVAL."""
         if self.ended:
             return
         if isinstance(replies, BaseException):
             self.end(replies)
             return
-        if self.coalescer.sentinel and isinstance(replies[0], ReadOnlyError):
+        again = self.missing
+        if again:
+            for i, reply in zip(again, replies, strict=True):
+                self.replies[i] = reply
+            replies = self.replies
+        # READONLY for the first call, in a round that carried every call: none has run
+        if (self.coalescer.sentinel and isinstance(replies[0], ReadOnlyError)
+                and len(again) in (0, len(self.commands))):
             self.demoted()
             return
-        self.missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        self.missing = [] if again else [i for i, reply in enumerate(replies)
+                                         if isinstance(reply, NoScriptError)]
         if not self.missing:
             self.finish(replies)
             return
         self.replies = replies
         script = self.coalescer.script.script
-        again = b"".join([encode_command(b"EVAL", script, *self.commands[i])
-                          for i in self.missing])
+        data = b"".join([encode_command(b"EVAL", script, *self.commands[i])
+                         for i in self.missing])
         try:
             assert self.pipe is not None
-            self.pipe.send(again, len(self.missing), self.answered_again)
+            self.pipe.send(data, len(self.missing), self.answered)
         except Exception as exc:
             self.end(exc)
-
-    def answered_again(self, replies: Replies) -> None:
-        """The replies of the calls sent again as EVAL."""
-        if self.ended:
-            return
-        if isinstance(replies, BaseException):
-            self.end(replies)
-            return
-        if (self.coalescer.sentinel and isinstance(replies[0], ReadOnlyError)
-                and len(self.missing) == len(self.commands)):
-            self.demoted()  # (every call was sent again, so none of them has run)
-            return
-        for i, reply in zip(self.missing, replies, strict=True):
-            self.replies[i] = reply
-        self.finish(self.replies)
 
     def demoted(self) -> None:
         """READONLY from a Sentinel's master for the first call: it was demoted under the

@@ -45,7 +45,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["Endpoint", "Locate", "Pipe", "Replies", "bulk", "encode", "locate_for",
+__all__ = ["Endpoint", "Locate", "Pipe", "Replies", "bulk", "encode", "fixed", "locate_for",
            "node_locate", "open_pipe"]
 
 # a write's replies, each a value or the ResponseError Redis answered; or what ended the write
@@ -280,23 +280,22 @@ def locate_for(client: Any) -> Locate:
     if "server" in arguments or ("host" not in arguments and "path" not in arguments):
         # (fakeredis: nothing listens where it says; the store serves it, ``Store.checks``)
         raise TypeError(f"the coalesced checks cannot connect where {client!r} does")
-    endpoint = Endpoint.of(arguments, tls)
-
-    async def fixed() -> Endpoint:
-        return endpoint
-
-    return fixed
+    return fixed(Endpoint.of(arguments, tls))
 
 
 def node_locate(cluster: Any, host: str, port: int) -> Locate:
     """Where the checks of one Cluster node connect: the node, with the cluster client's
     credentials."""
-    endpoint = Endpoint.of({**cluster.get_connection_kwargs(), "host": host, "port": port})
+    return fixed(Endpoint.of({**cluster.get_connection_kwargs(), "host": host, "port": port}))
 
-    async def fixed() -> Endpoint:
+
+def fixed(endpoint: Endpoint) -> Locate:
+    """Always ``endpoint``."""
+
+    async def locate() -> Endpoint:
         return endpoint
 
-    return fixed
+    return locate
 
 
 def _tls_of(pool: Any) -> ssl.SSLContext | None:

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from ratekeeper.errors import SettingsError
 from ratekeeper.settings import Settings
-from ratekeeper.storage.pipe import Endpoint, Locate
+from ratekeeper.storage.pipe import Endpoint, Locate, fixed
 
 __all__ = ["Store", "open_store"]
 
@@ -155,18 +155,13 @@ def _embedded() -> Store:
     server.daemon_threads = True  # (a connection left open never holds up the exit)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                      name="ratekeeper-memory-store", daemon=True).start()
-    endpoint = Endpoint(path=path)
-
-    async def locate() -> Endpoint:
-        return endpoint
-
     def stop() -> None:
         server.shutdown()
         server.server_close()
         shutil.rmtree(directory, ignore_errors=True)
 
     return Store(redis=fakeredis.FakeAsyncRedis(server=server.fake_server), kind="memory",
-                 checks=locate, stop=stop)
+                 checks=fixed(Endpoint(path=path)), stop=stop)
 
 
 def _cluster_retry() -> Any:
