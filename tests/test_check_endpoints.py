@@ -78,6 +78,13 @@ class Served:
                     decision["refund"] = "<token>"
         return resp.status, body, headers
 
+    async def cache_on(self) -> None:
+        """Wait until the local cache answers: once the change channel is first up (before,
+        a change could be missed, so the process asks Redis every time)."""
+        async with asyncio.timeout(5):
+            while not self.runtime.cache.active:
+                await asyncio.sleep(0.01)
+
     async def metrics(self) -> str:
         resp = await self.client.get("/metrics")
         assert resp.status == 200
@@ -167,6 +174,7 @@ async def test_allowed_then_limited_by_redis_then_by_the_local_cache(
     same body and headers; RateLimit headers every time, Retry-After when denied, and the
     IP in no header or body."""
     served = await serve(WALK, clock=clock)
+    await served.cache_on()
     answers = [await served.answer("POST", CHECK, json={"action": "login", "ip": IP_A})
                for _ in range(4)]
     for step, (status, body, headers) in enumerate(answers):
@@ -283,6 +291,7 @@ async def test_authz_answers_204_429_403_and_400(serve: Any, clock: FakeClock) -
     unrouted request passes; a kill switch's 403; a request without the forwarding headers
     is a 400. The client's IP is in no header or body."""
     served = await serve(AUTHZ_CONFIG, clock=clock)
+    await served.cache_on()
 
     async def ask(method: str, uri: str) -> tuple[int, Any, dict[str, str]]:
         answer: tuple[int, Any, dict[str, str]] = await served.answer(
@@ -438,6 +447,7 @@ async def test_cache_denials_under_concurrency_are_all_answered(serve: Any,
     """40 concurrent checks of a subject the local cache knows is over its limit are all
     answered, alike, from the cache."""
     served = await serve(WALK, clock=clock)
+    await served.cache_on()
     for _ in range(3):
         await served.answer("POST", CHECK, json={"action": "login", "ip": IP_A})
     answers = await asyncio.wait_for(asyncio.gather(*(

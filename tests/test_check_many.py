@@ -264,7 +264,7 @@ async def test_the_coalescer_answers_every_caller_as_one_call_each(
         expected = await one_by_one(client, one, [(START_MS, requests)])
 
         locate = locate_for(client) if store is None or store.checks is None else store.checks
-        coalescer = Coalescer(locate, Scripts.register(client).check, timeout=2.0)
+        coalescer = opened(Coalescer(locate, Scripts.register(client).check, timeout=2.0))
         before = evalsha_calls(server) if server is not None else 0
         futures = [future for r in requests
                    for future in coalescer.submit([as_check(r, many)])]
@@ -280,7 +280,6 @@ async def test_the_coalescer_answers_every_caller_as_one_call_each(
             else:
                 assert same([have], [want]), f"caller {i}"
         assert await state(client, many) == await state(client, one)
-        await coalescer.close()
     finally:
         if store is not None:
             await store.close()
