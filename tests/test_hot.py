@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ratekeeper.api.headers import rate_limit_headers
 from ratekeeper.api.wire import Decision, LimitState
-from ratekeeper.server.hot import AllowedForm, built_reply, reply_to
+from ratekeeper.server.hot import reply_to
 from ratekeeper.server.state import STOPPING
 from ratekeeper.settings import Settings
 
@@ -318,28 +319,32 @@ _figures = st.integers(min_value=0, max_value=2**53)
 
 
 @st.composite
-def _allowed(draw: st.DrawFn) -> Decision:
+def _decisions(draw: st.DrawFn) -> Decision:
     windows = draw(st.lists(st.tuples(_names, st.integers(1, 10**9), st.integers(1, 10**7)),
                             min_size=0, max_size=4))
     limits = [LimitState(rule, limit, window, *draw(st.tuples(_figures, _figures, _figures)))
               for rule, limit, window in windows]
-    token = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEF0123456789-_.",
-                         min_size=1, max_size=80))
-    # (never on such an answer today; were they, the form must not drop them)
-    unusual: dict[str, Any] = draw(st.sampled_from([{}, {}, {"flag": "f", "message": "m"},
-                                                     {"retry_after": 3}, {"retry_after_ms": 5}]))
-    return Decision(allowed=True, reason=None, action=draw(_names), limits=limits,
-                    refund=token, **unusual)
+    token = draw(st.none() | st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEF0123456789-_.",
+                                     min_size=1, max_size=80))
+    answer: dict[str, Any] = draw(st.sampled_from([
+        {"allowed": True, "reason": None}, {"allowed": True, "reason": None},
+        {"allowed": True, "reason": "rate_limited", "shadow": True},
+        {"allowed": False, "reason": "rate_limited", "retry_after": 3, "retry_after_ms": 2500},
+        {"allowed": False, "reason": "banned", "retry_after": 0},
+        {"allowed": False, "reason": "disabled", "flag": "f", "message": "m",
+         "retry_after": 60},
+        {"allowed": True, "reason": None, "degraded": True}]))
+    return Decision(action=draw(_names), limits=limits, refund=token, **answer)
 
 
 @settings(max_examples=300, deadline=None)
-@given(first=_allowed(), second=_allowed())
-def test_an_allowed_answer_from_its_form_is_the_usual_bytes(first: Decision,
-                                                            second: Decision) -> None:
-    """An allowed answer made from its action's prepared form has the very bytes the usual
-    encoding gives, whatever the names and figures, also when the action's limits change
-    under the form (a config reload)."""
-    form = AllowedForm.of(first)
-    assert form is not None and form.reply(first) == built_reply(first)  # (the form itself)
-    for decision in (first, second, msgspec.structs.replace(second, action=first.action)):
-        assert reply_to(decision) == built_reply(decision)
+@given(decision=_decisions())
+def test_an_answer_of_the_lane_has_the_routes_headers_and_body(decision: Decision) -> None:
+    """The lane's answer to a check carries the header lines and the JSON body that the
+    aiohttp route of the same path sends for it (``rate_limit_headers`` and msgspec), whatever
+    the names, figures and reasons."""
+    lines = "".join(f"{name}: {value}\r\n"
+                    for name, value in rate_limit_headers(decision).items()).encode()
+    reply = reply_to(decision)
+    assert (reply.status, reply.headers, reply.body) == (200, lines,
+                                                         msgspec.json.encode(decision))

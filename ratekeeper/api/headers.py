@@ -22,14 +22,15 @@ from collections import Counter
 
 from ratekeeper.api.wire import Decision, LimitState
 
-__all__ = ["policy_names", "rate_limit_headers", "retry_after"]
+__all__ = ["policy_names", "rate_limit_headers", "rate_limit_lines", "retry_after"]
 
 # (rule, limit, window) of every limit of an answer -> (the names the headers use, the
-# RateLimit-Policy value, the RateLimit value with %d for each remaining and reset). An
-# action's policy never changes between requests, so it is built once; the cap only guards
-# against an unbounded number of configs over reloads.
+# RateLimit-Policy value, the RateLimit value with %d for each remaining and reset, and both
+# as HTTP/1.1 header lines, a bytes %-format). An action's policy never changes between
+# requests, so it is built once; the cap only guards against an unbounded number of configs
+# over reloads.
 Shape = tuple[tuple[str, int, int], ...]
-Known = tuple[tuple[str, ...], str, str]
+Known = tuple[tuple[str, ...], str, str, bytes]
 _POLICIES: dict[Shape, Known] = {}
 _MAX_SHAPES = 4096
 
@@ -48,7 +49,10 @@ def _policy(shape: Shape) -> Known:
     # the RateLimit value as a %-format: each name's own '%' doubled
     escaped = [name.replace("%", "%%") for name in names]
     state = ", ".join(f'"{name}";r=%d;t=%d' for name in escaped)
-    return tuple(names), ", ".join(policies), state
+    policy = ", ".join(policies)
+    lines = (f"RateLimit-Policy: {policy.replace('%', '%%')}\r\nRateLimit: {state}\r\n"
+             .encode())
+    return tuple(names), policy, state, lines
 
 
 def _known(limits: list[LimitState]) -> Known:
@@ -80,7 +84,7 @@ def rate_limit_headers(decision: Decision) -> dict[str, str]:
     headers: dict[str, str] = {}
     limits = decision.limits
     if limits:
-        _, policy, state = _known(limits)
+        _, policy, state, _ = _known(limits)
         headers["RateLimit-Policy"] = policy
         values: list[int] = []
         for item in limits:
@@ -90,3 +94,18 @@ def rate_limit_headers(decision: Decision) -> dict[str, str]:
     if seconds is not None:
         headers["Retry-After"] = str(seconds)
     return headers
+
+
+def rate_limit_lines(decision: Decision) -> bytes:
+    """``rate_limit_headers`` as the HTTP/1.1 header lines of an answer, each CRLF-ended."""
+    lines = b""
+    limits = decision.limits
+    if limits:
+        values: list[int] = []
+        for item in limits:
+            values += (item.remaining, item.reset)
+        lines = _known(limits)[3] % tuple(values)
+    seconds = retry_after(decision)
+    if seconds is not None:
+        lines += b"Retry-After: %d\r\n" % seconds
+    return lines

@@ -129,13 +129,6 @@ def _rule_culprit(rule: Rule, subject: str) -> Culprit:
     return "+".join(rule.key) or "global", subject
 
 
-def _shown(remaining: int, reset_ms: int) -> tuple[int, int, int]:
-    """A window as an answer shows it: hits left, never below 0, and the time until it
-    resets in whole seconds (rounded up) and in milliseconds."""
-    reset_ms = reset_ms if reset_ms > 0 else 0
-    return remaining if remaining > 0 else 0, -(-reset_ms // 1000), reset_ms
-
-
 def _seconds(ms: int) -> int:
     return -(-ms // 1000) if ms > 0 else 0  # whole seconds, rounded up
 
@@ -380,60 +373,71 @@ class Checker:
         """A look's answer from Redis (``state``): nothing remembered, nothing counted."""
         if isinstance(reply, StoreUnavailable):
             return self.degraded(stage.plan)
-        return self.decision(stage.plan, parse_outcome(reply))
+        return self.decision(stage.plan, reply)
 
     def _finish(self, stage: Pending, reply: Sequence[int] | StoreUnavailable) -> Answer:
         """Everything after Redis answered (check.lua's reply) or could not."""
         plan = stage.plan
         if isinstance(reply, StoreUnavailable):
             return self.degraded(plan), None
-        outcome = parse_outcome(reply)
         action, subjects, cost = plan.action, stage.subjects, stage.cost
-        if outcome.status is not Status.ALLOWED:
-            if self.cache is not None:
-                self.cache.remember(action, stage.ban_subjects, subjects, cost, outcome,
-                                    stage.started_ms)
+        if reply[0] != Status.ALLOWED or reply[2]:  # denied, or a shadow rule would have
+            outcome = parse_outcome(reply)
             if self.denials is not None:
                 count_denials(self.denials, action, subjects, outcome)
-            culprit: Culprit = None
-            at = outcome.culprit - 1
-            if outcome.status is Status.BANNED and 0 <= at < len(stage.ban_subjects):
-                culprit = (stage.ban_fields[at], stage.ban_subjects[at])
-            elif outcome.status is Status.PENALTY and 0 <= at < len(subjects):
-                culprit = _rule_culprit(action.rules[at], subjects[at])
-            return self.decision(plan, outcome), culprit
-        if outcome.shadowed and self.denials is not None:
-            count_denials(self.denials, action, subjects, outcome)
+            if outcome.status is not Status.ALLOWED:
+                if self.cache is not None:
+                    self.cache.remember(action, stage.ban_subjects, subjects, cost, outcome,
+                                        stage.started_ms)
+                culprit: Culprit = None
+                at = outcome.culprit - 1
+                if outcome.status is Status.BANNED and 0 <= at < len(stage.ban_subjects):
+                    culprit = (stage.ban_fields[at], stage.ban_subjects[at])
+                elif outcome.status is Status.PENALTY and 0 <= at < len(subjects):
+                    culprit = _rule_culprit(action.rules[at], subjects[at])
+                return self.decision(plan, reply), culprit
         token = None
         if cost > 0 and subjects:
-            token = self.refunds.issue(action.name, subjects, cost, outcome.now_ms)
-        return self.decision(plan, outcome, token), None
+            token = self.refunds.issue(action.name, subjects, cost, reply[1])
+        return self.decision(plan, reply, token), None
 
-    def decision(self, plan: ActionPlan, outcome: Outcome, refund: str | None = None
+    def decision(self, plan: ActionPlan, reply: Sequence[int], refund: str | None = None
                  ) -> Decision:
-        """Turn the script's answer into the API's Decision (``refund``: its token)."""
+        """Turn check.lua's flat reply for one check into the API's Decision (``refund``: its
+        token). Raises ValueError for a reply not of the plan's shape."""
         action = plan.action
-        status = outcome.status
+        status, _, shadowed, culprit, wait = reply[:5]
         # a box's or ban's wait (-1: without end) is its key's PTTL, which runs on Redis's own
         # clock whatever clock the windows use; the local cache counts down from the same ms
-        wait = outcome.wait_ms if outcome.wait_ms > 0 else 0
-        if status is Status.PENALTY:
-            return boxed_decision(action, outcome.culprit - 1, wait)
-        if status is Status.BANNED:
+        wait = wait if wait > 0 else 0
+        if status == Status.PENALTY:
+            return boxed_decision(action, culprit - 1, wait)
+        if status == Status.BANNED:
             return Decision(allowed=False, reason="banned", action=action.name,
                             retry_after=_seconds(wait), retry_after_ms=wait)
-        limits = [LimitState(rule, limit, seconds, *_shown(remaining, reset_ms))
-                  for (rule, limit, seconds), (remaining, reset_ms, _) in zip(
-                      plan.windows, outcome.windows, strict=True)]
-        if status is Status.LIMITED:
+        if len(reply) != 5 + 3 * len(plan.windows) or (
+                status != Status.ALLOWED and status != Status.LIMITED):
+            raise ValueError(f"check.lua answered {len(reply)} values, status {status!r}")
+        # each window as the answer shows it: hits left, never below 0, and the time until it
+        # resets in whole seconds (rounded up) and in milliseconds (LimitState's fields, in
+        # order: one is made per window of every decision)
+        limits = []
+        at = 5
+        for rule, limit, seconds in plan.windows:
+            remaining, reset_ms = reply[at], reply[at + 1]
+            at += 3
+            reset_ms = reset_ms if reset_ms > 0 else 0
+            limits.append(LimitState(rule, limit, seconds, remaining if remaining > 0 else 0,
+                                     -(-reset_ms // 1000), reset_ms))
+        if status == Status.LIMITED:
             return Decision(allowed=False, reason="rate_limited", action=action.name,
                             retry_after=max(1, _seconds(wait)), retry_after_ms=max(1, wait),
                             limits=limits)
-        if outcome.shadowed:
+        if shadowed:
             return Decision(allowed=True, reason="rate_limited", action=action.name,
                             shadow=True, limits=limits, refund=refund)
-        return Decision(allowed=True, reason=None, action=action.name, limits=limits,
-                        refund=refund)
+        # (Decision's fields in order, each given: one is made per allowed check)
+        return Decision(True, None, action.name, 0, 0, None, None, False, False, limits, refund)
 
     def degraded(self, plan: ActionPlan) -> Decision:
         """Redis could not be asked: fail closed if any enforced rule says so, else open."""

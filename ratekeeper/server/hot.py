@@ -31,15 +31,14 @@ from typing import Any, NamedTuple
 import msgspec
 from aiohttp import web
 
-from ratekeeper.api.headers import rate_limit_headers
-from ratekeeper.api.wire import BatchResponse, Decision, ErrorBody, LimitState
+from ratekeeper.api.headers import rate_limit_lines
+from ratekeeper.api.wire import BatchResponse, Decision, ErrorBody
 from ratekeeper.decision.checker import Checker
 from ratekeeper.errors import BadRequest
 from ratekeeper.server.http import MAX_BODY, TOO_LARGE_TEXT
 from ratekeeper.server.state import RUNTIME, STOPPING
 
-__all__ = ["BATCH", "CHECK", "CONTINUE", "AllowedForm", "HotLane", "Pending", "Reply",
-           "built_reply", "hot_kind", "reply_to"]
+__all__ = ["BATCH", "CHECK", "CONTINUE", "HotLane", "Pending", "Reply", "hot_kind", "reply_to"]
 
 log = logging.getLogger("ratekeeper.server")
 
@@ -165,104 +164,9 @@ def _settle(pending: Pending, reply: Reply) -> None:
 
 
 def reply_to(decision: Decision) -> Reply:
-    """The answer to a check: an allowed one that took hits from its action's form (the
-    fields the form holds as they always are on such an answer), any other built."""
-    if not (decision.allowed and decision.refund is not None and decision.reason is None
-            and not decision.shadow and not decision.degraded and not decision.retry_after
-            and not decision.retry_after_ms and decision.flag is None
-            and decision.message is None):
-        return built_reply(decision)
-    action = decision.action
-    form = _FORMS.get(action)
-    reply = None if form is None else form.reply(decision)
-    if reply is None:  # the action's first, or its limits changed (a config reload)
-        form = AllowedForm.of(decision)
-        if form is None:
-            return built_reply(decision)
-        if action in _FORMS or len(_FORMS) < MAX_FORMS:
-            _FORMS[action] = form
-        reply = form.reply(decision) or built_reply(decision)
-    return reply
-
-
-def built_reply(decision: Decision) -> Reply:
-    """``decision``'s answer the usual way (``AllowedForm`` makes the same bytes faster)."""
-    lines = "".join(f"{name}: {value}\r\n" for name, value in rate_limit_headers(decision).items())
-    return Reply(200, lines.encode(), _encode(decision))
-
-
-class AllowedForm:
-    """An action's allowed answer with its figures cut out, made once and filled per check.
-
-    Nearly every answer is an allowed one that took hits, and of its bytes only each
-    window's remaining hits and reset and the refund token vary from one check to the next.
-    The form is the usual bytes (``rate_limit_headers`` and msgspec's encoding) of a Decision
-    whose figures are markers, cut out as ``%d`` and ``%s``: filled, it gives those same bytes
-    (a test compares the two over many answers). The token goes in as it is: refund tokens
-    are base64url text and dots, which JSON carries unescaped. Any other answer (denied,
-    shadow, degraded, a look) is built the usual way.
-    """
-
-    __slots__ = ("body", "headers", "shape")
-
-    def __init__(self, shape: tuple[tuple[str, int, int], ...], headers: bytes, body: bytes
-                 ) -> None:
-        self.shape = shape  # (rule, limit, window) of each limit the form has room for
-        self.headers = headers  # %d for each limit's remaining and reset
-        self.body = body  # %d for each limit's remaining, reset and reset_ms; %s: the token
-
-    @classmethod
-    def of(cls, decision: Decision) -> AllowedForm | None:
-        """The form of allowed answers shaped as ``decision`` is; None when one of its names
-        holds a marker."""
-        shape = tuple([(item.rule, item.limit, item.window) for item in decision.limits])
-        marks = [_MARK + i for i in range(3 * len(shape))]
-        limits = [LimitState(rule, limit, window, *marks[3 * i:3 * i + 3])
-                  for i, (rule, limit, window) in enumerate(shape)]
-        marked = msgspec.structs.replace(decision, limits=limits, refund=_TOKEN_MARK)
-        lines = "".join(f"{name}: {value}\r\n"
-                        for name, value in rate_limit_headers(marked).items()).encode()
-        header_marks = [mark for i, mark in enumerate(marks) if i % 3 != 2]
-        headers = _cut(lines, [(b"%d" % mark, b"%d") for mark in header_marks])
-        body = _cut(_encode(marked), [*[(b"%d" % mark, b"%d") for mark in marks],
-                                      (_TOKEN_MARK.encode(), b"%s")])
-        return None if headers is None or body is None else cls(shape, headers, body)
-
-    def reply(self, decision: Decision) -> Reply | None:
-        """The answer to ``decision`` (allowed, enforced, with a refund token); None when its
-        limits are not this form's."""
-        if len(decision.limits) != len(self.shape):
-            return None
-        head: list[int] = []
-        body: list[int] = []
-        for item, (rule, limit, window) in zip(decision.limits, self.shape):  # noqa: B905
-            if item.rule != rule or item.limit != limit or item.window != window:
-                return None
-            head += (item.remaining, item.reset)
-            body += (item.remaining, item.reset, item.reset_ms)
-        return Reply(200, self.headers % tuple(head),
-                     self.body % (*body, decision.refund.encode()))  # type: ignore[union-attr]
-
-
-# markers for the figures: 19 digits, so none is found where it was not put (``_cut``)
-_MARK = 9_137_000_000_000_000_000
-_TOKEN_MARK = "rkTOKENrkMARKrk"
-_FORMS: dict[str, AllowedForm] = {}  # by action; a form that no longer fits is made again
-MAX_FORMS = 4096  # (only a bound over config reloads)
-
-
-def _cut(data: bytes, marks: Sequence[tuple[bytes, bytes]]) -> bytes | None:
-    """``data`` as a %-format: each mark, found exactly once and in order, becomes its blank;
-    None when one is not."""
-    text = data.replace(b"%", b"%%")
-    at = 0
-    for mark, blank in marks:
-        found = text.find(mark, at)
-        if found < 0 or text.count(mark) != 1:
-            return None
-        text = text[:found] + blank + text[found + len(mark):]
-        at = found + len(blank)
-    return text
+    """The answer to a check: the Decision's JSON and its RateLimit headers, the bytes the
+    aiohttp route of the same path sends (``endpoints.check_response``)."""
+    return Reply(200, rate_limit_lines(decision), _encode(decision))
 
 
 async def _check(checker: Checker, request: Any) -> Reply:
