@@ -2,7 +2,8 @@
 -- of its action, all or nothing.
 --
 -- This script is sent with counter.lua before it (scripts.read_script joins the two into one
--- script): counter_find, counter_segment and counter_value come from there.
+-- script): counter_find, counter_segment and counter_value come from there, and the library
+-- functions as locals (find, format, floor, ...).
 --
 -- KEYS     the requests' keys, concatenated in request order; per request: its ban keys (one
 --          per subject of the request; a present key means banned), then per rule of its rule
@@ -72,8 +73,6 @@
 
 local SLACK_MS = 1000
 local CHUNK = 1000  -- hits per LPUSH: a large cost never builds an unbounded argument list
-local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
-local format, find, unpack = string.format, string.find, unpack
 
 local now
 if ARGV[1] ~= '' then
@@ -189,6 +188,7 @@ end
 -- the arithmetic of a decision): what a request MGETs, the hits a log pushes, a counter's
 -- segments and a request's answers per window.
 local reads, hits, segments, answers = {}, {}, {}, {}
+local NOTHING = {}
 
 local index_texts = {}  -- LINDEX's index i as text, made once per call
 local function index_text(i)
@@ -356,7 +356,7 @@ local function decide(cost, nk, set, k)
       reads[nb + rule.counter_read] = KEYS[rk + rule.state_key]
     end
   end
-  local values = {}
+  local values = NOTHING  -- (read only where a rule or ban key was put in the MGET)
   if m > 0 then values = redis.call('MGET', unpack(reads, 1, m)) end
   for i = 1, nb do
     if values[i] then return {2, now, 0, i, redis.call('PTTL', KEYS[k + i])} end

@@ -3,7 +3,7 @@
 --
 -- Not a script of its own: Redis scripts cannot load one another, so scripts.read_script
 -- sends this file's source before the source of each script that uses it, as one script.
--- It only defines local functions: it reads no KEYS or ARGV and calls no Redis command.
+-- It only defines locals: it reads no KEYS or ARGV and calls no Redis command.
 --
 -- The value is one STRING per rule: "bucket:current:previous,...", one segment per window,
 -- in the order of the rule's windows (check.lua's ARGV). bucket is now_ms // window_ms at
@@ -12,6 +12,36 @@
 -- window (windows of different lengths are in buckets far apart), so a window whose
 -- segment is not in its place (the rule gained or lost a window since the key was written)
 -- finds it by its bucket, and a window with no such segment counts from zero.
+
+-- Library functions as locals, for these functions and the script after them: a global's
+-- lookup per use costs more than the arithmetic of a decision.
+local tonumber, tostring, type, pcall, error, unpack = tonumber, tostring, type, pcall, error,
+                                                     unpack
+local find, gmatch, format, concat = string.find, string.gmatch, string.format, table.concat
+local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
+
+-- A number read from text, and one written as text, each converted once per script call:
+-- a call of many checks meets the same few values again and again (buckets, counts), and
+-- strtod or "%d" costs more than a table lookup.
+local counter_numbers, counter_texts = {}, {}
+
+local function counter_number(text)  -- (nil for nil: a pattern that did not match)
+  local number = counter_numbers[text]
+  if not number and text then
+    number = tonumber(text)
+    counter_numbers[text] = number
+  end
+  return number
+end
+
+local function counter_text(number)
+  local text = counter_texts[number]
+  if not text then
+    text = format('%d', number)
+    counter_texts[number] = text
+  end
+  return text
+end
 
 -- The segment of the w-th window that still holds the hits of `bucket`: the one whose
 -- bucket is `bucket` (they are its current) or the next (they are its previous). The
@@ -23,24 +53,24 @@ local function counter_find(raw, w, bucket)
   -- its own place: after the (w - 1)-th comma
   local start = 1
   for _ = 2, w do
-    start = string.find(raw, ',', start, true)
+    start = find(raw, ',', start, true)
     if not start then break end
     start = start + 1
   end
   if start then
-    local _, _, b, current, previous = string.find(raw, '^(%d+):(%d+):(%d+)', start)
-    b = tonumber(b)
+    local _, _, b, current, previous = find(raw, '^(%d+):(%d+):(%d+)', start)
+    b = counter_number(b)
     if b == bucket or b == bucket + 1 then
-      return w, b, tonumber(current), tonumber(previous)
+      return w, b, counter_number(current), counter_number(previous)
     end
   end
   -- elsewhere: the rule's windows changed since the value was written
   local place = 0
-  for b, current, previous in string.gmatch(raw, '(%d+):(%d+):(%d+)') do
+  for b, current, previous in gmatch(raw, '(%d+):(%d+):(%d+)') do
     place = place + 1
-    b = tonumber(b)
+    b = counter_number(b)
     if b == bucket or b == bucket + 1 then
-      return place, b, tonumber(current), tonumber(previous)
+      return place, b, counter_number(current), counter_number(previous)
     end
   end
   return nil
@@ -48,17 +78,17 @@ end
 
 -- One segment as stored.
 local function counter_segment(bucket, current, previous)
-  return string.format('%d:%d:%d', bucket, current, previous)
+  return counter_text(bucket) .. ':' .. counter_text(current) .. ':' .. counter_text(previous)
 end
 
 -- The stored value of these segments (as counter_segment formats them), in order.
 local function counter_value(segments, count)
-  return table.concat(segments, ',', 1, count or #segments)
+  return concat(segments, ',', 1, count or #segments)
 end
 
 -- The segments of a stored value, as text, in order.
 local function counter_segments(raw)
   local segments = {}
-  for segment in string.gmatch(raw, '%d+:%d+:%d+') do segments[#segments + 1] = segment end
+  for segment in gmatch(raw, '%d+:%d+:%d+') do segments[#segments + 1] = segment end
   return segments
 end

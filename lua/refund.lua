@@ -1,7 +1,8 @@
 -- refund.lua: give back hits that check.lua took at a known time.
 --
 -- This script is sent with counter.lua before it (scripts.read_script joins the two into one
--- script): counter_segments, counter_find, counter_segment and counter_value come from there.
+-- script): counter_segments, counter_find, counter_segment and counter_value come from there,
+-- and the library functions as locals (floor, min, max, ...).
 --
 -- KEYS[1 .. nr]  per rule, in ARGV order: its state key (as passed to check.lua)
 --
@@ -29,20 +30,20 @@ local function refund_counter(key, windows_ms)
   local segments = counter_segments(raw)
   local given = 0
   for w, ms in ipairs(windows_ms) do
-    local bucket = math.floor(at / ms)
+    local bucket = floor(at / ms)
     local place, found, current, previous = counter_find(raw, w, bucket)
     if place then
       local take
       if found == bucket then
-        take = math.min(cost, current)
+        take = min(cost, current)
         current = current - take
       else  -- the bucket has moved on: the hits are in "previous" now
-        take = math.min(cost, previous)
+        take = min(cost, previous)
         previous = previous - take
       end
       segments[place] = counter_segment(found, current, previous)
       raw = counter_value(segments)  -- the next window finds what this one left
-      given = math.max(given, take)
+      given = max(given, take)
     end
   end
   redis.call('SET', key, raw, 'KEEPTTL')

@@ -107,6 +107,8 @@ def _plan(action: Action, keyspace: Keyspace) -> ActionPlan:
     )
 
 
+_new = tuple.__new__
+
 # What decided a ban or penalty-box denial: (the subject's fields, its hash), for the log
 Culprit = tuple[str, str] | None
 Answer = tuple[Decision, Culprit]
@@ -365,9 +367,10 @@ class Checker:
         if not keys:
             return Decision(allowed=True, reason=None, action=action.name), None
         rule_args = plan.shadow_args if shadow_all else plan.rule_args
-        return Pending(plan, values, cost, ban_fields, ban_subjects, subjects,
-                       cache.now_ms() if cache is not None else 0,
-                       (keys, cost, n_bans, len(action.rules), rule_args))
+        # (Pending(...) without its Python __new__: one is made per check)
+        return _new(Pending, (plan, values, cost, ban_fields, ban_subjects, subjects,
+                              cache.now_ms() if cache is not None else 0,
+                              (keys, cost, n_bans, len(action.rules), rule_args)))
 
     def _looked(self, stage: Pending, reply: Sequence[int] | StoreUnavailable) -> Decision:
         """A look's answer from Redis (``state``): nothing remembered, nothing counted."""
