@@ -479,3 +479,18 @@ async def test_checks_of_one_subject_in_a_batch_are_decided_in_order(
     decisions = await checker.check_batch(requests)
     assert [(d.allowed, d.limits[0].remaining) for d in decisions] == [
         (True, 1), (True, 0), (False, 0)]
+
+
+async def test_a_reply_not_of_the_actions_shape_is_refused(store: Any, key_prefix: str,
+                                                           clock: FakeClock) -> None:
+    """A reply with a window too few or too many, or a status check.lua never gives, is a
+    ValueError (answered as a server error), never a decision."""
+    checker = checker_on(store, key_prefix, clock)
+    plan = checker.plans["login"]  # three windows: the log's minute, the counter's two
+    good = [1, 0, 0, 0, 0, 2, 1500, 0, 3, 1500, 0, 5, 1500, 0]
+    decision = checker.decision(plan, good)
+    assert decision.allowed and [item.remaining for item in decision.limits] == [2, 3, 5]
+    assert [item.reset for item in decision.limits] == [2, 2, 2]
+    for bad in (good[:-3], [*good, 1, 1, 0], [7, *good[1:]]):
+        with pytest.raises(ValueError, match=r"check\.lua answered"):
+            checker.decision(plan, bad)

@@ -78,7 +78,8 @@ class WindowState(NamedTuple):
 
 
 class Outcome(NamedTuple):
-    """The script's answer for one request (a tuple: one is made per decision)."""
+    """The script's answer for one request, as the local cache and the denial counts read it
+    (a tuple: one is made per denial)."""
 
     status: Status
     now_ms: int
