@@ -65,6 +65,14 @@ def _known(limits: list[LimitState]) -> Known:
     return known
 
 
+def _figures(limits: list[LimitState]) -> tuple[int, ...]:
+    """What the RateLimit value fills in: each limit's remaining hits and reset, in order."""
+    values: list[int] = []
+    for item in limits:
+        values += (item.remaining, item.reset)
+    return tuple(values)
+
+
 def policy_names(decision: Decision) -> tuple[str, ...]:
     """The policy name of each entry of ``decision.limits``: ``rule``, or ``rule-0``..."""
     return _known(decision.limits)[0]
@@ -86,10 +94,7 @@ def rate_limit_headers(decision: Decision) -> dict[str, str]:
     if limits:
         _, policy, state, _ = _known(limits)
         headers["RateLimit-Policy"] = policy
-        values: list[int] = []
-        for item in limits:
-            values += (item.remaining, item.reset)
-        headers["RateLimit"] = state % tuple(values)
+        headers["RateLimit"] = state % _figures(limits)
     seconds = retry_after(decision)
     if seconds is not None:
         headers["Retry-After"] = str(seconds)
@@ -98,13 +103,8 @@ def rate_limit_headers(decision: Decision) -> dict[str, str]:
 
 def rate_limit_lines(decision: Decision) -> bytes:
     """``rate_limit_headers`` as the HTTP/1.1 header lines of an answer, each CRLF-ended."""
-    lines = b""
     limits = decision.limits
-    if limits:
-        values: list[int] = []
-        for item in limits:
-            values += (item.remaining, item.reset)
-        lines = _known(limits)[3] % tuple(values)
+    lines = _known(limits)[3] % _figures(limits) if limits else b""
     seconds = retry_after(decision)
     if seconds is not None:
         lines += b"Retry-After: %d\r\n" % seconds
