@@ -352,10 +352,6 @@ def test_a_coalescer_used_from_a_new_event_loop_answers_there(
     first.call_soon(coalescer.submit, [check])
     first.call_soon(first.stop)
     first.run_forever()
-    left = asyncio.all_tasks(first)  # (the connection it began to open)
-    for task in left:  # ended as asyncio.run ends a loop: what is left cancelled
-        task.cancel()
-    first.run_until_complete(asyncio.gather(*left, return_exceptions=True))
     first.close()
 
     async def on_the_next_loop() -> Any:

@@ -562,18 +562,3 @@ async def test_the_checks_go_over_tls_where_the_url_says(tmp_path: Path,
                        for line in clients), clients
         finally:
             await store.close()
-
-
-async def test_a_check_that_finds_no_write_out_leaves_at_once(redis: aioredis.Redis,
-                                                              key_prefix: str) -> None:
-    """On a connected coalescer with nothing out, a submission is written before the loop
-    turns; what is submitted while it is out waits, and goes together in the next write."""
-    coalescer = coalescer_for(redis)
-    await coalescer.connect()
-    first = coalescer.submit([counter(key_prefix, "a")])
-    assert (coalescer.batches, coalescer.checks) == (1, 1)  # (no await since the submit)
-    rest = [f for i in range(5) for f in coalescer.submit([counter(key_prefix, f"b{i}")])]
-    assert coalescer.batches == 1
-    replies = await asyncio.gather(*first, *rest)
-    assert [remaining(r) for r in replies] == [99] * 6
-    assert (coalescer.batches, coalescer.checks) == (2, 6)

@@ -1,12 +1,10 @@
-"""Coalescing: checks go to Redis together, in as few writes as keep Redis busy.
+"""Coalescing: the checks queued in one event-loop tick go to Redis as one write.
 
-A submission that finds no write out and nothing else waiting leaves at once: a lone check
-waits for nothing. Otherwise it waits for the loop's next turn, or for a write out to be
-answered, and goes with every check queued meanwhile. Under load many requests reach their
-check while writes are out; sent one by one, each would take a write, a read and a script
-call of its own; coalesced, they are one write of check.lua calls that Redis decides one
-after another (each call reads TIME once). Exactness is unchanged: each call is atomic, and
-the calls of a write run in the order they were queued, which is the order the callers asked.
+Under load many requests reach their check in the same tick of the event loop. Sent one by
+one, each would take a pooled connection, a write, a read and a script call of its own;
+coalesced, the tick's checks are one write of check.lua calls that Redis decides one after
+another (each call reads TIME once). Exactness is unchanged: each call is atomic, and the
+calls of a write run in the order they were queued, which is the order the callers asked.
 
 The deadline: a batch's fail modes decide only when Redis fails. The clock of a batch starts
 when it leaves this process's queue (never while it waits there behind other batches), its
@@ -16,19 +14,19 @@ keep is moved on (``within``): the process's own load never turns into a deadlin
 Large groups are sent as several check.lua calls of at most ``max_checks`` checks in the one
 write, so Redis serves other clients between them, and the calls still run in order.
 
-Batches go over one connection to Redis that answers by callback (``pipe.Pipe``): a write is
-sent from the submission or the flush, with no task of its own, and its replies settle the
-callers as they are read. Up to ``max_inflight`` writes are out on it, pipelined; Redis runs
-them in the order they were sent. The connection opens on first use and again after Redis
-closed it (a restart): a pipe knows it is closed as soon as the event loop reads the end, so
-a write is never sent on it, and a write whose connection breaks while it is out is failed,
-since Redis may have run it. A write that misses its deadline ends its connection too, as
-replies still to come would belong to it. Only READONLY from a Sentinel's master, answered
-before anything ran, sends the write once more, on a new connection to the master the
-Sentinels name then. A NOSCRIPT reply (a restart, a failover, SCRIPT FLUSH) is answered by
-sending those calls again as EVAL, which carries the source. Errors reach each caller as
-redis-py would raise them; ``on_batch`` hears of every batch's end (its seconds, or what
-ended it) once, so the breaker counts a failed write once, not once per check in it.
+Batches go over one connection to Redis that answers by callback (``pipe.Pipe``): a write
+is sent from the tick's flush, with no task of its own, and its replies settle the callers
+as they are read. Up to ``max_inflight`` writes are out on it, pipelined; Redis runs them in
+the order they were sent. The connection opens on first use and again after Redis closed it
+(a restart): a pipe knows it is closed as soon as the event loop reads the end, so a write is
+never sent on it, and a write whose connection breaks while it is out is failed, since Redis
+may have run it. A write that misses its deadline ends its connection too, as replies still
+to come would belong to it. Only READONLY from a Sentinel's master, answered before anything
+ran, sends the write once more, on a new connection to the master the Sentinels name then. A
+NOSCRIPT reply (a restart, a failover, SCRIPT FLUSH) is answered by sending those calls again
+as EVAL, which carries the source. Errors reach each caller as redis-py would raise them;
+``on_batch`` hears of every batch's end (its seconds, or what ended it) once, so the breaker
+counts a failed write once, not once per check in it.
 """
 
 from __future__ import annotations
@@ -100,7 +98,7 @@ def encode_command(name: bytes, first: str | bytes, keys: Sequence[str],
 
 
 class Coalescer:
-    """Runs check.lua for many callers: together in few writes, few out at once."""
+    """Runs check.lua for many callers: one write per event-loop tick, few out at once."""
 
     def __init__(self, locate: Locate, script: LuaScript, *, timeout: float,
                  per_check: float = PER_CHECK, max_batch: int = MAX_BATCH,
@@ -165,11 +163,8 @@ class Coalescer:
         self._queue += zip(requests, futures, strict=True)
         self._groups.append(len(futures))
         if not self._scheduled and self._may_send():
-            if self._inflight == 0 and len(self._groups) == 1:
-                self._flush()  # nothing out, nothing else waiting: no reason to wait a turn
-            else:
-                self._scheduled = True
-                loop.call_soon(self._flush)
+            self._scheduled = True
+            loop.call_soon(self._flush)
         return futures
 
     def _adopt(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -6,8 +6,8 @@ leaves this process: waiting for its turn here is never Redis failing) and goes 
 circuit breaker, so a dead or stopped Redis costs at most one deadline per call until the
 circuit opens, then nothing. On Redis Cluster each node has its own breaker, so a failing
 node degrades only the checks whose keys it holds, and a check whose keys span several slots
-is split per slot (see ``slots``); on one Redis the checks go together, in as few writes
-as keep Redis busy (``coalescer``).
+is split per slot (see ``slots``); on one Redis the checks of a tick are one write
+(``coalescer``).
 """
 
 from __future__ import annotations
@@ -96,8 +96,9 @@ def _is_cluster(redis: Any) -> bool:
 
 
 class Limiter:
-    """Decides checks with check.lua: coalesced on one Redis (or a Sentinel's master, or the
-    embedded store), per node on a Cluster. Redis time unless a test clock is given."""
+    """Decides checks with check.lua: coalesced per event-loop tick on one Redis (or a
+    Sentinel's master, or the embedded store), one call per check on a Cluster. Redis time
+    unless a test clock is given."""
 
     def __init__(self, redis: Any, *, timeout: float,
                  clock: Callable[[], int] | None = None, breaker: Breaker | None = None,
