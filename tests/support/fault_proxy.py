@@ -145,7 +145,8 @@ class FaultProxy:
                     return
                 self.calls += 1
                 link.awaiting_reply = True
-                link.cut_reply, self._cut = self._cut, False
+                # (a call pipelined behind one still to be answered keeps that one's cut)
+                link.cut_reply, self._cut = link.cut_reply or self._cut, False
         elif link.awaiting_reply:
             link.awaiting_reply = False
             self.replies += 1
