@@ -2,8 +2,8 @@
 -- of its action, all or nothing.
 --
 -- This script is sent with counter.lua before it (scripts.read_script joins the two into one
--- script): counter_find, counter_segment and counter_value come from there, and the library
--- functions as locals (find, format, floor, ...).
+-- script): counter_find, counter_segment and counter_value come from there, the library
+-- functions as locals (find, format, floor, ...), and number_of and text_of.
 --
 -- KEYS     the requests' keys, concatenated in request order; per request: its ban keys (one
 --          per subject of the request; a present key means banned), then per rule of its rule
@@ -190,16 +190,6 @@ end
 local reads, hits, segments, answers = {}, {}, {}, {}
 local NOTHING = {}
 
-local index_texts = {}  -- LINDEX's index i as text, made once per call
-local function index_text(i)
-  local text = index_texts[i]
-  if not text then
-    text = format('%d', i)
-    index_texts[i] = text
-  end
-  return text
-end
-
 -- Per window, every algorithm knows `used` (hits counted now) and wait(target), the ms
 -- until used <= target if nothing more is taken. remaining = limit - used;
 -- retry = wait(limit - want); reset = wait(used - 1), the time until one more hit fits, at
@@ -207,7 +197,7 @@ end
 -- Each sets its windows' answers and returns true when a window cannot take `want`.
 
 local function log_hit(key, i)  -- the time of the i-th hit, newest first, from 0
-  return tonumber(redis.call('LINDEX', key, index_text(i)))
+  return number_of(redis.call('LINDEX', key, text_of(i)))
 end
 
 local function log_wait(key, window, target)
@@ -301,7 +291,7 @@ local function take(rule, key, cost)
   local windows = rule.windows
   if rule.algorithm == 'l' then
     local left = min(cost, rule.max_limit)  -- a log keeps max_limit hits at most
-    local stamp = format('%d', now)
+    local stamp = text_of(now)
     for i = 1, min(left, CHUNK) do hits[i] = stamp end
     while left > 0 do
       local chunk = min(left, CHUNK)

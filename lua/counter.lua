@@ -20,25 +20,26 @@ local tonumber, tostring, type, pcall, error, unpack = tonumber, tostring, type,
 local find, gmatch, format, concat = string.find, string.gmatch, string.format, table.concat
 local floor, ceil, max, min = math.floor, math.ceil, math.max, math.min
 
--- A number read from text, and one written as text, each converted once per script call:
--- a call of many checks meets the same few values again and again (buckets, counts), and
--- strtod or "%d" costs more than a table lookup.
-local counter_numbers, counter_texts = {}, {}
+-- A number read from text, and one written as text, each converted once per script call
+-- (for the script after this file too): a call of many checks meets the same few values
+-- again and again (buckets, counts, a log's indexes and hit times), and strtod or "%d" costs
+-- more than a table lookup.
+local numbers_of, texts_of = {}, {}
 
-local function counter_number(text)  -- (nil for nil: a pattern that did not match)
-  local number = counter_numbers[text]
+local function number_of(text)  -- (nil for nil: a pattern that did not match)
+  local number = numbers_of[text]
   if not number and text then
     number = tonumber(text)
-    counter_numbers[text] = number
+    numbers_of[text] = number
   end
   return number
 end
 
-local function counter_text(number)
-  local text = counter_texts[number]
+local function text_of(number)
+  local text = texts_of[number]
   if not text then
     text = format('%d', number)
-    counter_texts[number] = text
+    texts_of[number] = text
   end
   return text
 end
@@ -59,18 +60,18 @@ local function counter_find(raw, w, bucket)
   end
   if start then
     local _, _, b, current, previous = find(raw, '^(%d+):(%d+):(%d+)', start)
-    b = counter_number(b)
+    b = number_of(b)
     if b == bucket or b == bucket + 1 then
-      return w, b, counter_number(current), counter_number(previous)
+      return w, b, number_of(current), number_of(previous)
     end
   end
   -- elsewhere: the rule's windows changed since the value was written
   local place = 0
   for b, current, previous in gmatch(raw, '(%d+):(%d+):(%d+)') do
     place = place + 1
-    b = counter_number(b)
+    b = number_of(b)
     if b == bucket or b == bucket + 1 then
-      return place, b, counter_number(current), counter_number(previous)
+      return place, b, number_of(current), number_of(previous)
     end
   end
   return nil
@@ -78,7 +79,7 @@ end
 
 -- One segment as stored.
 local function counter_segment(bucket, current, previous)
-  return counter_text(bucket) .. ':' .. counter_text(current) .. ':' .. counter_text(previous)
+  return text_of(bucket) .. ':' .. text_of(current) .. ':' .. text_of(previous)
 end
 
 -- The stored value of these segments (as counter_segment formats them), in order.
